@@ -1,0 +1,1 @@
+"""Checkpoint/restart over the model (Linux-CR semantics)."""

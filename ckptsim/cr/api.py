@@ -1,0 +1,224 @@
+"""checkpoint() and restart() over the model, with Linux-CR's rules.
+
+``checkpoint(kernel, caller, pid, fd, flags, logfd)`` writes an image of the tree rooted at
+``pid`` (0: the caller itself, a self-checkpoint) and returns a positive checkpoint id.
+``restart(kernel, caller, pid, fd, flags, logfd)`` rebuilds the tree below the caller (as the
+seed's restart tool does: the model creates the tasks with their saved pids, like clone3 with
+set_tid) and returns 0; with RESTART_TASKSELF the caller itself becomes the image's one task.
+
+``fd`` and ``logfd`` are either model file descriptors of the caller (ints) or host file
+objects (binary for the image, text for the log); ``logfd`` may be None or -1.
+Errors raise CheckpointError / RestartError (carrying ``.errno``) or ImageError.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import struct
+
+from ..errors import ImageError, ModelError
+from ..image import core
+from ..image.codec import ImageReader
+from ..image.types import FORMAT_VERSION, MAGIC_HEAD, PAGE_SIZE
+from ..kinds import load_all
+from ..kinds.registry import task_kinds
+from ..model.creds import may_ptrace
+from .context import CheckpointContext, CheckpointError, Log, RestartError
+from .restore import RestoreJob
+from .tree import tree_order, write_tree
+
+CAP_SYS_ADMIN = 21
+MODEL_RELEASE = ("ckptsim-model", "#1", "model")
+_RESTART_INPUT_ERRORS = (ModelError, ValueError, KeyError, IndexError, OverflowError,
+                         TypeError, struct.error)
+
+
+# -- sinks ---------------------------------------------------------------------------------
+class _ModelFileSink:
+    """Collects an image and writes it to a model fd in one write when done."""
+
+    def __init__(self, kernel, task, fd):
+        self.kernel, self.task, self.fd = kernel, task, fd
+        self.buf = io.BytesIO()
+
+    def write(self, data) -> int:
+        return self.buf.write(data)
+
+    def close(self) -> None:
+        self.kernel.write(self.task, self.fd, self.buf.getvalue())
+
+
+def _log_sink(kernel, task, logfd):
+    if logfd is None or logfd == -1:
+        return None
+    if isinstance(logfd, int):
+        return lambda line: kernel.write(task, logfd, line.encode())
+    return logfd.write
+
+
+def _check_privilege(kernel, caller, is_restart: bool, err_cls) -> None:
+    level = kernel.sysctl["kernel.ckpt_unpriv_allowed"]
+    needs_admin = level == 0 or (level == 1 and is_restart)
+    if needs_admin and not kernel.capable(caller, CAP_SYS_ADMIN):
+        op = "restart" if is_restart else "checkpoint"
+        raise err_cls(errno.EPERM, f"{op} needs CAP_SYS_ADMIN (kernel.ckpt_unpriv_allowed={level})")
+
+
+def image_id_for(kernel, crid: int) -> bytes:
+    """A deterministic unique id: the model has no wall clock and no entropy but its seed."""
+    return hashlib.blake2b(f"ckptsim:{kernel.seed}:{crid}".encode(), digest_size=16).digest()
+
+
+# -- checkpoint ------------------------------------------------------------------------------
+def checkpoint(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
+               image_id: bytes | None = None, time: int | None = None, crid: int | None = None) -> int:
+    """Checkpoint the tree at ``pid``; returns the crid. ``image_id``/``time``/``crid``
+    override the header identity (``replay --roundtrip`` re-creates an image's own header)."""
+    load_all()
+    log = Log(_log_sink(kernel, caller, logfd))
+    if flags & ~core.CHECKPOINT_USER_FLAGS:
+        raise CheckpointError(errno.EINVAL, f"unknown checkpoint flags {flags & ~core.CHECKPOINT_USER_FLAGS:#x}")
+    _check_privilege(kernel, caller, False, CheckpointError)
+    try:
+        root = caller if pid == 0 else kernel.find_task(caller, pid)
+    except ModelError:
+        raise CheckpointError(errno.ESRCH, f"no task {pid}") from None
+    root = root.leader
+    if root.state == "zombie":
+        raise CheckpointError(errno.ESRCH, f"task {pid} has exited")
+    subtree = bool(flags & core.CHECKPOINT_SUBTREE)
+    if not subtree and root.ns.reaper is not root:
+        raise CheckpointError(errno.EINVAL, f"task {pid} is not a container init (use CHECKPOINT_SUBTREE)")
+    tasks = tree_order(root)
+    _check_tasks(kernel, caller, root, tasks)
+    sink = _ModelFileSink(kernel, caller, fd) if isinstance(fd, int) else fd
+    if crid is None:
+        crid = kernel.next_crid
+        kernel.next_crid += 1
+    ctx = CheckpointContext(kernel, caller, root, tasks, sink, log)
+    _write_header(ctx, flags, crid, image_id or image_id_for(kernel, crid),
+                  kernel.ticks if time is None else time)
+    try:
+        if not subtree:
+            dry = CheckpointContext(kernel, caller, root, tasks, None, log, collecting=True)
+            _write_body(dry)
+            leaks = dry.leaks()
+            if leaks:
+                for line in leaks:
+                    log.error(errno.EBUSY, 0, line)
+                raise CheckpointError(errno.EBUSY, leaks[0])
+        _write_body(ctx)
+    except CheckpointError as e:
+        log.error(e.errno, ctx.writer.offset, e.message)
+        ctx.writer.write_error(str(e))
+        ctx.writer.finish()
+        if isinstance(sink, _ModelFileSink):
+            sink.close()
+        raise
+    ctx.writer.finish()
+    if isinstance(sink, _ModelFileSink):
+        sink.close()
+    log.debug(ctx.writer.offset, f"checkpoint {crid} done: {len(tasks)} tasks, {ctx.writer.nr_records} records")
+    kernel.checkpoints_taken += 1
+    return crid
+
+
+def _check_tasks(kernel, caller, root, tasks) -> None:
+    for t in tasks:
+        if t.state == "zombie":
+            continue
+        if not may_ptrace(caller.cred, t.cred):
+            raise CheckpointError(errno.EPERM, f"may not ptrace task {t.tid} ({t.comm})")
+        if t.ptraced_by is not None:
+            raise CheckpointError(errno.EBUSY, f"task {t.tid} ({t.comm}) is being ptraced")
+        if t.leader is caller.leader:
+            continue  # a self-checkpoint: the caller's own group runs it
+        if not t.frozen:
+            raise CheckpointError(errno.EBUSY, f"task {t.tid} ({t.comm}) is not frozen")
+        if t.cgroup is not root.cgroup and root.leader is not caller.leader:
+            raise CheckpointError(errno.EBUSY, f"task {t.tid} ({t.comm}) is not in the root's freezer cgroup")
+
+
+def _write_header(ctx, flags, crid, image_id, time) -> None:
+    ctx.write(core.HEADER, magic=MAGIC_HEAD, version=FORMAT_VERSION, arch=100, major=6, minor=18,
+              patch=0, page_size=PAGE_SIZE, uflags=flags, image_flags=core.IMAGE_MODEL, time=time,
+              crid=crid, image_id=image_id, parent_id=bytes(16))
+    for text in MODEL_RELEASE:
+        ctx.write(core.STRING, var=text)
+    ctx.write(core.HEADER_ARCH, has_fxsr=0, has_xsave=0, xstate_size=0, pad=0)
+
+
+def _write_body(ctx) -> None:
+    from ..kinds import files
+    ctx.write(core.CONTAINER, flags=0, pad=0)
+    ctx.write(core.STRING, var="lsm_none")
+    ctx.write(core.LSM_INFO, var="dummy")
+    files.save_filesystem(ctx, ctx.kernel.vfs)
+    write_tree(ctx)
+    kinds = task_kinds()
+    from ..kinds.tasktree import STATE_NUMBERS, TASK, TASK_OBJS
+    for t in ctx.tasks:
+        state = "zombie" if t.state == "zombie" else t.state
+        ctx.write(TASK, state=STATE_NUMBERS[state], exit_signal=t.exit_signal,
+                  exit_code=t.exit_code, pdeath_signal=t.pdeath_signal, flags=0, var=t.comm)
+        if state == "zombie":
+            continue
+        refs = {name: ctx.ref(getattr(t, attr)) for name, attr in (
+            ("files_objref", "files"), ("fs_objref", "fs"), ("mm_objref", "mm"),
+            ("sighand_objref", "sighand"), ("signal_objref", "signal"))}
+        ctx.write(TASK_OBJS, pad=0, **refs)
+        for kind in kinds:
+            kind.save_task(ctx, t)
+
+
+# -- restart ------------------------------------------------------------------------------------
+def restart(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *, restore_fs: bool = False,
+            pidns: bool | None = None):
+    """Restart an image; returns 0 (the coordinator's result). See ``restart_tasks``."""
+    restart_tasks(kernel, caller, pid, fd, flags, logfd, restore_fs=restore_fs, pidns=pidns)
+    return 0
+
+
+def restart_tasks(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
+                  restore_fs: bool = False, pidns: bool | None = None) -> list:
+    """Restart and return the restored tasks, root first.
+
+    ``pid`` must be 0: the model builds the tree itself, below the caller.
+    ``restore_fs`` also recreates the image's file system snapshot (replay into a fresh kernel).
+    ``pidns``: restore into a new pid namespace (default: when the image root is pid 1).
+    """
+    load_all()
+    log = Log(_log_sink(kernel, caller, logfd))
+    if flags & ~core.RESTART_USER_FLAGS:
+        raise RestartError(errno.EINVAL, f"unknown restart flags {flags & ~core.RESTART_USER_FLAGS:#x}")
+    if pid != 0 and not flags & core.RESTART_TASKSELF:
+        raise RestartError(errno.EINVAL, "the model creates the restored tree itself: pass pid 0")
+    _check_privilege(kernel, caller, True, RestartError)
+    data = _read_image(kernel, caller, fd)
+    reader = ImageReader(data)
+    job = RestoreJob(kernel, caller, reader, log, flags, restore_fs, pidns)
+    try:
+        return job.run()
+    except (ImageError, RestartError) as e:
+        job.discard()
+        log.error(getattr(e, "errno", errno.EINVAL), reader.pos, str(e))
+        raise
+    except _RESTART_INPUT_ERRORS as e:
+        job.discard()
+        err = ImageError(reader.pos, None, f"inconsistent image: {type(e).__name__}: {e}")
+        log.error(errno.EINVAL, reader.pos, str(err))
+        raise err from None
+
+
+def _read_image(kernel, caller, fd):
+    if isinstance(fd, int):
+        f = caller.files.get(fd)
+        return f.inode.read_at(0, f.inode.size)
+    if isinstance(fd, (bytes, bytearray, memoryview)):
+        return fd
+    return fd.read()
+
+
+def task_kind_names() -> list[str]:
+    return [k.name for k in task_kinds()]

@@ -1,0 +1,283 @@
+"""The image codec: the only code that turns records into bytes and back.
+
+Framing (docs/image-format.md): every record is ``{u32 type, u32 len}`` (len counts the 8-byte
+header and the payload, not the padding), then the payload, then zero padding up to the next
+multiple of 8. The stream ends with a TAIL record holding the number of records before it and
+the CRC-32 of every byte before it.
+
+The decoder is strict: anything it does not expect raises ImageError naming the byte offset
+and the record type, and it never allocates more than the input it was given.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from array import array
+from typing import Iterator
+
+from ..errors import ImageError
+from . import core
+from .schema import LAYOUTS, Field, Layout, Record
+from .types import MAGIC_HEAD, MAGIC_TAIL, PAGE_SIZE, ObjType
+
+_HDR = struct.Struct("<II")
+_PAD = bytes(8)
+
+
+def _pad_len(n: int) -> int:
+    return -n & 7
+
+
+def _encode_var(lay: Layout, var) -> bytes | memoryview:
+    if lay.var is None:
+        if var not in (None, b""):
+            raise ValueError(f"{lay.name} has no variable part")
+        return b""
+    if lay.var == "bytes":
+        return b"" if var is None else var
+    if lay.var == "str":
+        data = (var or "").encode()
+        return data
+    items = var or ()
+    pack = lay.item_struct.pack
+    return b"".join(pack(*item) for item in items)
+
+
+class ImageWriter:
+    """Writes records to a binary sink (anything with ``write``), keeping count and checksum."""
+
+    def __init__(self, sink):
+        self.sink = sink
+        self.offset = 0
+        self.nr_records = 0
+        self.crc = 0
+
+    def _emit(self, *chunks) -> None:
+        for chunk in chunks:
+            if len(chunk):
+                self.sink.write(chunk)
+                self.crc = zlib.crc32(chunk, self.crc)
+                self.offset += len(chunk)
+
+    def write(self, lay: Layout, var=None, **fields) -> None:
+        try:
+            fixed = lay.struct.pack(*(fields[f.name] for f in lay.fields))
+        except KeyError as e:
+            raise ValueError(f"{lay.name}: field {e.args[0]} missing") from None
+        if len(fields) != len(lay.fields):
+            extra = set(fields) - {f.name for f in lay.fields}
+            raise ValueError(f"{lay.name}: unknown fields {sorted(extra)}")
+        payload = _encode_var(lay, var)
+        if len(payload) > lay.max_var:
+            raise ValueError(f"{lay.name}: variable part of {len(payload)} bytes exceeds {lay.max_var}")
+        self.write_raw(lay.type_id, fixed, payload)
+
+    def write_raw(self, type_id: int, *parts) -> None:
+        """Write one record whose payload is the concatenation of ``parts`` (no copy)."""
+        size = 8 + sum(len(p) for p in parts)
+        if size > 0xFFFFFFFF:
+            raise ValueError(f"record {type_id} of {size} bytes is too large")
+        self._emit(_HDR.pack(type_id, size), *parts, _PAD[:_pad_len(size)])
+        self.nr_records += 1
+
+    def write_pages(self, addrs: array, data) -> None:
+        """Page chunks: PGARR{n} + BUFFER(n addresses, n pages), at most MAX_PAGES_PER_CHUNK each."""
+        view = memoryview(data).cast("B")
+        n = len(addrs)
+        if len(view) != n * PAGE_SIZE:
+            raise ValueError(f"{n} page addresses but {len(view)} bytes of page data")
+        step = core.MAX_PAGES_PER_CHUNK
+        for i in range(0, n, step):
+            part = addrs[i:i + step]
+            self.write(core.PGARR, nr_pages=len(part))
+            self.write_raw(core.BUFFER.type_id, part.tobytes(),
+                           view[i * PAGE_SIZE:(i + len(part)) * PAGE_SIZE])
+
+    def end_pages(self) -> None:
+        self.write(core.PGARR, nr_pages=0)
+
+    def write_error(self, message: str) -> None:
+        """Linux-CR's error record: ERROR, then a STRING whose first character is NUL."""
+        self.write(core.ERROR)
+        self.write(core.STRING, var="\0" + message[:4000])
+
+    def finish(self) -> None:
+        crc = self.crc
+        self.write(core.TAIL, magic=MAGIC_TAIL, nr_records=self.nr_records, checksum=crc, pad=0)
+
+
+class ImageReader:
+    """Strict, bounded reader over a whole image held in memory (bytes, bytearray or mmap).
+
+    The tail and checksum are verified before any record is returned, so a consumer never
+    acts on a corrupted image. ``next()`` returns Records in order; OBJREF declarations and
+    objref fields are checked as they are read.
+    """
+
+    def __init__(self, data):
+        self.data = memoryview(data).cast("B")
+        self.end = len(self.data) - core.TAIL_SIZE
+        self.pos = 0
+        self.count = 0
+        self.objtypes: dict[int, ObjType] = {}  # objref -> type, as declared so far
+        self._check_tail()
+
+    # -- whole-image checks -------------------------------------------------------------
+    def _check_tail(self) -> None:
+        size = len(self.data)
+        if size < core.TAIL_SIZE + 8:
+            raise ImageError(0, None, f"image of {size} bytes is too short to hold a header and a tail")
+        if size % 8:
+            raise ImageError(size, None, f"image size {size} is not a multiple of 8 (truncated?)")
+        tail = self.end
+        rtype, rlen = _HDR.unpack_from(self.data, tail)
+        if rtype != core.TAIL.type_id or rlen != core.TAIL_SIZE:
+            raise ImageError(tail, "TAIL", f"no tail record at the end (found type {rtype}, len {rlen}): truncated image?")
+        magic, nr, checksum, pad = core.TAIL.struct.unpack_from(self.data, tail + 8)
+        if magic != MAGIC_TAIL or pad:
+            raise ImageError(tail, "TAIL", f"bad tail magic {magic:#x}")
+        actual = zlib.crc32(self.data[:tail])
+        if actual != checksum:
+            raise ImageError(tail, "TAIL", f"checksum mismatch: image says {checksum:#010x}, bytes give {actual:#010x}")
+        self.tail_nr_records = nr
+
+    # -- records --------------------------------------------------------------------------
+    def at_end(self) -> bool:
+        return self.pos >= self.end
+
+    def peek(self) -> Layout | None:
+        """The layout of the next record (None at the tail), without consuming it."""
+        if self.pos >= self.end:
+            return None
+        rtype, _ = self._frame()
+        return LAYOUTS[rtype]
+
+    def _frame(self) -> tuple[int, int]:
+        pos = self.pos
+        if pos + 8 > self.end:
+            raise ImageError(pos, None, "truncated record header")
+        rtype, rlen = _HDR.unpack_from(self.data, pos)
+        lay = LAYOUTS.get(rtype)
+        if lay is None:
+            raise ImageError(pos, rtype, "unknown record type")
+        if rtype == core.TAIL.type_id:
+            raise ImageError(pos, "TAIL", "tail record before the end of the image")
+        if rlen < 8 + lay.fixed_size:
+            raise ImageError(pos, lay.name, f"length {rlen} is shorter than the record's fixed part ({8 + lay.fixed_size})")
+        var_len = rlen - 8 - lay.fixed_size
+        if lay.var is None and var_len:
+            raise ImageError(pos, lay.name, f"length {rlen}, expected exactly {8 + lay.fixed_size}")
+        if var_len > lay.max_var:
+            raise ImageError(pos, lay.name, f"variable part of {var_len} bytes exceeds the limit {lay.max_var}")
+        if pos + rlen + _pad_len(rlen) > self.end:
+            raise ImageError(pos, lay.name, f"record of {rlen} bytes runs past the end of the image")
+        return rtype, rlen
+
+    def next(self) -> Record:
+        if self.pos >= self.end:
+            raise ImageError(self.pos, None, "unexpected end of image")
+        rtype, rlen = self._frame()
+        lay = LAYOUTS[rtype]
+        pos = self.pos
+        start = pos + 8
+        values = dict(zip((f.name for f in lay.fields), lay.struct.unpack_from(self.data, start)))
+        var_view = self.data[start + lay.fixed_size:pos + rlen]
+        pad = self.data[pos + rlen:pos + rlen + _pad_len(rlen)]
+        if any(pad):
+            raise ImageError(pos, lay.name, "non-zero padding")
+        var = self._decode_var(lay, var_view, pos)
+        rec = Record(lay, values, var, pos)
+        self.pos = pos + rlen + _pad_len(rlen)
+        self.count += 1
+        if rtype == core.OBJREF.type_id:
+            self._declare(rec)
+        else:
+            self._check_refs(rec, lay.fields, values)
+        return rec
+
+    def _decode_var(self, lay: Layout, view: memoryview, pos: int):
+        if lay.var is None:
+            return None
+        if lay.var == "bytes":
+            return view
+        if lay.var == "str":
+            try:
+                return bytes(view).decode()
+            except UnicodeDecodeError as e:
+                raise ImageError(pos, lay.name, f"string is not valid UTF-8 ({e.reason})") from None
+        item = lay.item_struct
+        if len(view) % item.size:
+            raise ImageError(pos, lay.name, f"array of {len(view)} bytes is not a whole number of {item.size}-byte items")
+        items = list(item.iter_unpack(view))
+        for values in items:
+            self._check_refs(Record(lay, {}, None, pos), lay.var, dict(zip((f.name for f in lay.var), values)))
+        return items
+
+    def _declare(self, rec: Record) -> None:
+        ref, otype = rec["objref"], rec["objtype"]
+        if ref != len(self.objtypes) + 1:
+            raise ImageError(rec.offset, "OBJREF", f"objref {ref} out of order (expected {len(self.objtypes) + 1})")
+        try:
+            self.objtypes[ref] = ObjType(otype)
+        except ValueError:
+            raise ImageError(rec.offset, "OBJREF", f"unknown object type {otype}") from None
+
+    def _check_refs(self, rec: Record, fields: tuple[Field, ...], values: dict) -> None:
+        for f in fields:
+            want = f.objtype
+            if want is None:
+                continue
+            ref = values[f.name]
+            if ref == 0:
+                continue
+            have = self.objtypes.get(ref)
+            if have is None:
+                raise ImageError(rec.offset, rec.layout.name, f"{f.name} names unknown objref {ref}")
+            if have != want:
+                raise ImageError(rec.offset, rec.layout.name, f"{f.name} names objref {ref} of type {have.name}, expected {want.name}")
+
+    def records(self) -> Iterator[Record]:
+        while self.pos < self.end:
+            yield self.next()
+
+    def finish(self) -> None:
+        """Check that every record was consumed and the tail's count matches."""
+        if self.pos != self.end:
+            raise ImageError(self.pos, None, "records left over before the tail")
+        if self.count != self.tail_nr_records:
+            raise ImageError(self.end, "TAIL", f"tail counts {self.tail_nr_records} records, image has {self.count}")
+
+    def read_pages(self) -> Iterator[tuple[array, memoryview]]:
+        """Page chunks up to and including PGARR{0}: yields (addresses, page data)."""
+        while True:
+            rec = self.expect(core.PGARR)
+            n = rec["nr_pages"]
+            if n == 0:
+                return
+            if n > core.MAX_PAGES_PER_CHUNK:
+                raise ImageError(rec.offset, "PGARR", f"chunk of {n} pages exceeds {core.MAX_PAGES_PER_CHUNK}")
+            buf = self.expect(core.BUFFER)
+            if len(buf.var) != n * (8 + PAGE_SIZE):
+                raise ImageError(buf.offset, "BUFFER", f"page chunk holds {len(buf.var)} bytes, {n} pages need {n * (8 + PAGE_SIZE)}")
+            addrs = array("Q")
+            addrs.frombytes(buf.var[:n * 8])
+            yield addrs, buf.var[n * 8:]
+
+    def expect(self, lay: Layout) -> Record:
+        rec_lay = self.peek()
+        if rec_lay is not lay:
+            found = rec_lay.name if rec_lay else "end of image"
+            raise ImageError(self.pos, found, f"expected {lay.name}, found {found}")
+        return self.next()
+
+
+def decode_all(data) -> list[Record]:
+    """Every record of an image, checked for framing, objrefs, header and tail."""
+    reader = ImageReader(data)
+    recs = list(reader.records())
+    reader.finish()
+    if not recs or recs[0].layout is not core.HEADER:
+        raise ImageError(0, recs[0].layout.name if recs else None, "image does not start with HEADER")
+    if recs[0]["magic"] != MAGIC_HEAD:
+        raise ImageError(0, "HEADER", f"bad magic {recs[0]['magic']:#x}")
+    return recs

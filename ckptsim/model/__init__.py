@@ -1,0 +1,1 @@
+"""The deterministic reference model of the kernel state checkpoint/restart deals with."""

@@ -1,0 +1,102 @@
+"""The modelled machine: every area's syscalls on one object, and its scheduler."""
+from __future__ import annotations
+
+import random
+
+from .creds import Cred, CredOps
+from .mm import MM, MMOps
+from .pipe import PipeOps
+from .program import Interpreter, encode_program
+from .sched import Blocked
+from .signals import SigHand, SignalOps, SignalStruct, ThreadSignals
+from .task import Cgroup, PidNamespace, Task
+from .tasks_ops import TaskOps
+from .unix import UnixOps
+from .vfs import FdTable, FileOps, FileSystem, FsContext
+
+
+class Deadlock(Exception):
+    """Every task that is not frozen or stopped is blocked."""
+
+
+class Kernel(TaskOps, MMOps, FileOps, PipeOps, UnixOps, SignalOps, CredOps, Interpreter):
+    """A deterministic model of the kernel state checkpoint/restart deals with.
+
+    ``seed`` drives the scheduler; nothing depends on wall-clock time or object addresses.
+    """
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.ticks = 0
+        self.output: list[tuple] = []
+        self.sysctl = {"kernel.ckpt_unpriv_allowed": 1}
+        self.next_crid = 1
+        self.checkpoints_taken = 0
+        self.task_by_pid: dict = {}
+        self.vfs = FileSystem()
+        self.root_ns = PidNamespace(None)
+        self.cgroups = {"/": Cgroup("")}
+        self.init = self._spawn_init()
+
+    def _spawn_init(self) -> Task:
+        init = Task(self, self.new_pid(self.root_ns), "init")
+        self.root_ns.reaper = init
+        self.task_by_pid[init.pid] = init
+        init.pgrp = init.pid.attach()
+        init.session = init.pid.attach()
+        init.mm = MM.new(self)
+        init.files = FdTable()
+        init.fs = FsContext(self.vfs.root)
+        init.sighand = SigHand()
+        init.signal = SignalStruct()
+        init.sigstate = ThreadSignals()
+        init.cred = Cred.root()
+        init.cgroup = self.cgroups["/"]
+        init.cgroup.members.append(init)
+        return init
+
+    # -- helpers for scenarios and tests -----------------------------------------------------
+    def install_program(self, path: str, ops: list, mode: int = 0o755) -> None:
+        """Create an executable file holding ``ops`` (see program.py)."""
+        fd = self.open(self.init, path, 0o1101, mode)  # O_WRONLY|O_CREAT|O_TRUNC
+        self.write(self.init, fd, encode_program(ops))
+        self.close(self.init, fd)
+
+    def spawn(self, path: str, ops: list | None = None, parent: Task | None = None,
+              flags: int = 0) -> Task:
+        """fork+exec from ``parent`` (init by default), as a shell would."""
+        if ops is not None:
+            self.install_program(path, ops)
+        child = self.clone(parent or self.init, flags)
+        self.execve(child, path)
+        return child
+
+    # -- scheduler -------------------------------------------------------------------------
+    def runnable(self) -> list[Task]:
+        return [t for t in self.live_tasks() if t.runnable()]
+
+    def step(self) -> Task | None:
+        """Run one operation of one task chosen by the seeded scheduler; None if all blocked."""
+        ready = self.runnable()
+        self.rng.shuffle(ready)
+        for t in ready:
+            self.ticks += 1
+            self.deliver_signals(t)
+            if not t.runnable():
+                return t
+            try:
+                self.run_op(t)
+            except Blocked:
+                continue
+            return t
+        return None
+
+    def run(self, max_steps: int = 100_000) -> int:
+        """Run until nothing is runnable, everything left is blocked, or ``max_steps``."""
+        steps = 0
+        while steps < max_steps:
+            if self.step() is None:
+                break
+            steps += 1
+        return steps
