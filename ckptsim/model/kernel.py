@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import random
 
+from ..errors import kerr
+
 from .creds import Cred, CredOps
 from .mm import MM, MMOps
 from .pipe import PipeOps
@@ -71,6 +73,28 @@ class Kernel(TaskOps, MMOps, FileOps, PipeOps, UnixOps, SignalOps, CredOps, Inte
         child = self.clone(parent or self.init, flags)
         self.execve(child, path)
         return child
+
+    def checkpoint_to_file(self, t: Task, out: int | None, pid: int, path: str, flags: int = 0) -> int:
+        """The program operation ``checkpoint``: an image of the tree at ``pid`` into ``path``.
+
+        The caller is saved as if the call had returned 0, so that a restarted self-checkpoint
+        sees 0 where the original run sees the positive crid (Linux-CR's fork-like contract).
+        """
+        from ..cr.api import checkpoint
+        from ..cr.context import CheckpointError
+
+        fd = self.open(t, path, 0o1101, 0o600)  # O_WRONLY|O_CREAT|O_TRUNC, mode 0600
+        saved = t.cpu.copy()
+        t.cpu.pc += 1
+        if out is not None:
+            t.cpu.regs[out] = 0
+        try:
+            return checkpoint(self, t, pid, fd, flags)
+        except CheckpointError as e:
+            raise kerr(e.errno, e.message) from None
+        finally:
+            t.cpu = saved
+            self.close(t, fd)
 
     # -- scheduler -------------------------------------------------------------------------
     def runnable(self) -> list[Task]:

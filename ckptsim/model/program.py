@@ -142,7 +142,7 @@ class Interpreter:
             nr, status = self.wait4(t, *args)
             return nr
         if name == "checkpoint":
-            return self.checkpoint_to_file(t, *args)
+            return self.checkpoint_to_file(t, out, *args)
         if name in _NOT_SYSCALLS or name.startswith("_"):
             raise ValueError(f"{name} is not a syscall")
         method = getattr(self, name, None)

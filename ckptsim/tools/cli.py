@@ -1,0 +1,91 @@
+"""``ckptsim``: the model's command-line tool (scenarios, simulate, replay, demo)."""
+from __future__ import annotations
+
+import argparse
+import errno
+import io
+import sys
+
+from ..errors import CkptsimError
+from ..image.storage import read_image_file, write_image_file
+
+
+def _cmd_scenarios(args) -> int:
+    from .scenarios import SCENARIOS
+    for name in sorted(SCENARIOS):
+        s = SCENARIOS[name]
+        print(f"{name:12} {s.summary}")
+    return 0
+
+
+def _checkpoint_scenario(name: str, seed: int, steps: int | None = None) -> tuple[bytes, object, object]:
+    from ..cr.api import checkpoint
+    from .scenarios import prepare
+    kernel, root = prepare(name, seed, steps)
+    buf = io.BytesIO()
+    checkpoint(kernel, kernel.init, root.pid.nr_in(kernel.init.ns), buf, 0)
+    return buf.getvalue(), kernel, root
+
+
+def _cmd_simulate(args) -> int:
+    from .scenarios import SCENARIOS
+    if args.scenario not in SCENARIOS:
+        raise CkptsimError(f"no scenario {args.scenario!r} (see `ckptsim scenarios`)")
+    data, _, _ = _checkpoint_scenario(args.scenario, args.seed)
+    write_image_file(args.output, data)
+    print(f"wrote {args.output}: {len(data)} bytes")
+    return 0
+
+
+def _cmd_replay(args) -> int:
+    from ..cr.replay import replay
+    data = read_image_file(args.image)
+    report = replay(data, roundtrip=args.roundtrip)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _cmd_demo(args) -> int:
+    from ..cr.replay import replay
+    from .demo import run_demo
+    return run_demo(args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ckptsim", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("scenarios", help="list the built-in model scenarios")
+    s.set_defaults(func=_cmd_scenarios)
+    s = sub.add_parser("simulate", help="run a scenario in the model to its checkpoint point and write the image")
+    s.add_argument("scenario")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_simulate)
+    s = sub.add_parser("replay", help="restore an image into the model and check every invariant")
+    s.add_argument("image")
+    s.add_argument("--roundtrip", action="store_true", help="checkpoint again and compare the bytes")
+    s.set_defaults(func=_cmd_replay)
+    s = sub.add_parser("demo", help="checkpoint, kill and restart the built-in example")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    except KeyboardInterrupt:
+        print("ckptsim: interrupted", file=sys.stderr)
+        return 130
+    except (CkptsimError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"ckptsim: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
