@@ -406,12 +406,15 @@ class MM(Shared):
     def install_pages(self, addrs, data) -> None:
         """Install private pages in bulk: addrs (array('Q')) and their concatenated contents."""
         pages = split_blob(addrs, data)
-        vma = None
+        lo = hi = 0                            # bounds of the last private VMA found
         for addr in addrs:
-            if vma is None or not vma.start <= addr < vma.end:
+            if not lo <= addr < hi:
                 vma = self.find_vma(addr)
-            if addr % PAGE_SIZE or vma is None or not vma.is_private:
-                raise kerr(errno.EINVAL, f"page {addr:#x} is not in a private VMA")
+                if vma is None or not vma.is_private:
+                    raise kerr(errno.EINVAL, f"page {addr:#x} is not in a private VMA")
+                lo, hi = vma.start, vma.end
+            if addr % PAGE_SIZE:
+                raise kerr(errno.EINVAL, f"page address {addr:#x} is not page aligned")
         self.pages.update(zip((a >> PAGE_SHIFT for a in addrs), pages))
 
     def __repr__(self) -> str:

@@ -260,8 +260,8 @@ def test_checkpoint_restart_kernel_task_with_mappings():
     import io
     api, core, Kernel = _framework()
     k = Kernel()
-    k.install_program("/bin/mapper", [[None, "emit", "hi"]])
-    t = k.spawn("/bin/mapper")
+    k.install_program("/mapper", [[None, "emit", "hi"]])
+    t = k.spawn("/mapper")
     pid = k.getpid(t)
     fd = k.open(t, "/data", os.O_RDWR | os.O_CREAT, 0o644)
     k.write(t, fd, b"F" * (3 * P))
