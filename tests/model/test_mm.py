@@ -455,3 +455,26 @@ def test_random_sequences_keep_invariants(ops):
     for i, prot in sorted(ref_prot.items()):
         if prot & PROT_READ:
             assert k.mem_read(t, BASE + i * P, P) == bytes(ref_data[i])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["parent", "child"]), st.booleans(),
+                          st.integers(0, 8 * P - 1), st.integers(1, 2 * P), st.integers(1, 255)),
+                max_size=20))
+def test_fork_cow_and_shared_against_reference(writes):
+    """Private pages diverge after fork; shared-anon pages stay one copy for both."""
+    k, t = K(), task()
+    priv = k.mmap(t, 0x20000000, 8 * P, RW, ANON)
+    shared = k.mmap(t, 0x30000000, 8 * P, RW, MAP_SHARED | MAP_ANONYMOUS)
+    k.mem_write(t, priv, b"p" * 8 * P)
+    c = types.SimpleNamespace(mm=t.mm.fork_copy(k), files=t.files)
+    ref = {"parent": bytearray(b"p" * 8 * P), "child": bytearray(b"p" * 8 * P)}
+    ref_shared = bytearray(8 * P)
+    for who, to_shared, off, n, byte in writes:
+        n = min(n, 8 * P - off)
+        data = bytes([byte]) * n
+        k.mem_write(t if who == "parent" else c, (shared if to_shared else priv) + off, data)
+        (ref_shared if to_shared else ref[who])[off:off + n] = data
+    assert k.mem_read(t, priv, 8 * P) == ref["parent"]
+    assert k.mem_read(c, priv, 8 * P) == ref["child"]
+    assert k.mem_read(t, shared, 8 * P) == ref_shared == k.mem_read(c, shared, 8 * P)
