@@ -341,7 +341,11 @@ class FdTable(Shared):
         self.set_cloexec(fd, cloexec)
         return fd
 
-    def get(self, fd: int) -> File:
+    def get(self, fd: int | None = None):
+        """``get(fd)`` is the File at ``fd`` (EBADF if none); ``get()`` takes a reference of
+        the table itself, as for every Shared object (CLONE_FILES, restart)."""
+        if fd is None:
+            return Shared.get(self)
         file = self.fds.get(fd)
         if file is None:
             raise kerr(errno.EBADF, f"fd {fd} is not open")
