@@ -187,7 +187,7 @@ class RestoreJob:
             if obj is None:
                 raise ctx.image_error(f"task {t.tid} has no {attr}")
             old = getattr(t, attr)
-            setattr(t, attr, obj.get())
+            setattr(t, attr, Shared.get(obj))  # FdTable.get() looks up an fd
             if old is not None:
                 old.put(kernel)
         for kind in task_kinds():

@@ -6,6 +6,7 @@ import posixpath
 
 from ..errors import kerr
 from .sched import Blocked
+from .shared import Shared
 from .task import Cgroup, Pid, PidNamespace, Task
 
 CLONE_VM = 0x100
@@ -99,7 +100,7 @@ class TaskOps:
             ns.reaper = child
         self.task_by_pid[child.pid] = child
         child.mm = t.mm.get() if flags & CLONE_VM else t.mm.fork_copy(self)
-        child.files = t.files.get() if flags & CLONE_FILES else t.files.fork_copy(self)
+        child.files = Shared.get(t.files) if flags & CLONE_FILES else t.files.fork_copy(self)
         child.fs = t.fs.get() if flags & CLONE_FS else t.fs.fork_copy()
         child.sighand = t.sighand.get() if flags & CLONE_SIGHAND else t.sighand.fork_copy()
         child.signal = t.signal.get() if flags & CLONE_THREAD else t.signal.fork_copy()
