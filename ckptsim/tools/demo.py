@@ -36,6 +36,7 @@ def run_demo(seed: int = 0, out=print) -> int:
     write_image_file(path, image)
     out(f"checkpoint {crid}: {len(image)} bytes written to {path} (mode 0600)")
     kernel.do_group_exit(root, SIGKILL)
+    kernel.wait4(kernel.init, root.tid)
     out(f"killed the container init (global pid {root.tid}); live tasks: {[t.tid for t in kernel.live_tasks()]}")
     with open(path, "rb") as f:
         tasks = restart_tasks(kernel, kernel.init, 0, f.read(), 0)
