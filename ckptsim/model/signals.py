@@ -410,7 +410,8 @@ class SignalOps:
             raise kerr(errno.EINVAL, f"no signal {sig}")
         if pid <= 0:
             raise kerr(errno.ESRCH, f"sigqueue to pid {pid}")
-        self._kill_process(t, self.find_task(t, pid), sig, SI_QUEUE, value)
+        # sival is a 64-bit union (int or pointer): keep the value as the u64 it is.
+        self._kill_process(t, self.find_task(t, pid), sig, SI_QUEUE, value & (1 << 64) - 1)
         return 0
 
     def send_signal(self, target, sig: int, info: SigInfo | None = None, group: bool = True,
