@@ -417,6 +417,12 @@ class SocketType(FileType):
         return {"st_ino": 0, "st_mode": stat.S_IFSOCK | 0o777, "st_nlink": 1, "st_size": 0,
                 "st_uid": 0, "st_gid": 0}
 
+    def restore_file(self, kernel, file):
+        """Restart hook of kinds/files.py: the unix kind may wait for this File (see there)."""
+        hook = getattr(kernel, "unix_file_restored", None)
+        if hook is not None:
+            hook(file)
+
     def release(self, kernel, file):
         sock, file.private = file.private, None
         if sock is not None:
