@@ -104,7 +104,7 @@ class TaskOps:
         child.fs = t.fs.get() if flags & CLONE_FS else t.fs.fork_copy()
         child.sighand = t.sighand.get() if flags & CLONE_SIGHAND else t.sighand.fork_copy()
         child.signal = t.signal.get() if flags & CLONE_THREAD else t.signal.fork_copy()
-        child.sigstate = t.sigstate.fork_copy()
+        child.sigstate = t.sigstate.fork_copy(shares_vm=bool(flags & CLONE_VM))
         child.cred = t.cred
         child.cpu = t.cpu.copy()
         child.program = t.program
@@ -224,7 +224,8 @@ class TaskOps:
             t.cgroup.members.remove(t)
             t.cgroup = None
         if t.signal is not None and t is not t.leader:
-            t.signal = None
+            sig, t.signal = t.signal, None
+            sig.put(self)
         self.task_by_pid.pop(t.pid, None)
         t.pid.detach()
 
@@ -278,6 +279,8 @@ class TaskOps:
             old, t.sighand = t.sighand, t.sighand.fork_copy()
             old.put(self)
         t.sighand.reset_for_exec()
+        t.sigstate.reset_for_exec()
+        t.cred = t.cred.after_exec()
         t.comm = posixpath.basename(path)[:15]
         t.program = program
         t.cpu = type(t.cpu)()
