@@ -17,7 +17,7 @@ from typing import Iterator
 
 from ..errors import ImageError
 from . import core
-from .schema import LAYOUTS, Field, Layout, Record
+from .schema import LAYOUTS, Field, ItemArray, Layout, Record
 from .types import MAGIC_HEAD, MAGIC_TAIL, PAGE_SIZE, ObjType
 
 _HDR = struct.Struct("<II")
@@ -38,6 +38,8 @@ def _encode_var(lay: Layout, var) -> bytes | memoryview:
     if lay.var == "str":
         data = (var or "").encode()
         return data
+    if isinstance(var, ItemArray) and var.item.format == lay.item_struct.format:
+        return var.view   # a decoded array re-encodes as its own bytes
     items = var or ()
     pack = lay.item_struct.pack
     return b"".join(pack(*item) for item in items)
@@ -208,9 +210,12 @@ class ImageReader:
         item = lay.item_struct
         if len(view) % item.size:
             raise ImageError(pos, lay.name, f"array of {len(view)} bytes is not a whole number of {item.size}-byte items")
-        items = list(item.iter_unpack(view))
-        for values in items:
-            self._check_refs(Record(lay, {}, None, pos), lay.var, dict(zip((f.name for f in lay.var), values)))
+        items = ItemArray(item, view)
+        if any(f.objtype is not None for f in lay.var):
+            names = [f.name for f in lay.var]
+            owner = Record(lay, {}, None, pos)
+            for values in items:
+                self._check_refs(owner, lay.var, dict(zip(names, values)))
         return items
 
     def _declare(self, rec: Record) -> None:

@@ -16,6 +16,7 @@ variable part an array of such items (its length must be a whole number of items
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,11 +115,50 @@ def layout(type_id: int, name: str, fields, var=None, max_var: int = DEFAULT_MAX
     return lay
 
 
+class ItemArray(Sequence):
+    """A decoded array variable part: a read-only sequence of tuples (items in field order),
+    unpacked on access from the image's bytes, so decoding costs no memory per item.
+    Compares equal to a list of the same tuples."""
+
+    __slots__ = ("item", "view")
+
+    def __init__(self, item: struct.Struct, view: memoryview):
+        self.item = item
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.view) // self.item.size
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError("array item index out of range")
+        return self.item.unpack_from(self.view, index * self.item.size)
+
+    def __iter__(self):
+        return self.item.iter_unpack(self.view)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, (list, tuple, ItemArray)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == tuple(b) for a, b in zip(self, other))
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"ItemArray({list(self)!r})"
+
+
 class Record:
     """One decoded (or to-be-encoded) record: its layout, its fixed fields and its var part.
 
-    Fixed fields read as ``rec["name"]``; ``rec.var`` is bytes/memoryview, str, or a list of
-    tuples (array items, in field order). ``rec.offset`` is where it starts in the image.
+    Fixed fields read as ``rec["name"]``; ``rec.var`` is bytes/memoryview, str, or a sequence
+    of tuples (array items, in field order: a list when encoding, an ItemArray when decoded).
+    ``rec.offset`` is where it starts in the image.
     """
 
     __slots__ = ("layout", "values", "var", "offset")

@@ -1,6 +1,8 @@
 """The codec: writer framing, and every rejection rule of the strict decoder (with offsets)."""
 import io
+import os
 import struct
+import sys
 from array import array
 
 import pytest
@@ -11,7 +13,8 @@ from ckptsim.image.codec import ImageReader, ImageWriter, decode_all
 from ckptsim.image.pretty import load_layouts
 from ckptsim.image.schema import LAYOUTS, layout
 from ckptsim.image.types import MAGIC_TAIL, PAGE_SIZE, ObjType
-from imgbuild import HEADER_LEN, frame, header_record, image, tail
+sys.path.insert(0, os.path.dirname(__file__))  # pytest's importlib mode: find imgbuild.py
+from imgbuild import HEADER_LEN, frame, header_record, image, tail  # noqa: E402
 
 load_layouts()
 from ckptsim.kinds import files, tasktree  # noqa: E402  (after load_layouts: all kinds known)
