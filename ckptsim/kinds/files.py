@@ -161,7 +161,10 @@ def _load_inode(ctx, expect_kinds: tuple[str, ...]) -> tuple[Inode, str]:
         if inode is None:
             if not rec["has_data"] or kind is None:
                 ctx.fail(errno.EINVAL, f"unlinked inode {rec['ino']} has no saved contents")
-            inode = vfs.new_inode(kind, rec["mode"])   # never linked: nlink stays 0
+            if ctx.restore_fs:  # a fresh kernel: keep the number the snapshot accounted for
+                inode = Inode(rec["ino"], kind, rec["mode"])
+            else:
+                inode = vfs.new_inode(kind, rec["mode"])   # never linked: nlink stays 0
             inode.data[:] = rec.var
             restored[rec["ino"]] = inode
         path = ""
@@ -191,7 +194,7 @@ def load_file(ctx) -> File:
         inodes = _state(ctx)["pipe_inodes"]   # both ends share one anonymous inode
         inode = inodes.get(rec["pipe_objref"])
         if inode is None:
-            inode = inodes[rec["pipe_objref"]] = kernel_filesystem(ctx.kernel).new_inode(KIND_FIFO, 0o600)
+            inode = inodes[rec["pipe_objref"]] = kernel_filesystem(ctx.kernel).new_anon_inode(KIND_FIFO, 0o600)
         file = open_pipe_file(pipe, flags, PIPE_TYPE, inode)
     elif f_type == F_TYPE_FIFO:
         pipe = _pipe(ctx, rec)

@@ -163,7 +163,7 @@ class PipeOps:
         rfd = files.alloc_fd()
         files.alloc_fd(rfd + 1)  # EMFILE unless two descriptors are free
         cred = getattr(t, "cred", None)
-        inode = kernel_filesystem(self).new_inode(KIND_FIFO, 0o600, getattr(cred, "fsuid", 0),
+        inode = kernel_filesystem(self).new_anon_inode(KIND_FIFO, 0o600, getattr(cred, "fsuid", 0),
                                                   getattr(cred, "fsgid", 0))  # pipefs: never linked
         pipe = Pipe()
         status = flags & (os.O_NONBLOCK | os.O_DIRECT)

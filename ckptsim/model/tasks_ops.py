@@ -177,7 +177,7 @@ class TaskOps:
         for child in list(leader.children):
             self._reparent(child, leader)
         parent = leader.parent
-        autoreap = parent is None or self.ignores_sigchld(parent)
+        autoreap = parent is None or leader.exit_signal < 0 or self.ignores_sigchld(parent)
         if parent is not None and leader.exit_signal > 0:
             self.send_signal(parent, leader.exit_signal)
         if autoreap:

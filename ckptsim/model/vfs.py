@@ -103,8 +103,13 @@ class FileSystem:
 
     ROOT_INO = 2
 
+    # Anonymous inodes (pipefs, sockfs) are numbered apart, so that restoring a pipe does
+    # not move the numbering of the file system the image's snapshot recorded.
+    ANON_INO_BASE = 1 << 32
+
     def __init__(self):
         self.next_ino = self.ROOT_INO
+        self.next_anon_ino = self.ANON_INO_BASE
         self.root = self.new_inode(KIND_DIR, 0o755)
         self.root.nlink = 2
         self.root.parent = self.root
@@ -112,6 +117,11 @@ class FileSystem:
     def new_inode(self, kind: str, mode: int, uid: int = 0, gid: int = 0) -> Inode:
         inode = Inode(self.next_ino, kind, mode, uid, gid)
         self.next_ino += 1
+        return inode
+
+    def new_anon_inode(self, kind: str, mode: int, uid: int = 0, gid: int = 0) -> Inode:
+        inode = Inode(self.next_anon_ino, kind, mode, uid, gid)
+        self.next_anon_ino += 1
         return inode
 
     def link(self, parent: Inode, name: str, inode: Inode) -> None:

@@ -87,11 +87,6 @@ def test_root_caller_restores_anything():
 
 
 def test_full_checkpoint_restart_keeps_creds():
-    from ckptsim.kinds import load_all
-    try:
-        load_all()
-    except ModuleNotFoundError as e:
-        pytest.skip(f"framework incomplete: {e}")
     from ckptsim.cr.api import checkpoint, restart_tasks
     from ckptsim.model.tasks_ops import CLONE_NEWPID, SIGKILL
     from ckptsim.tools.scenarios import CGROUP

@@ -237,16 +237,11 @@ def test_kinds_registered():
     assert memory.MM_CONTEXT.type_id == 404 and memory.SHMEM_REC.type_id == 405
 
 
-# ---- through the real framework (skipped until every kind module and the Kernel exist) -------
+# ---- through the real framework ----------------------------------------------------------
 def _framework():
-    try:
-        from ckptsim.cr import api
-        from ckptsim.image import core
-        from ckptsim.kinds import load_all
-        from ckptsim.model.kernel import Kernel
-        load_all()
-    except ModuleNotFoundError as e:
-        pytest.skip(f"framework not complete yet: {e}")
+    from ckptsim.cr import api
+    from ckptsim.image import core
+    from ckptsim.model.kernel import Kernel
     return api, core, Kernel
 
 
