@@ -359,10 +359,15 @@ def _task_lines(view: ImageView, t: TaskView) -> list[str]:
            f" exit_code {t.task['exit_code']:#x}"]
     for entry in t.entries:   # the objects these name are expanded below
         out.append("    " + entry_text(view, entry, arrows=False))
+    expanded: set[int] = set()
     for name, ref in t.objrefs.items():
         obj = view.objects.get(ref)
         if not ref or obj is None:
             continue
+        if ref in expanded:
+            out.append(f"  {name}: @{ref} {obj.objtype.name} (as above)")
+            continue
+        expanded.add(ref)
         if obj.task != t.index:
             out.append(f"  {name}: {object_short(view, ref)} (shared, saved with task {obj.task})")
             continue
