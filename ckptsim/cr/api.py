@@ -163,6 +163,10 @@ def _write_body(ctx) -> None:
         ctx.write(TASK, state=STATE_NUMBERS[state], exit_signal=t.exit_signal,
                   exit_code=t.exit_code, pdeath_signal=t.pdeath_signal, flags=0, var=t.comm)
         if state == "zombie":
+            if len(t.threads) > 1:
+                # A leader that exited before its threads keeps the group's signal state.
+                ctx.write(TASK_OBJS, files_objref=0, fs_objref=0, mm_objref=0, sighand_objref=0,
+                          signal_objref=ctx.ref(t.signal), pad=0)
             continue
         refs = {name: ctx.ref(getattr(t, attr)) for name, attr in (
             ("files_objref", "files"), ("fs_objref", "fs"), ("mm_objref", "mm"),

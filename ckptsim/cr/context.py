@@ -82,20 +82,24 @@ class CheckpointContext:
     # -- shared objects -----------------------------------------------------------------
     def ref(self, obj) -> int:
         """The objref of ``obj``; the first time, write OBJREF and the object itself."""
+        return self.ref_first(obj)[0]
+
+    def ref_first(self, obj) -> tuple[int, bool]:
+        """``ref(obj)``, and whether this call wrote the object (its first reference)."""
         if obj is None:
-            return 0
+            return 0, False
         known = self.refs.get(id(obj))
         if known is not None:
             ref = known[0]
             self.uses[ref] += 1
-            return ref
+            return ref, False
         kind = kind_for_object(obj)
         ref = len(self.refs) + 1
         self.refs[id(obj)] = (ref, obj)
         self.uses[ref] = 1
         self.writer.write(core.OBJREF, objtype=int(kind.objtype), objref=ref)
         kind.save_object(self, obj)
-        return ref
+        return ref, True
 
     def objects(self) -> list[tuple[int, object]]:
         """(objref, object) in objref order."""

@@ -172,6 +172,14 @@ class RestoreJob:
                 raise ctx.image_error("only a thread-group leader can be restored as a zombie")
             t.state = "zombie"
             t.exit_code = rec["exit_code"]
+            if ctx.peek() is TASK_OBJS:  # a leader whose threads outlive it
+                objs = ctx.read(TASK_OBJS)
+                if any(objs[f] for f in ("files_objref", "fs_objref", "mm_objref", "sighand_objref")):
+                    raise ctx.image_error("a zombie leader holds only its group's signal state")
+                signal = ctx.obj(objs["signal_objref"], ObjType.SIGNAL)
+                if signal is None:
+                    raise ctx.image_error("a zombie leader's TASK_OBJS names no signal state")
+                t.signal = Shared.get(signal)
             return
         objs = ctx.read(TASK_OBJS)
         if t is self.caller:
@@ -208,11 +216,11 @@ class RestoreJob:
             kernel.cgroup_create(self.caller, path)
             kernel.freeze(self.caller, path)
             for t in tasks:
-                if t.leader is t and t.state != "zombie":
+                if t.leader is t:
                     kernel.cgroup_attach(t, path)
         else:
             for t in tasks:
-                if t.cgroup is None and t.state != "zombie":
+                if t.cgroup is None:
                     t.cgroup = self.caller.cgroup
                     t.cgroup.members.append(t)
         for t in tasks:

@@ -50,11 +50,6 @@ MM_CONTEXT = layout(404, "MM_CONTEXT", [
 ], subsystem="mm")
 SHMEM_REC = layout(405, "SHMEM", [("size", "u64", "hex"), ("nr_pages", "u64")], subsystem="mm")
 
-# Segments whose SHMEM record the ctx.ref() call in progress has just written: tells SHM_ANON
-# (first sight, pages saved) from SHM_ANON_SKIP. ctx.ref runs save_shmem synchronously.
-_fresh_segments: list[Shmem] = []
-
-
 def _vma_type(vma) -> int:
     if vma.name == "[vdso]":
         return VMA_VDSO
@@ -77,11 +72,9 @@ def save_mm(ctx, mm: MM) -> None:
         file_ref = ctx.ref(vma.file)          # one ctx.ref per reference the VMA holds
         shm_ref = 0
         if vma.shmem is not None:
-            _fresh_segments.clear()
-            shm_ref = ctx.ref(vma.shmem)
-            if not any(seg is vma.shmem for seg in _fresh_segments):
+            shm_ref, first = ctx.ref_first(vma.shmem)
+            if not first:  # the segment's pages went out with its first mapping
                 vtype = VMA_SHM_ANON_SKIP
-            _fresh_segments.clear()
         if vtype == VMA_VDSO:
             vdso = vma.start
         ctx.write(VMA_REC, var=vma.name or "", vma_type=vtype, vma_objref=file_ref,
@@ -90,8 +83,9 @@ def save_mm(ctx, mm: MM) -> None:
                   vm_start=vma.start, vm_end=vma.end, vm_page_prot=vma.prot,
                   vm_flags=vma.vm_flags, vm_pgoff=vma.pgoff)
         if vtype in (VMA_ANON, VMA_FILE):
-            for addrs, blob in mm.present_chunks(vma, MAX_PAGES_PER_CHUNK):
-                ctx.write_pages(addrs, blob)
+            if not ctx.collecting:  # pages hold no references: the leak dry run skips them
+                for addrs, blob in mm.present_chunks(vma, MAX_PAGES_PER_CHUNK):
+                    ctx.write_pages(addrs, blob)
             ctx.end_pages()
     ctx.write(MM_CONTEXT, vdso=vdso, ldt_entry_size=0, nldt=0)
 
@@ -151,11 +145,11 @@ def load_mm(ctx) -> MM:
 
 
 def save_shmem(ctx, seg: Shmem) -> None:
-    _fresh_segments.append(seg)
     nr_pages = sum(1 for page in seg.pages.values() if page != ZERO_PAGE)
     ctx.write(SHMEM_REC, size=seg.size, nr_pages=nr_pages)
-    for offsets, blob in seg.present_pages(MAX_PAGES_PER_CHUNK):
-        ctx.write_pages(offsets, blob)
+    if not ctx.collecting:  # pages hold no references: the leak dry run skips them
+        for offsets, blob in seg.present_pages(MAX_PAGES_PER_CHUNK):
+            ctx.write_pages(offsets, blob)
     ctx.end_pages()
 
 

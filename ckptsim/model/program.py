@@ -133,7 +133,7 @@ class Interpreter:
                 child.cpu.regs[out] = 0
             child.cpu.pc += 1
             return child.pid.nr_in(t.ns)
-        if name in ("pipe", "socketpair"):
+        if name in ("pipe", "pipe2", "socketpair"):
             *rest, reg2 = args
             a, b = getattr(self, name)(t, *rest)
             t.cpu.regs[reg2] = b

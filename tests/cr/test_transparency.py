@@ -192,7 +192,7 @@ class Container:
         self.root = restored[0]
         self.ns = self.root.ns
         for t in restored:  # restored tasks join the caller's cgroup: put them back
-            if t.is_leader() and t.state != "zombie":
+            if t.is_leader():
                 k.cgroup_attach(k.init, CGROUP, t.pid.nr_in(k.init.ns))
         k.thaw(k.init, CGROUP)
         self.restarts += 1
@@ -375,9 +375,7 @@ ZOMBIE_LEADER = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cr/api.py _write_body skips TASK_OBJS of a zombie task, but a thread-group leader that "
-    "called exit(2) while its other threads run still holds the group's SignalStruct: the "
-    "leak check reports a false EBUSY 'usage leak (real 2 != counted 1): SignalStruct'"))
 def test_zombie_leader_with_a_live_thread():
+    """A leader that exited before its thread keeps the group's signal state (was a false
+    EBUSY leak: the zombie's reference was not counted)."""
     run_both(ZOMBIE_LEADER, [0, 0, 1, 1, 1, 1, 2, 2, 2, 2, CHECKPOINT, 0, 1, 2])

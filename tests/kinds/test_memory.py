@@ -65,21 +65,25 @@ class FakeImage:
     def end_pages(self):
         self.records.append(("pages", None))
 
+    collecting = False
+
     def ref(self, obj):
+        return self.ref_first(obj)[0]
+
+    def ref_first(self, obj):
         if obj is None:
-            return 0
+            return 0, False
         for i, known in enumerate(self.objs):
             if known is obj:
                 self.uses[i + 1] += 1
-                return i + 1
+                return i + 1, False
         self.objs.append(obj)
         ref = len(self.objs)
         self.uses[ref] = 1
         self.records.append(("objref", ref))
-        if isinstance(obj, FakeFile):
-            return ref
-        kind_for_object(obj).save_object(self, obj)
-        return ref
+        if not isinstance(obj, FakeFile):
+            kind_for_object(obj).save_object(self, obj)
+        return ref, True
 
     # restart side
     def restart(self):
