@@ -35,6 +35,7 @@ class Kernel(TaskOps, MMOps, FileOps, PipeOps, UnixOps, SignalOps, CredOps, Inte
         self.sysctl = {"kernel.ckpt_unpriv_allowed": 1}
         self.next_crid = 1
         self.checkpoints_taken = 0
+        self.points_released = False  # see the program operation ckpt_point
         self.task_by_pid: dict = {}
         self.vfs = FileSystem()
         self.root_ns = PidNamespace(None)

@@ -16,9 +16,15 @@ Pseudo-operations (not syscalls):
 - buffer syscalls take memory addresses, as the real ones do: ``["read", fd, addr, n]``,
   ``["write", fd, addr, n]``, ``["recv", fd, addr, n]``, ``["send", fd, addr, n]``,
   ``["pread", fd, addr, n, off]``, ``["pwrite", fd, addr, n, off]``;
+- ``["wait4", pid, options]`` returns the reaped pid and puts the wait status in r15;
 - ``["fork"]`` returns the child's pid to the parent and 0 to the child; ``["pipe", reg2]``
   stores the read end in ``out`` and the write end in register ``reg2`` (likewise
   ``socketpair``);
+- ``["check", a, cmp, b, label]`` (cmp one of == != < <= > >=, on unsigned 64-bit values) and
+  ``["check_mem", addr, text, label]``: a scenario's own verification; a failed check adds
+  ``("FAIL", pid, label, got, want)`` to the output and the program goes on;
+- ``["ckpt_point"]``: the task waits here until ``kernel.points_released`` is set (the
+  conformance runner checkpoints the tree while its tasks wait at their points);
 - ``["checkpoint", pid, path, flags]`` writes an image of the tree at ``pid`` (0 = the caller)
   into the model file ``path`` and returns the crid (0 when returning from a restart).
 Anything else is a Kernel syscall method called as ``kernel.name(task, *args)``.
@@ -28,6 +34,7 @@ from __future__ import annotations
 import json
 
 from ..errors import ModelError
+from .sched import Blocked
 
 MAX_PROGRAM_BYTES = 1 << 20
 
@@ -53,6 +60,8 @@ def decode_program(data: bytes) -> list:
     return ops
 
 
+_COMPARE = {"==": int.__eq__, "!=": int.__ne__, "<": int.__lt__, "<=": int.__le__,
+            ">": int.__gt__, ">=": int.__ge__}
 _BUFFER_READS = {"read": "read", "recv": "recv"}
 _BUFFER_WRITES = {"write": "write", "send": "send"}
 U64 = (1 << 64) - 1
@@ -100,6 +109,22 @@ class Interpreter:
         if name == "emit_mem":
             self.output.append(("emit", self.observed_pid(t), self.mem_read(t, args[0], args[1])))
             return None
+        if name == "check":
+            a, cmp, b, label = args
+            if not _COMPARE[cmp](a & U64, b & U64):
+                self.output.append(("FAIL", self.observed_pid(t), label, a, f"{cmp} {b}"))
+            return None
+        if name == "check_mem":
+            addr, text, label = args
+            want = text.encode()
+            got = self.mem_read(t, addr, len(want))
+            if got != want:
+                self.output.append(("FAIL", self.observed_pid(t), label, got, want))
+            return None
+        if name == "ckpt_point":
+            if not self.points_released:
+                raise Blocked("ckpt_point")
+            return None
         if name == "store":
             self.mem_write(t, args[0], args[1].encode())
             return None
@@ -140,6 +165,7 @@ class Interpreter:
             return a
         if name == "wait4":
             nr, status = self.wait4(t, *args)
+            t.cpu.regs[15] = status  # the wait status goes to r15, the pid to ``out``
             return nr
         if name == "checkpoint":
             return self.checkpoint_to_file(t, out, *args)

@@ -1,0 +1,3 @@
+"""Conformance scenarios: tree."""
+from ..dsl import *  # noqa: F401,F403
+from ..scenario import scenario  # noqa: F401

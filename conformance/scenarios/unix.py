@@ -1,0 +1,3 @@
+"""Conformance scenarios: unix."""
+from ..dsl import *  # noqa: F401,F403
+from ..scenario import scenario  # noqa: F401
