@@ -22,7 +22,8 @@ Pseudo-operations (not syscalls):
   ``socketpair``);
 - ``["check", a, cmp, b, label]`` (cmp one of == != < <= > >=, on unsigned 64-bit values) and
   ``["check_mem", addr, text, label]``: a scenario's own verification; a failed check adds
-  ``("FAIL", pid, label, got, want)`` to the output and the program goes on;
+  ``("FAIL", pid, label, got, want)`` to the output and the program goes on (a check_mem
+  whose memory cannot be read fails, with got ``"fault: errno N"``);
 - ``["ckpt_point"]``: the task waits here until ``kernel.points_released`` is set (the
   conformance runner checkpoints the tree while its tasks wait at their points);
 - ``["checkpoint", pid, path, flags]`` writes an image of the tree at ``pid`` (0 = the caller)
@@ -117,7 +118,10 @@ class Interpreter:
         if name == "check_mem":
             addr, text, label = args
             want = text.encode()
-            got = self.mem_read(t, addr, len(want))
+            try:
+                got = self.mem_read(t, addr, len(want))
+            except ModelError as e:  # a fault fails the check (it must not pass silently)
+                got = f"fault: errno {e.errno}"
             if got != want:
                 self.output.append(("FAIL", self.observed_pid(t), label, got, want))
             return None
