@@ -1,0 +1,202 @@
+"""The model backend: scenarios run as modelled tasks in a ckptsim Kernel."""
+from __future__ import annotations
+
+import io
+
+from ckptsim.cr.api import checkpoint, restart_tasks
+from ckptsim.cr.context import CheckpointError
+from ckptsim.cr.replay import replay
+from ckptsim.errors import ImageError
+from ckptsim.image import core, decode_all
+from ckptsim.model.creds import Cred
+from ckptsim.model.kernel import Kernel
+from ckptsim.model.shared import Shared
+from ckptsim.model.tasks_ops import CLONE_NEWPID, SIGKILL
+
+from ..backend import Backend, CheckpointFailed
+from ..scenario import Scenario
+
+CGROUP = "/ct"
+MAX_STEPS = 200_000
+
+
+class SimRun:
+    def __init__(self, scenario: Scenario, kernel: Kernel, root):
+        self.scenario = scenario
+        self.kernel = kernel
+        self.root = root
+        self.ghost = None
+
+
+class SimBackend(Backend):
+    name = "sim"
+
+    def start(self, scenario: Scenario) -> SimRun:
+        k = Kernel(scenario.seed)
+        init = k.init
+        for d in ("/bin", "/data", "/tmp"):
+            k.mkdir(init, d, 0o777)
+        for path, text in scenario.files:
+            fd = k.open(init, path, 0o1101, 0o666)
+            k.write(init, fd, text.encode())
+            k.close(init, fd)
+        k.install_program(f"/bin/{scenario.name}", scenario.ops)
+        k.cgroup_create(init, CGROUP)
+        root = k.spawn(f"/bin/{scenario.name}", flags=CLONE_NEWPID)
+        k.cgroup_attach(init, CGROUP, root.tid)
+        run = SimRun(scenario, k, root)
+        if scenario.leak is not None:
+            # The world outside keeps a reference to one of the container's descriptors.
+            run.leaked = root.files.get(scenario.leak)
+            init.files.install(Shared.get(run.leaked))
+        k.run(MAX_STEPS)
+        return run
+
+    # -- what the world sees -------------------------------------------------------------
+    def container_tasks(self, run) -> list:
+        ns = run.root.ns
+        return sorted((t for t in run.kernel.live_tasks() if t.pid.nr_in(ns)),
+                      key=lambda t: t.pid.nr_in(ns))
+
+    def visible_state(self, run) -> dict:
+        ns = run.root.ns
+        names: dict[int, str] = {}
+
+        def name_of(obj, kind: str) -> str:
+            # Shared objects are named by first sight, so sharing shows and addresses don't.
+            return names.setdefault(id(obj), f"{kind}#{len(names) + 1}")
+
+        tasks, fds, maps, signals = {}, {}, {}, {}
+        for t in self.container_tasks(run):
+            vpid = t.pid.nr_in(ns)
+            leader = t.leader
+            tasks[vpid] = {
+                "tgid": leader.pid.nr_in(ns),
+                "ppid": leader.parent.pid.nr_in(ns) if leader.parent is not None else 0,
+                "pgid": leader.pgrp.nr_in(ns) if leader.pgrp else 0,
+                "sid": leader.session.nr_in(ns) if leader.session else 0,
+                "state": t.state, "comm": t.comm,
+                "exit_code": t.exit_code if t.state == "zombie" else None,
+                "pc": t.cpu.pc, "regs": list(t.cpu.regs),
+            }
+            if t.state == "zombie":
+                continue
+            fds[vpid] = {"table": name_of(t.files, "fdtable"), "fds": {
+                fd: {"file": name_of(f, "file"), "kind": f.ftype.kind, "flags": f.flags, "pos": f.pos,
+                     "cloexec": cloexec, "path": getattr(f, "path", ""),
+                     "object": name_of(f.private, f.ftype.kind) if f.private is not None else None}
+                for fd, f, cloexec in t.files.items()}}
+            maps[vpid] = {"mm": name_of(t.mm, "mm"), "vmas": [
+                [v.start, v.end, v.prot, v.flags, v.name or "",
+                 name_of(v.shmem, "shmem") if v.shmem is not None else None]
+                for v in t.mm.vmas]}
+            sig = t.sigstate
+            signals[vpid] = {
+                "blocked": sig.blocked,
+                "pending": [repr(i) for i in sig.pending.items],
+                "shared_pending": [repr(i) for i in t.signal.shared_pending.items],
+                "altstack": repr(sig.altstack),
+                "handlers": {s: repr(t.sighand.action(s)) for s in range(1, 65)
+                             if t.sighand.action(s).handler != 0},
+            }
+        return {"tasks": tasks, "fds": fds, "maps": maps, "signals": signals}
+
+    # -- C/R ---------------------------------------------------------------------------------
+    def _caller(self, run):
+        scn, k = run.scenario, run.kernel
+        if scn.unpriv_level is not None:
+            k.sysctl["kernel.ckpt_unpriv_allowed"] = scn.unpriv_level
+        if scn.caller_uid == 0:
+            return k.init
+        caller = k.clone(k.init)
+        caller.cred = Cred.user(scn.caller_uid, scn.caller_uid)
+        return caller
+
+    def checkpoint(self, run) -> bytes:
+        scn, k = run.scenario, run.kernel
+        if scn.freeze:
+            k.freeze(k.init, CGROUP)
+        buf = io.BytesIO()
+        try:
+            checkpoint(k, self._caller(run), run.root.pid.nr_in(k.init.ns), buf, scn.checkpoint_flags)
+        except CheckpointError as e:
+            k.thaw(k.init, CGROUP)
+            raise CheckpointFailed(e.errno, str(e)) from None
+        return buf.getvalue()
+
+    def kill(self, run) -> None:
+        k = run.kernel
+        if run.root.state not in ("zombie", "dead"):
+            k.do_group_exit(run.root, SIGKILL)
+        if run.root.state == "zombie":
+            k.wait4(k.init, run.root.tid)
+
+    def restart(self, run, image: bytes) -> None:
+        scn, k = run.scenario, run.kernel
+        caller = self._caller(run)
+        flags = scn.restart_flags
+        if flags & core.RESTART_GHOST:
+            caller = run.ghost = k.clone(caller)
+        try:
+            tasks = restart_tasks(k, caller, 0, image, flags)
+        except (CheckpointError, ImageError) as e:
+            raise CheckpointFailed(getattr(e, "errno", 22), str(e)) from None
+        run.root = tasks[0]
+        for t in tasks:
+            if t.is_leader() and not flags & core.RESTART_FROZEN:
+                k.cgroup_attach(k.init, CGROUP, t.tid)
+
+    def is_frozen(self, run) -> bool:
+        return all(t.frozen for t in self.container_tasks(run) if t.state != "zombie")
+
+    def thaw(self, run) -> None:
+        k = run.kernel
+        for t in self.container_tasks(run):
+            if t.is_leader():
+                k.cgroup_attach(k.init, CGROUP, t.tid)
+        k.thaw(k.init, CGROUP)
+
+    def resume(self, run) -> None:
+        k = run.kernel
+        k.thaw(k.init, CGROUP)
+        k.points_released = True
+        k.run(MAX_STEPS)
+
+    def verdict(self, run) -> list[str]:
+        k = run.kernel
+        problems = [f"check failed in pid {pid}: {label}: got {got!r}, want {want!r}"
+                    for kind, pid, label, got, want in (o for o in k.output if o[0] == "FAIL")]
+        for t in self.container_tasks(run):
+            if t is run.root and t.state == "zombie":
+                continue
+            problems.append(f"task {t.pid.nr_in(run.root.ns)} ({t.comm}) left {t.state}"
+                            f"{' at pc ' + str(t.cpu.pc) if t.state != 'zombie' else ''}")
+        root = run.root
+        if root.state == "zombie":
+            if root.exit_code != 0:
+                problems.append(f"container init exited with wait status {root.exit_code:#x}")
+        elif root.state != "dead":
+            problems.append(f"container init did not finish ({root.state})")
+        if run.ghost is not None and run.ghost.state != "dead":
+            problems.append(f"the ghost restart caller is still {run.ghost.state}")
+        return problems
+
+    def self_image(self, run, path: str) -> bytes:
+        k = run.kernel
+        fd = k.open(k.init, path, 0)
+        try:
+            f = k.init.files.get(fd)
+            return f.inode.read_at(0, f.inode.size)
+        finally:
+            k.close(k.init, fd)
+
+    def check_image(self, run, image: bytes) -> list[str]:
+        try:
+            decode_all(image)
+            report = replay(image, roundtrip=True)
+        except (ImageError, CheckpointError) as e:
+            return [f"image does not replay: {e}"]
+        problems = [f"replay invariant: {p}" for p in report.problems]
+        if report.roundtrip != "identical":
+            problems.append(f"image round trip: {report.roundtrip}")
+        return problems

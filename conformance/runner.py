@@ -1,0 +1,165 @@
+"""The conformance runner: drives any backend through a scenario and judges the result.
+
+    from conformance.runner import run_one, run_all
+    result = run_one("pipe_partly_full", "sim")   # Result(status, problems, ...)
+
+For each scenario: start it; then ``restarts`` times: note the visible state, checkpoint,
+check the image (decodes, replays in the model, round-trips), kill the container, restart it,
+and compare the visible state with the one noted (any difference the scenario did not declare
+in ``allowed_diffs`` fails it); then release the checkpoint points, let it run to the end and
+collect its verdict (its own checks, exit statuses, nothing left behind). A scenario whose
+checkpoint must fail (``expect_errno``) is checked for that errno, then resumed as it was.
+A scenario a backend cannot run is ``unsupported``, with the backend's reason.
+"""
+from __future__ import annotations
+
+import errno as errno_names
+import time
+from dataclasses import dataclass, field
+
+from ckptsim.image import core
+
+from .backend import Backend, CheckpointFailed
+from .scenario import Scenario, all_scenarios
+
+PASSED, FAILED, UNSUPPORTED = "passed", "failed", "unsupported"
+
+
+@dataclass
+class Result:
+    scenario: str
+    area: str
+    status: str
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        head = f"{self.scenario} [{self.area}]: {self.status}"
+        return head + "".join(f"\n  - {p}" for p in self.problems)
+
+
+def backend_named(name: str) -> Backend:
+    if name == "sim":
+        from .backends.sim import SimBackend
+        return SimBackend()
+    if name == "live":
+        from .backends.live import LiveBackend
+        return LiveBackend()
+    raise ValueError(f"unknown backend {name!r} (sim or live)")
+
+
+def _errname(err: int | None) -> str:
+    return errno_names.errorcode.get(err, str(err)) if err is not None else "none"
+
+
+def diff_states(before, after, allowed: frozenset, path: str = "") -> list[str]:
+    """Differences between two visible states, except under the allowed top-level keys."""
+    if path.split("/")[0] in allowed or path in allowed:
+        return []
+    if isinstance(before, dict) and isinstance(after, dict):
+        out = []
+        for key in sorted(set(before) | set(after), key=str):
+            sub = f"{path}/{key}" if path else str(key)
+            if key not in after:
+                out.append(f"{sub}: gone after restart (was {before[key]!r})")
+            elif key not in before:
+                out.append(f"{sub}: new after restart ({after[key]!r})")
+            else:
+                out.extend(diff_states(before[key], after[key], allowed, sub))
+        return out
+    if before != after:
+        return [f"{path}: {before!r} before, {after!r} after restart"]
+    return []
+
+
+def run_scenario(scn: Scenario, backend: Backend) -> Result:
+    started = time.monotonic()
+    reason = backend.unsupported(scn)
+    if reason is not None:
+        return Result(scn.name, scn.area, UNSUPPORTED, [reason])
+    problems: list[str] = []
+    run = None
+    try:
+        run = backend.start(scn)
+        problems = _drive(scn, backend, run)
+    except CheckpointFailed as e:
+        problems = [f"unexpected failure ({_errname(e.errno)}): {e.message}"]
+    finally:
+        if run is not None:
+            backend.cleanup(run)
+    status = FAILED if problems else PASSED
+    return Result(scn.name, scn.area, status, problems, time.monotonic() - started)
+
+
+def _drive(scn: Scenario, backend: Backend, run) -> list[str]:
+    problems: list[str] = []
+    if scn.self_image is not None:
+        image = backend.self_image(run, scn.self_image)
+        problems += backend.check_image(run, image)
+        backend.kill(run)
+        backend.restart(run, image)
+        return problems + _finish(scn, backend, run)
+    for round_ in range(scn.restarts):
+        before = backend.visible_state(run)
+        try:
+            image = backend.checkpoint(run)
+        except CheckpointFailed as e:
+            if scn.expect_errno is None:
+                raise
+            if e.errno != scn.expect_errno:
+                return [f"checkpoint failed with {_errname(e.errno)}, expected {_errname(scn.expect_errno)}: {e.message}"]
+            # A failed checkpoint leaves the tree exactly as it was, and it runs on.
+            problems += diff_states(before, backend.visible_state(run), scn.allowed_diffs)
+            return problems + _finish(scn, backend, run)
+        if scn.expect_errno is not None:
+            return [f"checkpoint succeeded, expected {_errname(scn.expect_errno)}"]
+        problems += backend.check_image(run, image)
+        backend.kill(run)
+        backend.restart(run, image)
+        if scn.restart_flags & core.RESTART_FROZEN:
+            if not backend.is_frozen(run):
+                problems.append("RESTART_FROZEN: the restored tasks are not frozen")
+            backend.thaw(run)
+        after = backend.visible_state(run)
+        problems += [f"round {round_ + 1}: {d}" for d in diff_states(before, after, scn.allowed_diffs)]
+    return problems + _finish(scn, backend, run)
+
+
+def _finish(scn: Scenario, backend: Backend, run) -> list[str]:
+    backend.resume(run)
+    return backend.verdict(run)
+
+
+def select(pattern: str | None = None) -> list[Scenario]:
+    scns = all_scenarios()
+    if pattern:
+        scns = [s for s in scns if pattern in s.name or pattern == s.area]
+    return scns
+
+
+def run_one(name: str, backend: str = "sim") -> Result:
+    scn = next((s for s in all_scenarios() if s.name == name), None)
+    if scn is None:
+        raise KeyError(f"no scenario {name!r}")
+    return run_scenario(scn, backend_named(backend))
+
+
+def run_all(backend: str = "sim", pattern: str | None = None) -> list[Result]:
+    b = backend_named(backend)
+    return [run_scenario(s, b) for s in select(pattern)]
+
+
+def area_table(results: list[Result]) -> str:
+    """One line per area: passed, failed, unsupported (and a total)."""
+    rows: dict[str, list[int]] = {}
+    for r in results:
+        counts = rows.setdefault(r.area, [0, 0, 0])
+        counts[(PASSED, FAILED, UNSUPPORTED).index(r.status)] += 1
+    lines = [f"{'area':10} {'passed':>7} {'failed':>7} {'unsupported':>12}"]
+    total = [0, 0, 0]
+    for area in sorted(rows):
+        p, f, u = rows[area]
+        total = [total[0] + p, total[1] + f, total[2] + u]
+        lines.append(f"{area:10} {p:7} {f:7} {u:12}")
+    lines.append(f"{'total':10} {total[0]:7} {total[1]:7} {total[2]:12}")
+    return "\n".join(lines)
