@@ -317,6 +317,19 @@ class CredOps:
     def getgroups(self, t) -> list[int]:
         return list(t.cred.groups)
 
+    # -- id queries (ints, so that programs can check them) ---------------------------------
+    def getuid(self, t) -> int:
+        return t.cred.uid
+
+    def geteuid(self, t) -> int:
+        return t.cred.euid
+
+    def getgid(self, t) -> int:
+        return t.cred.gid
+
+    def getegid(self, t) -> int:
+        return t.cred.egid
+
     # -- capabilities ----------------------------------------------------------------------
     def capget(self, t) -> tuple[int, int, int]:
         """(effective, permitted, inheritable) of the calling task."""

@@ -261,3 +261,12 @@ def test_may_kill():
     assert not may_kill(Cred.user(1), Cred(uid=2, euid=1, suid=2))  # euid does not count
     assert may_kill(replace(Cred.user(1), cap_effective=cap_bit(CAP_KILL)), Cred.user(2))
     assert may_kill(Cred.root(), Cred.user(2))
+
+
+def test_id_getters():
+    t = task(Cred.user(1000, 100))
+    assert (ops.getuid(t), ops.geteuid(t), ops.getgid(t), ops.getegid(t)) == (1000, 1000, 100, 100)
+    t = task(Cred.root())
+    ops.setresgid(t, 5, 6, 7)
+    ops.setresuid(t, 1, 2, 3)
+    assert (ops.getuid(t), ops.geteuid(t), ops.getgid(t), ops.getegid(t)) == (1, 2, 5, 6)
