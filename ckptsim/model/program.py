@@ -15,7 +15,9 @@ Pseudo-operations (not syscalls):
   reg, value]``; ``["jnz", reg, pc]`` jumps to operation ``pc`` when the register is non-zero;
 - buffer syscalls take memory addresses, as the real ones do: ``["read", fd, addr, n]``,
   ``["write", fd, addr, n]``, ``["recv", fd, addr, n]``, ``["send", fd, addr, n]``,
-  ``["pread", fd, addr, n, off]``, ``["pwrite", fd, addr, n, off]``;
+  ``["pread", fd, addr, n, off]``, ``["pwrite", fd, addr, n, off]``,
+  ``["sendto", fd, addr, n, sockaddr]``, ``["sendmsg", fd, addr, n, fds, flags, sockaddr]``
+  (``fds``: a list of fd numbers or ``"$rN"`` registers, passed with SCM_RIGHTS);
 - ``["wait4", pid, options]`` returns the reaped pid and puts the wait status in r15;
 - ``["fork"]`` returns the child's pid to the parent and 0 to the child; ``["pipe", reg2]``
   stores the read end in ``out`` and the write end in register ``reg2`` (likewise
@@ -148,6 +150,11 @@ class Interpreter:
         if name in _BUFFER_WRITES:
             fd, addr, n = args
             return getattr(self, _BUFFER_WRITES[name])(t, fd, self.mem_read(t, addr, n))
+        if name in ("sendto", "sendmsg"):
+            fd, addr, n, *rest = args
+            if name == "sendmsg" and rest:
+                rest[0] = [self._arg(t, f) for f in rest[0]]
+            return getattr(self, name)(t, fd, self.mem_read(t, addr, n), *rest)
         if name == "pread":
             fd, addr, n, off = args
             data = self.pread(t, fd, n, off)
