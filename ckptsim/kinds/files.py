@@ -19,6 +19,7 @@ from ..model.pipe import FIFO_TYPE, PIPE_TYPE, open_pipe_file
 from ..model.vfs import (DIRECTORY, FILE_TYPES, KIND_DIR, KIND_FIFO, KIND_REG, NR_OPEN_DEFAULT,
                          REGULAR, FdTable, File, FileSystem, Inode, kernel_filesystem, readable,
                          writable)
+from ..model.unix import SocketInode
 from .registry import Kind, register
 
 F_TYPE_GENERIC, F_TYPE_PIPE, F_TYPE_FIFO, F_TYPE_SOCKET = 1, 2, 3, 4
@@ -32,9 +33,10 @@ ENUMS["open_flags"] = {flag: name for name, flag in sorted(
                                   "O_DIRECTORY", "O_NOFOLLOW", "O_NOATIME", "O_CLOEXEC", "O_SYNC",
                                   "O_PATH", "O_TMPFILE")) if flag}
 ENUMS["f_mode"] = {1: "FMODE_READ", 2: "FMODE_WRITE"}
-INODE_KINDS = {1: KIND_DIR, 2: KIND_REG, 3: KIND_FIFO}
+KIND_SOCK = "sock"   # a socket inode (bind to a path): SocketInode, bound again by kinds/unix
+INODE_KINDS = {1: KIND_DIR, 2: KIND_REG, 3: KIND_FIFO, 4: KIND_SOCK}
 _INODE_KIND_NUM = {v: k for k, v in INODE_KINDS.items()}
-ENUMS["inode_kind"] = {1: "DIR", 2: "REG", 3: "FIFO"}
+ENUMS["inode_kind"] = {1: "DIR", 2: "REG", 3: "FIFO", 4: "SOCK"}
 
 MAX_CONTENTS = 1 << 30
 
@@ -270,7 +272,10 @@ def load_filesystem(ctx, fs: FileSystem) -> None:
             parent = fs.lookup(posixpath.dirname(path))
             if parent is None or parent.kind != KIND_DIR:
                 ctx.fail(errno.EINVAL, f"FS_INODE {path}: no parent directory")
-            inode = Inode(ino, kind, mode, uid, gid)
+            if kind == KIND_SOCK:
+                inode = SocketInode(ino, mode, uid, gid)
+            else:
+                inode = Inode(ino, kind, mode, uid, gid)
             fs.link(parent, posixpath.basename(path), inode)
         inode.mode, inode.uid, inode.gid = mode & 0o7777, uid, gid
         if kind == KIND_REG:

@@ -254,3 +254,23 @@ def test_end_to_end_through_the_api():
     t2 = api.restart_tasks(k2, k2.init, 0, buf.getvalue(), 0, restore_fs=True)[0]
     assert k2.read(t2, fd, 10) == b"bc"
     assert k2.read(t2, r, 10) == b"pp"
+
+
+def test_filesystem_snapshot_with_a_socket_inode():
+    """A socket bound to a path is an S_IFSOCK inode: the snapshot saves and recreates it
+    (it raised KeyError 'sock' in save_filesystem)."""
+    from ckptsim.model.unix import SocketInode
+    k = Kernel()
+    t = k.init
+    k.mkdir(t, "/tmp", 0o777)
+    s = k.socket(t, 1, 1)
+    k.bind(t, s, "/tmp/srv.sock")
+    ino = k.stat(t, "/tmp/srv.sock")["st_ino"]
+    image, _, _ = checkpoint_objects(k, [])
+    k2, _ = restore_objects(image, [], [])
+    inode = k2.vfs.lookup("/tmp/srv.sock")
+    assert isinstance(inode, SocketInode) and inode.bound is None and inode.ino == ino
+    assert k2.stat(k2.init, "/tmp/srv.sock")["st_mode"] & 0o170000 == 0o140000   # S_IFSOCK
+    with pytest.raises(OSError) as e:   # nobody is bound to it in the fresh kernel
+        k2.connect(k2.init, k2.socket(k2.init, 1, 1), "/tmp/srv.sock")
+    assert e.value.errno == errno.ECONNREFUSED
