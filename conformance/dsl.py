@@ -7,8 +7,8 @@
     p.check_mem(buf, "hello", "buffer survives")
 
 Every syscall method returns the register holding its result (a ``Reg``), usable as an
-argument of later operations. Registers are allocated from r1..r14 (r0 and r15 are the
-builder's scratch registers); a program that needs more fails at build time.
+argument of later operations. Registers are allocated from r1..r63 (r0 is the builder's scratch
+register, r15 receives wait statuses); a program that needs more fails at build time.
 
 Forks: ``child = p.fork()`` then ``with p.child(child): ...`` puts the child's code in the
 block (the child exits with status 0 at its end unless the block exits itself); the parent
@@ -31,6 +31,7 @@ O_CREAT, O_TRUNC, O_APPEND, O_CLOEXEC, O_NONBLOCK = (os.O_CREAT, os.O_TRUNC, os.
 SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET = 1, 2, 5
 AF_UNIX = 1
 PAGE = 4096
+NR_REGS = 64
 SCRATCH_REG = 0
 STATUS_REG = 15
 
@@ -71,8 +72,10 @@ class Program:
 
     # -- registers, labels, raw ops ----------------------------------------------------------
     def reg(self) -> Reg:
-        if self._next_reg > 14:
-            raise ProgramError("a scenario program may use at most 14 registers")
+        if self._next_reg == STATUS_REG:
+            self._next_reg += 1
+        if self._next_reg >= NR_REGS:
+            raise ProgramError(f"a scenario program may use at most {NR_REGS - 2} registers")
         r = Reg(self._next_reg)
         self._next_reg += 1
         return r

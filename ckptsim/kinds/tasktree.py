@@ -7,7 +7,7 @@ checkpoint's pid namespace; TREE_NESTED adds the numbers of tasks in nested pid 
 from __future__ import annotations
 
 from ..image.schema import ENUMS, layout
-from ..model.task import Cpu
+from ..model.task import NR_REGS, Cpu
 from .registry import Kind, register
 
 TASK_STATES = {0: "running", 1: "stopped", 2: "zombie"}
@@ -28,7 +28,7 @@ TASK_OBJS = layout(104, "TASK_OBJS", [
     ("signal_objref", "i32", "objref:SIGNAL"), ("pad", "i32"),
 ], subsystem="task")
 CPU = layout(107, "CPU", [("pc", "u64"), ("in_syscall", "u32"), ("nr_regs", "u32")],
-             var=[("value", "u64")], max_var=16 * 8, subsystem="task")
+             var=[("value", "u64")], max_var=NR_REGS * 8, subsystem="task")
 # Pids of tasks in nested pid namespaces, innermost last: for each task with depth > 0, in
 # tree order, ``depth`` numbers.
 TREE_NESTED = layout(118, "TREE_NESTED", [], var=[("vpid", "i32")], max_var=24 << 20,
@@ -46,12 +46,12 @@ def save_cpu(ctx, task) -> None:
 def load_cpu(ctx, task) -> None:
     rec = ctx.read(CPU)
     regs = [v for (v,) in rec.var]
-    if rec["nr_regs"] != len(regs) or len(regs) != 16:
-        raise ctx.image_error(f"CPU record holds {len(regs)} registers, expected 16")
+    if rec["nr_regs"] != len(regs) or len(regs) != NR_REGS:
+        raise ctx.image_error(f"CPU record holds {len(regs)} registers, expected {NR_REGS}")
     task.cpu = Cpu(rec["pc"], regs, bool(rec["in_syscall"]))
 
 
 register(Kind(name="cpu", layouts=(CPU,), task_order=90, save_task=save_cpu, load_task=load_cpu,
-              doc="the model's CPU: program counter and 16 registers"))
+              doc="the model's CPU: program counter and its registers"))
 register(Kind(name="tasktree", layouts=(TREE, TASK, TASK_OBJS, TREE_NESTED),
               doc="the task tree, task records and their shared-object references"))

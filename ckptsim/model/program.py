@@ -2,7 +2,7 @@
 
 A program is a JSON list of operations stored in an executable file of the model's file
 system, so it is saved with the file system and found again after restart from ``mm.exe_file``.
-Each operation is ``[out, name, arg...]``: ``out`` is a register number (0-15) that receives
+Each operation is ``[out, name, arg...]``: ``out`` is a register number (0-63) that receives
 the result, or null. An argument ``"$rN"`` is the value of register N; other arguments are
 taken literally (ints, strings). A failing syscall stores ``-errno`` in ``out``, as the raw
 syscall would. All of a program's state lives in its registers and memory, so a checkpoint
@@ -38,6 +38,7 @@ import json
 
 from ..errors import ModelError
 from .sched import Blocked
+from .task import NR_REGS
 
 MAX_PROGRAM_BYTES = 1 << 20
 
@@ -56,7 +57,7 @@ def decode_program(data: bytes) -> list:
     if not isinstance(ops, list) or not all(isinstance(op, list) and len(op) >= 2 for op in ops):
         raise ValueError("a program is a list of [out, name, args...] operations")
     for op in ops:
-        if op[0] is not None and not (isinstance(op[0], int) and 0 <= op[0] < 16):
+        if op[0] is not None and not (isinstance(op[0], int) and 0 <= op[0] < NR_REGS):
             raise ValueError(f"bad output register in {op}")
         if not isinstance(op[1], str) or op[1].startswith("_"):
             raise ValueError(f"bad operation name in {op}")

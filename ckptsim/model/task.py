@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ..errors import kerr
 
 PID_MAX = 4 * 1024 * 1024
+NR_REGS = 64  # the model CPU's registers
 
 
 class PidNamespace:
@@ -99,13 +100,13 @@ class Cgroup:
 
 @dataclass
 class Cpu:
-    """The model's CPU state: a program counter into the task's program and 16 registers.
+    """The model's CPU state: a program counter into the task's program and NR_REGS registers.
 
     ``in_syscall`` marks a task stopped inside a blocking syscall (it re-runs on resume).
     """
 
     pc: int = 0
-    regs: list[int] = field(default_factory=lambda: [0] * 16)
+    regs: list[int] = field(default_factory=lambda: [0] * NR_REGS)
     in_syscall: bool = False
 
     def copy(self) -> Cpu:

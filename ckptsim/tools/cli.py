@@ -51,6 +51,33 @@ def _cmd_demo(args) -> int:
     return run_demo(args.seed)
 
 
+def _cmd_conformance(args) -> int:
+    """Run the conformance suite through pytest (parallel with xdist, junit XML for free)."""
+    import os
+
+    try:
+        import pytest
+    except ImportError:
+        raise CkptsimError("the conformance suite needs pytest (pip install 'ckptsim[test]')") from None
+    import conformance
+
+    argv = [os.path.dirname(conformance.__file__), "-q", "-p", "no:cacheprovider",
+            "--backend", args.backend, "-n", str(args.jobs)]
+    if "conformance.plugin" not in _loaded_pytest_plugins():
+        argv += ["-p", "conformance.plugin"]
+    if args.k:
+        argv += ["-k", args.k]
+    if args.junit_xml:
+        argv += ["--junit-xml", args.junit_xml]
+    code = pytest.main(argv)
+    return int(code)
+
+
+def _loaded_pytest_plugins() -> set[str]:
+    from importlib.metadata import entry_points
+    return {ep.value for ep in entry_points(group="pytest11")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ckptsim", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -65,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("image")
     s.add_argument("--roundtrip", action="store_true", help="checkpoint again and compare the bytes")
     s.set_defaults(func=_cmd_replay)
+    s = sub.add_parser("conformance", help="run the C/R conformance suite on a backend")
+    s.add_argument("--backend", choices=("sim", "live"), default="sim")
+    s.add_argument("-k", metavar="PATTERN", help="only scenarios matching PATTERN (pytest -k)")
+    s.add_argument("--junit-xml", metavar="FILE", help="also write a JUnit XML report")
+    s.add_argument("-j", "--jobs", default="auto", help="parallel workers (default: auto)")
+    s.set_defaults(func=_cmd_conformance)
     s = sub.add_parser("demo", help="checkpoint, kill and restart the built-in example")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_demo)
