@@ -84,7 +84,9 @@ class SimBackend(Backend):
             fds[vpid] = {"table": name_of(t.files, "fdtable"), "fds": {
                 fd: {"file": name_of(f, "file"), "kind": f.ftype.kind, "flags": f.flags, "pos": f.pos,
                      "cloexec": cloexec, "path": getattr(f, "path", ""),
-                     "object": name_of(f.private, f.ftype.kind) if f.private is not None else None}
+                     "object": name_of(f.private, f.ftype.kind) if f.private is not None else None,
+                     # what FIONREAD would tell: bytes waiting in a pipe
+                     "queued": len(f.private.buffer) if f.ftype.kind in ("pipe", "fifo") else None}
                 for fd, f, cloexec in t.files.items()}}
             maps[vpid] = {"mm": name_of(t.mm, "mm"), "vmas": [
                 [v.start, v.end, v.prot, v.flags, v.name or "",
