@@ -2,7 +2,7 @@
 and the container's file-system snapshot (FS_SNAPSHOT/FS_INODE/FS_DATA).
 
 An fd slot holds one reference of its File, so every slot is one ``ctx.ref(file)``; a File is
-written once (OBJREF + FILE + FILE_NAME/FILE_UNLINKED). A pipe/FIFO File refers to its Pipe
+written once (OBJREF + FILE + FILE_NAME, or FILE_UNLINKED + the FILE_NAME it was opened by). A pipe/FIFO File refers to its Pipe
 (kinds/pipes.py) and a socket File to its socket (the unix kind) by objref, each written before
 the FILE record that names it. Unlike Linux-CR, an unlinked-but-open inode is saved by contents
 (once per inode per image) and restored as an unlinked inode.
@@ -132,6 +132,8 @@ def _save_inode_ref(ctx, file: File) -> None:
     data = bytes(inode.data) if first and inode.kind == KIND_REG else b""
     ctx.write(FILE_UNLINKED, ino=inode.ino, kind=_INODE_KIND_NUM[inode.kind], has_data=int(first),
               mode=inode.mode, var=data)
+    if file.path:  # the name it was opened by (Linux shows "<path> (deleted)" for the fd)
+        ctx.write(FILE_NAME, var=file.path)
     ctx.log(f"unlinked inode {inode.ino} saved by contents ({len(data)} bytes)")
 
 
@@ -170,6 +172,8 @@ def _load_inode(ctx, expect_kinds: tuple[str, ...]) -> tuple[Inode, str]:
             inode.data[:] = rec.var
             restored[rec["ino"]] = inode
         path = ""
+        if ctx.reader.peek() is FILE_NAME:  # not ctx.peek(): the next object's OBJREF stays put
+            path = ctx.read(FILE_NAME).var
     else:
         path = ctx.read(FILE_NAME).var
         inode = vfs.lookup(path) if path.startswith("/") else None

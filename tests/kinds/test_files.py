@@ -143,6 +143,18 @@ def test_unlinked_but_open_file_is_saved_by_contents_once():
     assert k2.fstat(t2, fd)["st_nlink"] == 0
 
 
+def test_unlinked_but_open_file_keeps_the_path_it_was_opened_by():
+    k = Kernel()
+    t = k.init
+    fd = k.open(t, "/scratch", RDWR_CREAT)
+    k.write(t, fd, b"x")
+    k.unlink(t, "/scratch")
+    image, refs, _ = checkpoint_objects(k, [t.files])
+    k2, (table2,) = restore_objects(image, refs, [ObjType.FILE_TABLE])
+    assert table2.get(fd).path == "/scratch" and table2.get(fd).inode.nlink == 0
+    assert k2.vfs.lookup("/scratch") is None
+
+
 def test_refused_flags_on_restart():
     k = Kernel()
     t = k.init
