@@ -2,19 +2,29 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import io
+import os
 import sys
 
 from ..errors import CkptsimError
 from ..image.storage import read_image_file, write_image_file
 
 
+def _conformance_scenarios() -> dict:
+    """The conformance suite's scenarios, when its package is installed beside ckptsim."""
+    try:
+        from conformance.scenario import all_scenarios
+    except ImportError:
+        return {}
+    return {s.name: s for s in all_scenarios()}
+
+
 def _cmd_scenarios(args) -> int:
     from .scenarios import SCENARIOS
     for name in sorted(SCENARIOS):
-        s = SCENARIOS[name]
-        print(f"{name:12} {s.summary}")
+        print(f"{name:32} demo       {SCENARIOS[name].summary}")
+    for name, scn in sorted(_conformance_scenarios().items()):
+        print(f"{name:32} {scn.area:10} {scn.summary}")
     return 0
 
 
@@ -27,11 +37,26 @@ def _checkpoint_scenario(name: str, seed: int, steps: int | None = None) -> tupl
     return buf.getvalue(), kernel, root
 
 
+def _simulate_conformance(scn) -> bytes:
+    from conformance.backend import CheckpointFailed
+    from conformance.backends.sim import SimBackend
+    backend = SimBackend()
+    run = backend.start(scn)
+    try:
+        return backend.checkpoint(run)
+    except CheckpointFailed as e:
+        raise CkptsimError(f"scenario {scn.name}: checkpoint failed: {e.message}") from None
+
+
 def _cmd_simulate(args) -> int:
     from .scenarios import SCENARIOS
-    if args.scenario not in SCENARIOS:
-        raise CkptsimError(f"no scenario {args.scenario!r} (see `ckptsim scenarios`)")
-    data, _, _ = _checkpoint_scenario(args.scenario, args.seed)
+    if args.scenario in SCENARIOS:
+        data, _, _ = _checkpoint_scenario(args.scenario, args.seed)
+    else:
+        scn = _conformance_scenarios().get(args.scenario)
+        if scn is None:
+            raise CkptsimError(f"no scenario {args.scenario!r} (see `ckptsim scenarios`)")
+        data = _simulate_conformance(scn)
     write_image_file(args.output, data)
     print(f"wrote {args.output}: {len(data)} bytes")
     return 0
@@ -111,6 +136,12 @@ def main(argv=None) -> int:
         return args.func(args)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
+    except BrokenPipeError:  # the reader went away (``ckptsim scenarios | head``)
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 141
     except KeyboardInterrupt:
         print("ckptsim: interrupted", file=sys.stderr)
         return 130
