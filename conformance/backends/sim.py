@@ -45,11 +45,10 @@ class SimBackend(Backend):
         root = k.spawn(f"/bin/{scenario.name}", flags=CLONE_NEWPID)
         k.cgroup_attach(init, CGROUP, root.tid)
         run = SimRun(scenario, k, root)
+        k.run(MAX_STEPS)
         if scenario.leak is not None:
             # The world outside keeps a reference to one of the container's descriptors.
-            run.leaked = root.files.get(scenario.leak)
-            init.files.install(Shared.get(run.leaked))
-        k.run(MAX_STEPS)
+            init.files.install(Shared.get(root.files.get(scenario.leak)))
         return run
 
     # -- what the world sees -------------------------------------------------------------

@@ -51,7 +51,7 @@ def test_replay_of_garbage_is_a_clean_error(tmp_path, capsys):
 def test_conformance_scenarios_are_listed_and_simulated(tmp_path, capsys):
     assert main(["scenarios"]) == 0
     listing = capsys.readouterr().out
-    name = next(line.split()[0] for line in listing.splitlines() if line.split()[1] != "demo")
+    name = next(line.split()[0] for line in listing.splitlines() if line.split()[1] == "tree")
     img = tmp_path / "conf.img"
     assert main(["simulate", name, "-o", str(img)]) == 0
     assert main(["replay", str(img), "--roundtrip"]) == 0
