@@ -298,3 +298,25 @@ def unix_nonblock_flag(p):
     p.read_check(a, buf, "q", "queued byte")
     got = p.read(a, buf, 8)
     p.check(got, "==", err(errno.EAGAIN), "read on an empty non-blocking socket")
+
+
+@scenario("unix", "a seqpacket listener with a pending connection and records, restarted twice",
+          restarts=2)
+def unix_seqpacket_listen_twice(p):
+    buf = _buffer(p)
+    srv = p.socket(AF_UNIX, SOCK_SEQPACKET, 0)
+    p.check(p.bind(srv, "\0ckpt-conf-seqpacket"), "==", 0, "bind")
+    p.check(p.listen(srv, 2), "==", 0, "listen")
+    cli = p.socket(AF_UNIX, SOCK_SEQPACKET, 0)
+    p.check(p.connect(cli, "\0ckpt-conf-seqpacket"), "==", 0, "connect")
+    p.write_text(cli, buf, "rec-1")
+    p.write_text(cli, buf, "r2")
+    p.ckpt()
+    conn = p.accept(srv)
+    got = p.read(conn, buf, 100)
+    p.check(got, "==", 5, "first record after two restarts")
+    p.check_mem(buf, "rec-1", "first record's contents")
+    got = p.read(conn, buf, 100)
+    p.check(got, "==", 2, "second record")
+    p.write_text(conn, buf, "ack")
+    p.read_check(cli, buf, "ack", "server->client record")
