@@ -311,3 +311,15 @@ def files_fd_gaps(p):
     read_check(p, 517, buf, "56", "fd 517 shares the description")
     read_check(p, 1023, buf, "78", "fd 1023 shares the description")
     p.check(sc(p, "dup", 1023), "==", fd, "the lowest free fd is the closed one")
+
+
+@scenario("files", "an open directory fd stays a directory (EISDIR on read) with its flags")
+def files_directory_fd(p):
+    buf = buffer(p)
+    p.do("mkdir", "/data/opened", 0o755)
+    d = p.open("/data/opened", O_RDONLY | os.O_DIRECTORY | O_LARGEFILE)
+    p.ckpt()
+    p.check(sc(p, "read", d, buf, 1), "==", err(errno.EISDIR), "read on the directory fd: EISDIR")
+    p.check(sc(p, "fcntl", d, F_GETFL), "==", O_RDONLY | os.O_DIRECTORY | O_LARGEFILE,
+            "directory fd flags")
+    p.check(sc(p, "write", d, buf, 1), "==", err(errno.EBADF), "write on it: EBADF")

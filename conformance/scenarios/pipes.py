@@ -297,3 +297,30 @@ def pipe_fifo_open_blocked(p):
     read_check(p, ack_r, buf, "ok", "the reader acknowledges")
     p.do("close", w)
     p.wait_child(child)
+
+
+@scenario("pipes", "a FIFO whose writers all closed: the queued bytes, then EOF")
+def pipe_fifo_writer_gone(p):
+    buf = buffer(p)
+    p.do("mkfifo", "/tmp/gone", 0o600)
+    r = p.open("/tmp/gone", O_RDONLY | O_NONBLOCK)
+    w = p.open("/tmp/gone", O_WRONLY)
+    write_text(p, w, buf, "left behind")
+    p.do("close", w)
+    p.ckpt()
+    read_check(p, r, buf, "left behind", "queued bytes after restart")
+    p.check(sc(p, "read", r, buf, 1), "==", 0, "EOF: no writer")
+
+
+@scenario("pipes", "an unlinked FIFO still open read-write keeps its bytes; the path stays absent")
+def pipe_fifo_unlinked(p):
+    buf = buffer(p)
+    p.do("mkfifo", "/tmp/unl", 0o600)
+    fd = p.open("/tmp/unl", O_RDWR | O_NONBLOCK)
+    write_text(p, fd, buf, "nameless")
+    p.do("unlink", "/tmp/unl")
+    p.ckpt()
+    p.check(sc(p, "open", "/tmp/unl", O_RDONLY | O_NONBLOCK), "==", err(errno.ENOENT),
+            "path still absent")
+    read_check(p, fd, buf, "nameless", "queued bytes after restart")
+    p.check(sc(p, "read", fd, buf, 1), "==", err(errno.EAGAIN), "empty; its own write end remains")
