@@ -1,3 +1,678 @@
-"""Conformance scenarios: memory."""
+"""Conformance scenarios: memory.
+
+Mappings are placed with MAP_FIXED at constant addresses (0x10000000 and up), so a program can
+name any byte of them without address arithmetic. Protections are checked from the inside
+with syscalls that touch user memory: ``pread`` from the probe file into a page must fail
+with EFAULT when the page is not writable, ``pwrite`` from a page must fail with EFAULT when it
+is not readable, and ``mprotect`` over a range fails with ENOMEM when part of it is unmapped.
+"""
+import errno
+import random
+import string
+
 from ..dsl import *  # noqa: F401,F403
-from ..scenario import scenario  # noqa: F401
+from ..scenario import scenario
+
+U64 = (1 << 64) - 1
+EFAULT = (-errno.EFAULT) & U64
+ENOMEM = (-errno.ENOMEM) & U64
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+MAP_FIXED_NOREPLACE = 0x100000
+MAP_PRIVATE_FIXED = MAP_PRIVATE | MAP_FIXED
+MAP_SHARED_FIXED = MAP_SHARED | MAP_FIXED
+ANON_PRIVATE_FIXED = MAP_PRIVATE_ANON | MAP_FIXED
+ANON_SHARED_FIXED = MAP_SHARED_ANON | MAP_FIXED
+
+A = 0x10000000          # the scenario's main mapping
+B = 0x11000000          # a second one
+C = 0x12000000          # a move target
+SCRATCH = 0x1F000000    # one private page for reading files and pipes into
+
+PROBE_PATH, PROBE_TEXT = "/data/probe", "PROBE"
+PROBE_FILE = ((PROBE_PATH, PROBE_TEXT),)
+
+
+def file_pages(tag: str, n: int) -> str:
+    """n pages of text: page i starts with '<tag>-p<i>' and is filled with one letter."""
+    return "".join(f"{tag}-p{i}".ljust(PAGE, "abcdefghij"[i % 10]) for i in range(n))
+
+
+def page_of(text: str, i: int, length: int = 16) -> str:
+    return text[i * PAGE:i * PAGE + length]
+
+
+def zeros(n: int = 32) -> str:
+    return "\0" * n
+
+
+class Mem:
+    """Protection probes sharing one result register (a program has only 14)."""
+
+    def __init__(self, p: Program, probe: bool = True):
+        self.p = p
+        self.r = p.reg()
+        self.fd = p.open(PROBE_PATH, O_RDWR, 0) if probe else None
+
+    def call(self, name: str, *args) -> Reg:
+        self.p.raw(self.r, name, *args)
+        return self.r
+
+    def ok(self, name: str, *args, want=0, label: str) -> None:
+        """Call and check the result (0, or ``want``)."""
+        self.p.check(self.call(name, *args), "==", want, label)
+
+    def writable(self, addr: int, label: str) -> None:
+        """A read from the probe file into addr works (and overwrites 5 bytes there)."""
+        self.p.check(self.call("pread", self.fd, addr, len(PROBE_TEXT), 0), "==", len(PROBE_TEXT),
+                     f"{label}: writable")
+        self.p.check_mem(addr, PROBE_TEXT, f"{label}: read into")
+
+    def read_only(self, addr: int, label: str) -> None:
+        self.p.check(self.call("pread", self.fd, addr, 1, 0), "==", EFAULT, f"{label}: not writable")
+
+    def unreadable(self, addr: int, label: str) -> None:
+        self.p.check(self.call("pwrite", self.fd, addr, 1, 64), "==", EFAULT, f"{label}: not readable")
+
+    def unmapped(self, addr: int, length: int, label: str) -> None:
+        self.p.check(self.call("mprotect", addr, length, PROT_READ), "==", ENOMEM, f"{label}: unmapped")
+
+    def file_has(self, fd, offset: int, text: str, label: str) -> None:
+        """pread len(text) bytes of fd at offset into SCRATCH and compare."""
+        n = len(text.encode())
+        self.p.check(self.call("pread", fd, SCRATCH, n, offset), "==", n, f"{label}: byte count")
+        self.p.check_mem(SCRATCH, text, label)
+
+
+def scratch(p: Program) -> None:
+    p.do("mmap", SCRATCH, PAGE, PROT_RW, ANON_PRIVATE_FIXED)
+
+
+# ---- anonymous mappings --------------------------------------------------------------------
+@scenario("memory", "private anonymous mapping: written pages (one write across a page "
+          "boundary) and an unwritten range survive, and stay writable", files=PROBE_FILE)
+def memory_anon_private(p):
+    m = Mem(p)
+    m.ok("mmap", A, 3 * PAGE, PROT_RW, ANON_PRIVATE_FIXED, want=A, label="mmap")
+    p.store(A, "anon-private-0")
+    p.store(A + PAGE - 6, "across-the-boundary")
+    p.store(A + 2 * PAGE + 100, "anon-private-2")
+    p.ckpt()
+    p.check_mem(A, "anon-private-0", "page 0")
+    p.check_mem(A + PAGE - 6, "across-the-boundary", "write across pages 0 and 1")
+    p.check_mem(A + 2 * PAGE + 100, "anon-private-2", "page 2")
+    p.check_mem(A + PAGE + 100, zeros(64), "unwritten part of page 1 is zero")
+    m.writable(A + 2 * PAGE, "page 2")
+    m.writable(A + PAGE + 200, "page 1")
+
+
+@scenario("memory", "shared anonymous mapping: contents survive and it is still shared "
+          "(a child forked after restart writes, the parent sees it)")
+def memory_anon_shared(p):
+    p.mmap(A, 2 * PAGE, PROT_RW, ANON_SHARED_FIXED)
+    p.store(A, "anon-shared-0")
+    p.store(A + PAGE + 7, "anon-shared-1")
+    p.ckpt()
+    p.check_mem(A, "anon-shared-0", "page 0")
+    p.check_mem(A + PAGE + 7, "anon-shared-1", "page 1")
+    child = p.fork()
+    with p.child(child):
+        p.check_mem(A + PAGE + 7, "anon-shared-1", "child sees page 1")
+        p.store(A + 200, "from-the-child")
+    p.wait_child(child)
+    p.check_mem(A + 200, "from-the-child", "the child's write reaches the parent (still shared)")
+
+
+@scenario("memory", "many single-page mappings, adjacent or apart, with mixed protections and "
+          "private or shared backing, each with its own contents", files=PROBE_FILE)
+def memory_many_vmas(p):
+    m = Mem(p)
+    kinds = []
+    for i in range(12):
+        prot = PROT_RW if i % 3 != 1 else PROT_READ
+        flags = ANON_SHARED_FIXED if i % 4 == 3 else ANON_PRIVATE_FIXED
+        addr = A + 2 * i * PAGE + (i % 2) * PAGE      # some adjacent, some with gaps
+        kinds.append((addr, prot))
+        p.do("mmap", addr, PAGE, PROT_RW, flags)
+        p.store(addr + 8 * i, f"vma-{i}")
+        if prot != PROT_RW:
+            p.do("mprotect", addr, PAGE, prot)
+    p.ckpt()
+    for i, (addr, prot) in enumerate(kinds):
+        p.check_mem(addr + 8 * i, f"vma-{i}", f"vma {i}")
+        if prot == PROT_READ:
+            m.read_only(addr, f"vma {i}")
+    m.writable(kinds[0][0] + 1000, "vma 0")
+
+
+# ---- file-backed mappings ------------------------------------------------------------------
+FILE_PRIV = file_pages("priv", 3)
+
+
+@scenario("memory", "private file mapping: a copied-on-write page keeps the private copy, the "
+          "file stays unchanged; pages never written still follow the file after restart",
+          files=(("/data/priv", FILE_PRIV),))
+def memory_file_private_cow(p):
+    m = Mem(p, probe=False)
+    scratch(p)
+    fd = p.open("/data/priv", O_RDWR, 0)
+    p.mmap(A, 3 * PAGE, PROT_RW, MAP_PRIVATE_FIXED, fd, 0)
+    p.store(A + PAGE, "cow-copy")
+    p.check_mem(A + 2 * PAGE, page_of(FILE_PRIV, 2), "page 2 reads the file before the point")
+    p.ckpt()
+    p.check_mem(A, page_of(FILE_PRIV, 0), "page 0: the file's page")
+    p.check_mem(A + PAGE, "cow-copy" + FILE_PRIV[PAGE + 8:PAGE + 40], "page 1: the private copy")
+    p.check_mem(A + 2 * PAGE, page_of(FILE_PRIV, 2), "page 2: the file's page")
+    m.file_has(fd, PAGE, page_of(FILE_PRIV, 1), "the file is not changed by the private write")
+    # The file changes after restart: pages never copied follow it, the copied one does not.
+    p.store(SCRATCH, "file-updated")
+    m.ok("pwrite", fd, SCRATCH, 12, 2 * PAGE, want=12, label="pwrite page 2")
+    m.ok("pwrite", fd, SCRATCH, 12, PAGE, want=12, label="pwrite page 1")
+    p.check_mem(A + 2 * PAGE, "file-updated", "uncopied page 2 follows the file")
+    p.check_mem(A + PAGE, "cow-copy", "copied page 1 keeps the private copy")
+
+
+FILE_SHARED = file_pages("shared", 2)
+
+
+@scenario("memory", "shared file mapping: writes before the checkpoint are in the file, writes "
+          "after restart still reach it, file writes show in the mapping",
+          files=(("/data/shared", FILE_SHARED),))
+def memory_file_shared(p):
+    m = Mem(p, probe=False)
+    scratch(p)
+    fd = p.open("/data/shared", O_RDWR, 0)
+    p.mmap(A, 2 * PAGE, PROT_RW, MAP_SHARED_FIXED, fd, 0)
+    p.store(A + 10, "written-via-map")
+    p.ckpt()
+    p.check_mem(A, "shared-p0" + "a", "page 0 start")
+    p.check_mem(A + 10, "written-via-map", "page 0 write")
+    m.file_has(fd, 10, "written-via-map", "the write before the point is in the file")
+    p.check_mem(A + PAGE, page_of(FILE_SHARED, 1), "page 1")
+    p.store(A + PAGE + 100, "after-restart")
+    m.file_has(fd, PAGE + 100, "after-restart", "a write after restart reaches the file")
+    p.store(SCRATCH, "via-the-file")
+    m.ok("pwrite", fd, SCRATCH, 12, 500, want=12, label="pwrite")
+    p.check_mem(A + 500, "via-the-file", "a file write shows in the mapping")
+
+
+FILE_GONE = file_pages("gone", 2)
+
+
+@scenario("memory", "a shared file mapping kept only by its mappings (fd closed, file "
+          "unlinked), mapped twice: both views still share the file after restart",
+          files=(("/data/gone", FILE_GONE),))
+def memory_file_shared_unlinked(p):
+    fd = p.open("/data/gone", O_RDWR, 0)
+    p.mmap(A, 2 * PAGE, PROT_RW, MAP_SHARED_FIXED, fd, 0)
+    p.mmap(B, PAGE, PROT_RW, MAP_SHARED_FIXED, fd, PAGE)
+    p.do("close", fd)
+    p.do("unlink", "/data/gone")
+    p.store(A + PAGE + 20, "before-point")
+    p.ckpt()
+    p.check_mem(A, page_of(FILE_GONE, 0), "first view, page 0")
+    p.check_mem(B + 20, "before-point", "second view sees the first view's write")
+    p.check_mem(B + 40, FILE_GONE[PAGE + 40:PAGE + 60], "second view, rest of the page")
+    p.store(B + 300, "after-restart")
+    p.check_mem(A + PAGE + 300, "after-restart", "the first view sees a write after restart")
+
+
+FILE_MOVE = file_pages("move", 4)
+
+
+@scenario("memory", "private file mapping at an offset, one page copied-on-write, moved by "
+          "mremap: offsets and the private copy survive, other pages still follow the file",
+          files=(("/data/move", FILE_MOVE),))
+def memory_mremap_file_private(p):
+    m = Mem(p, probe=False)
+    scratch(p)
+    fd = p.open("/data/move", O_RDWR, 0)
+    p.mmap(A, 3 * PAGE, PROT_RW, MAP_PRIVATE_FIXED, fd, PAGE)   # file pages 1..3
+    p.store(A + PAGE, "cow-moved")
+    m.ok("mremap", A, 3 * PAGE, 3 * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, C, want=C, label="mremap")
+    p.ckpt()
+    p.check_mem(C, page_of(FILE_MOVE, 1), "page 0 is file page 1")
+    p.check_mem(C + PAGE, "cow-moved" + FILE_MOVE[2 * PAGE + 9:2 * PAGE + 20], "page 1: private copy")
+    p.check_mem(C + 2 * PAGE, page_of(FILE_MOVE, 3), "page 2 is file page 3")
+    m.unmapped(A, 3 * PAGE, "the old range")
+    p.store(SCRATCH, "file-page-3-new")
+    m.ok("pwrite", fd, SCRATCH, 15, 3 * PAGE, want=15, label="pwrite file page 3")
+    p.check_mem(C + 2 * PAGE, "file-page-3-new", "page 2 still follows file page 3")
+    m.file_has(fd, 2 * PAGE, page_of(FILE_MOVE, 2), "file page 2 is not changed")
+
+
+# ---- holes: munmap, mprotect, mremap -----------------------------------------------------------
+@scenario("memory", "munmap makes two holes in a mapping: the rest keeps its contents, the "
+          "holes stay unmapped, and a page mapped into a hole after restart is zero",
+          files=PROBE_FILE)
+def memory_munmap_holes(p):
+    m = Mem(p)
+    p.mmap(A, 5 * PAGE, PROT_RW, ANON_PRIVATE_FIXED)
+    for i in range(5):
+        p.store(A + i * PAGE + 3, f"page-{i}")
+    p.do("munmap", A + PAGE, PAGE)
+    p.do("munmap", A + 3 * PAGE, PAGE)
+    p.ckpt()
+    for i in (0, 2, 4):
+        p.check_mem(A + i * PAGE + 3, f"page-{i}", f"page {i}")
+    m.unmapped(A + PAGE, PAGE, "hole at page 1")
+    m.unmapped(A + 3 * PAGE, PAGE, "hole at page 3")
+    m.ok("mmap", A + PAGE, PAGE, PROT_RW, MAP_PRIVATE_ANON | MAP_FIXED_NOREPLACE, want=A + PAGE,
+         label="the hole at page 1 is free")
+    p.check_mem(A + PAGE + 3, zeros(6), "a page mapped into the hole is zero (old contents gone)")
+    m.writable(A + 4 * PAGE, "page 4")
+
+
+@scenario("memory", "mprotect splits a mapping into read-write, read-only and PROT_NONE parts: "
+          "each keeps its protection and contents after restart", files=PROBE_FILE)
+def memory_mprotect_split(p):
+    m = Mem(p)
+    p.mmap(A, 4 * PAGE, PROT_RW, ANON_PRIVATE_FIXED)
+    for i in range(4):
+        p.store(A + i * PAGE + 50, f"prot-page-{i}")
+    m.ok("mprotect", A + PAGE, 2 * PAGE, PROT_READ, label="mprotect read-only")
+    m.ok("mprotect", A + 3 * PAGE, PAGE, 0, label="mprotect none")
+    p.ckpt()
+    p.check_mem(A + 50, "prot-page-0", "page 0")
+    m.writable(A, "page 0")
+    p.check_mem(A + PAGE + 50, "prot-page-1", "read-only page 1")
+    p.check_mem(A + 2 * PAGE + 50, "prot-page-2", "read-only page 2")
+    m.read_only(A + PAGE, "page 1")
+    m.read_only(A + 2 * PAGE + PAGE - 1, "page 2, last byte")
+    m.unreadable(A + 3 * PAGE + 50, "PROT_NONE page 3")
+    m.read_only(A + 3 * PAGE, "PROT_NONE page 3")
+    m.ok("mprotect", A + 3 * PAGE, PAGE, PROT_READ, label="page 3 made readable")
+    p.check_mem(A + 3 * PAGE + 50, "prot-page-3", "PROT_NONE page 3 kept its contents")
+    m.ok("mprotect", A + PAGE, PAGE, PROT_RW, label="page 1 made writable")
+    m.writable(A + PAGE, "page 1 after mprotect")
+    m.read_only(A + 2 * PAGE, "page 2 still")
+
+
+@scenario("memory", "mremap grows a mapping in place: old pages keep contents, new pages are "
+          "zero and writable", files=PROBE_FILE)
+def memory_mremap_grow(p):
+    m = Mem(p)
+    p.mmap(A, 2 * PAGE, PROT_RW, ANON_PRIVATE_FIXED)
+    p.store(A, "grow-0")
+    p.store(A + PAGE, "grow-1")
+    m.ok("mremap", A, 2 * PAGE, 4 * PAGE, 0, want=A, label="mremap in place")
+    p.store(A + 3 * PAGE + 9, "grown-3")
+    p.ckpt()
+    p.check_mem(A, "grow-0", "page 0")
+    p.check_mem(A + PAGE, "grow-1", "page 1")
+    p.check_mem(A + 2 * PAGE, zeros(), "new page 2 is zero")
+    p.check_mem(A + 3 * PAGE + 9, "grown-3", "new page 3")
+    m.writable(A + 2 * PAGE + 100, "new page 2")
+
+
+@scenario("memory", "mremap shrinks a mapping: the head keeps its contents, the tail is "
+          "unmapped, and growing it again after restart gives zero pages", files=PROBE_FILE)
+def memory_mremap_shrink(p):
+    m = Mem(p)
+    p.mmap(A, 4 * PAGE, PROT_RW, ANON_PRIVATE_FIXED)
+    for i in range(4):
+        p.store(A + i * PAGE, f"shrink-{i}")
+    m.ok("mremap", A, 4 * PAGE, PAGE, 0, want=A, label="mremap shrink")
+    p.ckpt()
+    p.check_mem(A, "shrink-0", "page 0")
+    m.unmapped(A + PAGE, PAGE, "page 1")
+    m.unmapped(A + 3 * PAGE, PAGE, "page 3")
+    m.ok("mremap", A, PAGE, 3 * PAGE, 0, want=A, label="grow again")
+    p.check_mem(A + PAGE, zeros(8), "page 1 is zero after regrowing")
+    p.check_mem(A + 2 * PAGE, zeros(8), "page 2 is zero after regrowing")
+    p.check_mem(A, "shrink-0", "page 0 after regrowing")
+
+
+@scenario("memory", "mremap moves a mapping (MAYMOVE|FIXED, and MAYMOVE when it cannot grow in "
+          "place): contents move with it, the old ranges are unmapped", files=PROBE_FILE)
+def memory_mremap_move(p):
+    m = Mem(p)
+    p.mmap(A, 3 * PAGE, PROT_RW, ANON_PRIVATE_FIXED)
+    for i in range(3):
+        p.store(A + i * PAGE + 1, f"move-{i}")
+    m.ok("mremap", A, 3 * PAGE, 3 * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, C, want=C,
+         label="mremap fixed")
+    # B cannot grow in place (a guard mapping follows it): the kernel picks a new address.
+    p.mmap(B, PAGE, PROT_RW, ANON_PRIVATE_FIXED)
+    p.mmap(B + PAGE, PAGE, PROT_READ, ANON_PRIVATE_FIXED)
+    p.store(B + 5, "grows-elsewhere")
+    moved = p.mremap(B, PAGE, 2 * PAGE, MREMAP_MAYMOVE)
+    p.check(moved, "!=", B, "B moved")
+    p.ckpt()
+    for i in range(3):
+        p.check_mem(C + i * PAGE + 1, f"move-{i}", f"moved page {i}")
+    m.unmapped(A, 3 * PAGE, "the old range")
+    m.writable(C + 2 * PAGE + 100, "moved page 2")
+    p.add(moved, 5)
+    p.check_mem(moved, "grows-elsewhere", "B's contents at its new address")
+    m.unmapped(B, PAGE, "B's old page")
+    p.check_mem(B + PAGE, zeros(8), "the guard mapping is still there")
+
+
+# ---- fork: copy-on-write and sharing ------------------------------------------------------------
+@scenario("memory", "copy-on-write after fork: parent and child each keep their own private "
+          "pages across restart, and a write by one after restart is not seen by the other")
+def memory_fork_cow_private(p):
+    p.mmap(A, 2 * PAGE, PROT_RW, ANON_PRIVATE_FIXED)
+    scratch(p)
+    p.store(A, "before-fork-0")
+    p.store(A + PAGE, "before-fork-1")
+    ready_r, ready_w = p.pipe()
+    n = p.reg()
+    child = p.fork()
+    with p.child(child):
+        p.store(A, "child-page-0")
+        p.ckpt()
+        p.check_mem(A, "child-page-0", "child: its own page 0")
+        p.check_mem(A + PAGE, "before-fork-1", "child: page 1 from before the fork")
+        p.store(A + PAGE, "child-after-1")
+        p.raw(n, "write", ready_w, A + PAGE, 1)
+        p.check(n, "==", 1, "child: signal the parent")
+    p.store(A, "parent-page-0")
+    p.ckpt()
+    p.check_mem(A, "parent-page-0", "parent: its own page 0")
+    p.raw(n, "read", ready_r, SCRATCH, 1)
+    p.check(n, "==", 1, "parent: the child wrote")
+    p.check_mem(A + PAGE, "before-fork-1", "parent: the child's write after restart is not seen")
+    p.wait_child(child)
+
+
+@scenario("memory", "a shared anonymous mapping inherited by fork stays shared between parent "
+          "and child after restart, while a private one does not")
+def memory_fork_shared_stays_shared(p):
+    p.mmap(A, PAGE, PROT_RW, ANON_SHARED_FIXED)
+    p.mmap(B, PAGE, PROT_RW, ANON_PRIVATE_FIXED)
+    scratch(p)
+    p.store(A, "parent-before")
+    p.store(B, "private-before")
+    to_parent_r, to_parent_w = p.pipe()
+    to_child_r, to_child_w = p.pipe()
+    n = p.reg()
+    child = p.fork()
+    with p.child(child):
+        p.store(A + 100, "child-before")
+        p.store(B, "child-private")
+        p.ckpt()
+        p.check_mem(A, "parent-before", "child: parent's write before fork")
+        p.check_mem(B, "child-private", "child: its private page")
+        p.store(A + 200, "child-after")
+        p.raw(n, "write", to_parent_w, A, 1)
+        p.check(n, "==", 1, "child: signal the parent")
+        p.raw(n, "read", to_child_r, SCRATCH, 1)
+        p.check(n, "==", 1, "child: the parent wrote")
+        p.check_mem(A + 300, "parent-after", "child sees the parent's write after restart")
+    p.ckpt()
+    p.check_mem(A + 100, "child-before", "parent sees the child's write before the point")
+    p.check_mem(B, "private-before", "parent: its private page")
+    p.raw(n, "read", to_parent_r, SCRATCH, 1)
+    p.check(n, "==", 1, "parent: the child wrote")
+    p.check_mem(A + 200, "child-after", "parent sees the child's write after restart")
+    p.store(A + 300, "parent-after")
+    p.raw(n, "write", to_child_w, A, 1)
+    p.check(n, "==", 1, "parent: signal the child")
+    p.wait_child(child)
+
+
+@scenario("memory", "a shared anonymous mapping split differently in parent and child "
+          "(mprotect and munmap in the child): the pieces still share one segment at the "
+          "right offsets after restart", files=PROBE_FILE)
+def memory_shared_anon_split_fork(p):
+    m = Mem(p)
+    p.mmap(A, 4 * PAGE, PROT_RW, ANON_SHARED_FIXED)
+    scratch(p)
+    for i in range(4):
+        p.store(A + i * PAGE, f"seg-{i}")
+    to_parent_r, to_parent_w = p.pipe()
+    to_child_r, to_child_w = p.pipe()
+    child = p.fork()
+    with p.child(child):
+        p.do("mprotect", A + PAGE, PAGE, PROT_READ)
+        p.do("munmap", A + 2 * PAGE, PAGE)
+        p.ckpt()
+        m.read_only(A + PAGE, "child: page 1")
+        m.unmapped(A + 2 * PAGE, PAGE, "child: page 2")
+        m.ok("read", to_child_r, SCRATCH, 1, want=1, label="child: the parent wrote")
+        p.check_mem(A + PAGE + 8, "parent-p1", "child sees the parent's write in page 1")
+        p.check_mem(A + 3 * PAGE + 8, "parent-p3", "child sees the parent's write in page 3")
+        p.store(A + 3 * PAGE + 100, "child-p3")
+        m.ok("write", to_parent_w, A, 1, want=1, label="child: signal the parent")
+    p.ckpt()
+    p.check_mem(A + 2 * PAGE, "seg-2", "parent: page 2")
+    p.store(A + PAGE + 8, "parent-p1")
+    p.store(A + 3 * PAGE + 8, "parent-p3")
+    m.ok("write", to_child_w, A, 1, want=1, label="parent: signal the child")
+    m.ok("read", to_parent_r, SCRATCH, 1, want=1, label="parent: the child wrote")
+    p.check_mem(A + 3 * PAGE + 100, "child-p3", "parent sees the child's write in page 3")
+    p.wait_child(child)
+
+
+@scenario("memory", "after fork the child replaces a mapping at the same address: each task "
+          "keeps its own mapping and contents across restart")
+def memory_fork_child_remaps(p):
+    p.mmap(A, 2 * PAGE, PROT_RW, ANON_PRIVATE_FIXED)
+    p.store(A, "parent-mapping")
+    child = p.fork()
+    with p.child(child):
+        p.do("munmap", A, 2 * PAGE)
+        p.mmap(A, PAGE, PROT_RW, ANON_SHARED_FIXED)
+        p.store(A + 1, "child-mapping")
+        p.ckpt()
+        p.check_mem(A, "\0child-mapping", "child: its own mapping")
+    p.ckpt()
+    p.check_mem(A, "parent-mapping", "parent: its mapping")
+    p.check_mem(A + PAGE, zeros(), "parent: its second page")
+    p.wait_child(child)
+
+
+# ---- sizes: sparse, large, zero pages --------------------------------------------------------
+GIB = 1 << 30
+SPARSE = 0x100000000
+
+
+@scenario("memory", "sparse mappings: a 1 GiB private and a 256 MiB shared anonymous mapping "
+          "with a few pages written far apart")
+def memory_sparse(p):
+    p.mmap(SPARSE, GIB, PROT_RW, ANON_PRIVATE_FIXED)
+    p.mmap(SPARSE + 2 * GIB, GIB // 4, PROT_RW, ANON_SHARED_FIXED)
+    spots = [0, 3 * PAGE + 17, (64 << 20) + 123, GIB // 2, GIB - 16]
+    for i, off in enumerate(spots):
+        p.store(SPARSE + off, f"sp{i}")
+    shared_spots = [5, (100 << 20) + PAGE, GIB // 4 - 8]
+    for i, off in enumerate(shared_spots):
+        p.store(SPARSE + 2 * GIB + off, f"sh{i}")
+    p.ckpt()
+    for i, off in enumerate(spots):
+        p.check_mem(SPARSE + off, f"sp{i}", f"private spot {i}")
+    for i, off in enumerate(shared_spots):
+        p.check_mem(SPARSE + 2 * GIB + off, f"sh{i}", f"shared spot {i}")
+    p.check_mem(SPARSE + GIB // 4, zeros(), "private, never written")
+    p.check_mem(SPARSE + 2 * GIB + (200 << 20), zeros(), "shared, never written")
+
+
+LARGE = 4 << 20
+STRIDE = PAGE - 1                       # not a page multiple: every page holds different bytes
+LARGE_TEXT = "".join(random.Random(4).choices(string.ascii_letters + string.digits, k=STRIDE))
+LARGE_STEPS = LARGE // STRIDE           # 1024 strides, then a tail up to the end
+LARGE_TAIL = LARGE_TEXT[:LARGE - LARGE_STEPS * STRIDE]
+
+
+@scenario("memory", "a large private mapping: all of 4 MiB written (a non-periodic pattern, so "
+          "every page differs) and read back after restart")
+def memory_large(p):
+    addr, count = p.reg(), p.reg()
+    p.mmap(A, LARGE, PROT_RW, ANON_PRIVATE_FIXED)
+    p.set(addr, A)
+    p.set(count, LARGE_STEPS)
+    fill = p.label()
+    p.place(fill)
+    p.store(addr, LARGE_TEXT)
+    p.add(addr, STRIDE)
+    p.add(count, -1)
+    p.jnz(count, fill)
+    p.store(A + LARGE_STEPS * STRIDE, LARGE_TAIL)
+    p.ckpt()
+    p.set(addr, A)
+    p.set(count, LARGE_STEPS)
+    verify = p.label()
+    p.place(verify)
+    p.check_mem(addr, LARGE_TEXT, "contents")
+    p.add(addr, STRIDE)
+    p.add(count, -1)
+    p.jnz(count, verify)
+    p.check(addr, "==", A + LARGE_STEPS * STRIDE, "every stride was checked")
+    p.check_mem(addr, LARGE_TAIL, "the tail up to 4 MiB")
+
+
+@scenario("memory", "zero pages: pages written with zeros (one after holding data, one in a "
+          "shared mapping, one a child zeroed after fork) and pages never written read as "
+          "zero after restart, next to pages with data", files=PROBE_FILE)
+def memory_zero_pages(p):
+    m = Mem(p)
+    p.mmap(A, 4 * PAGE, PROT_RW, ANON_PRIVATE_FIXED)
+    p.mmap(B, 2 * PAGE, PROT_RW, ANON_SHARED_FIXED)
+    p.mmap(C, PAGE, PROT_RW, ANON_PRIVATE_FIXED)
+    p.store(A, "data-0")
+    p.store(A + PAGE, zeros(PAGE))               # written with zeros
+    p.store(A + 3 * PAGE + 40, "was-here")       # written, then zeroed again
+    p.store(A + 3 * PAGE + 40, zeros(8))
+    p.store(B, zeros(PAGE))
+    p.store(B + PAGE + 9, "shared-1")
+    p.store(C + 20, "inherited")
+    child = p.fork()
+    with p.child(child):
+        p.store(C, zeros(PAGE))                  # the child's copy is all zeros
+        p.ckpt()
+        p.check_mem(C, zeros(PAGE), "child: its zeroed copy")
+        m.writable(C + 20, "child: its zeroed copy")
+    p.ckpt()
+    p.check_mem(A, "data-0", "page 0")
+    p.check_mem(A + PAGE, zeros(PAGE), "page 1, written with zeros")
+    p.check_mem(A + 2 * PAGE, zeros(PAGE), "page 2, never written")
+    p.check_mem(A + 3 * PAGE, zeros(PAGE), "page 3, zeroed again")
+    p.check_mem(B, zeros(PAGE), "shared page 0, written with zeros")
+    p.check_mem(B + PAGE, zeros(9) + "shared-1", "shared page 1")
+    p.wait_child(child)
+    p.check_mem(C + 20, "inherited", "parent: its copy is not the child's zeros")
+    m.writable(A + 2 * PAGE + 7, "page 2")
+
+
+# ---- brk and the stack -------------------------------------------------------------------------
+@scenario("memory", "brk: the heap grown by three pages, written, shrunk to the middle of a "
+          "page; the break and the heap survive, and regrowing gives zero pages",
+          files=PROBE_FILE)
+def memory_brk(p):
+    m = Mem(p)
+    base = p.brk(0)
+    cur = p.brk(0)
+    p.add(cur, 3 * PAGE)
+    p.check(m.call("brk", cur), "==", cur, "brk grows by 3 pages")
+    a = p.brk(0)                                  # a walks the heap: base + 3 pages now
+    p.add(a, -3 * PAGE)
+    p.check(a, "==", base, "heap walker at the base")
+    p.store(a, "heap-0")
+    p.add(a, PAGE + 10)
+    p.store(a, "heap-1")
+    p.add(a, PAGE - 10)                           # base + 2 pages
+    p.store(a, "heap-2")
+    p.add(cur, -(2 * PAGE - 100))                 # base + 1 page + 100: not page aligned
+    p.check(m.call("brk", cur), "==", cur, "brk shrinks")
+    p.ckpt()
+    p.check(m.call("brk", 0), "==", cur, "the break is where it was")
+    p.check_mem(base, "heap-0", "heap page 0")
+    m.unmapped(a, PAGE, "heap page 2, given back")
+    p.add(a, -(PAGE - 10))
+    p.check_mem(a, "heap-1", "heap page 1, kept by the unaligned break")
+    p.add(a, PAGE - 10)
+    p.add(cur, 2 * PAGE - 100)
+    p.check(m.call("brk", cur), "==", cur, "brk grows again")
+    p.check_mem(a, zeros(8), "heap page 2 is zero after regrowing")
+    m.writable(a, "heap page 2")
+    m.writable(base, "heap page 0")
+
+
+@scenario("memory", "the stack: data near its top and at the bottom of the initial stack "
+          "survive, and it stays writable", files=PROBE_FILE, needs={"fixed_stack_layout"})
+def memory_stack(p):
+    from ckptsim.model.mm_pages import STACK_INIT_SIZE, STACK_TOP  # the model's fixed layout
+    m = Mem(p)
+    top, bottom = STACK_TOP - 64, STACK_TOP - STACK_INIT_SIZE + 8
+    p.store(top, "top-of-the-stack")
+    p.store(bottom, "bottom-of-the-stack")
+    p.store(STACK_TOP - PAGE - 4, "crosses-a-page")
+    p.ckpt()
+    p.check_mem(top, "top-of-the-stack", "near the top")
+    p.check_mem(bottom, "bottom-of-the-stack", "bottom of the initial stack")
+    p.check_mem(STACK_TOP - PAGE - 4, "crosses-a-page", "across a page boundary")
+    p.check_mem(STACK_TOP - 8 * PAGE, zeros(), "an untouched stack page")
+    m.writable(bottom + 100, "the stack")
+
+
+# ---- several restarts in a row ------------------------------------------------------------------
+FILE_MULTI = file_pages("multi", 2)
+
+
+@scenario("memory", "three checkpoint/restart rounds in a row of one task's varied memory "
+          "(private, shared file, read-only part, hole, moved pages, brk): restored state "
+          "checkpoints again unchanged", restarts=3,
+          files=PROBE_FILE + (("/data/multi", FILE_MULTI),))
+def memory_restarts_three(p):
+    m = Mem(p)
+    scratch(p)
+    fd = p.open("/data/multi", O_RDWR, 0)
+    p.mmap(A, 4 * PAGE, PROT_RW, ANON_PRIVATE_FIXED)
+    for i in range(4):
+        p.store(A + i * PAGE, f"multi-{i}")
+    p.do("mprotect", A + PAGE, PAGE, PROT_READ)
+    p.do("munmap", A + 2 * PAGE, PAGE)
+    p.mmap(B, 2 * PAGE, PROT_RW, MAP_SHARED_FIXED, fd, 0)
+    p.store(B + PAGE + 30, "shared-file")
+    p.do("mremap", A + 3 * PAGE, PAGE, PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, C)
+    cur = p.brk(0)
+    p.add(cur, PAGE)
+    p.do("brk", cur)
+    p.add(cur, -PAGE)
+    p.store(cur, "heap")
+    p.ckpt()
+    p.check_mem(A, "multi-0", "page 0")
+    p.check_mem(A + PAGE, "multi-1", "read-only page 1")
+    m.read_only(A + PAGE, "page 1")
+    m.unmapped(A + 2 * PAGE, 2 * PAGE, "hole and moved page")
+    p.check_mem(C, "multi-3", "moved page")
+    p.check_mem(B + PAGE + 30, "shared-file", "shared file mapping")
+    m.file_has(fd, PAGE + 30, "shared-file", "the file")
+    p.store(B, "later")
+    m.file_has(fd, 0, "later", "a write after three restarts reaches the file")
+    p.check_mem(cur, "heap", "heap")
+    m.writable(A + 100, "page 0")
+
+
+@scenario("memory", "three checkpoint/restart rounds in a row of a parent and child with "
+          "copy-on-write and shared pages: still separate and still shared after the third",
+          restarts=3)
+def memory_restarts_three_fork(p):
+    p.mmap(A, 2 * PAGE, PROT_RW, ANON_PRIVATE_FIXED)
+    p.mmap(B, PAGE, PROT_RW, ANON_SHARED_FIXED)
+    scratch(p)
+    p.store(A, "common")
+    p.store(A + PAGE, "page-1")
+    done_r, done_w = p.pipe()
+    n = p.reg()
+    child = p.fork()
+    with p.child(child):
+        p.store(A + PAGE, "child-1")
+        p.ckpt()
+        p.check_mem(A, "common", "child: unchanged page after fork")
+        p.check_mem(A + PAGE, "child-1", "child: its copy")
+        p.store(A, "child-0")
+        p.store(B + 50, "from-child")
+        p.raw(n, "write", done_w, A, 1)
+        p.check(n, "==", 1, "child: signal")
+    p.store(A + PAGE, "parent-1")
+    p.store(B, "from-parent")
+    p.ckpt()
+    p.raw(n, "read", done_r, SCRATCH, 1)
+    p.check(n, "==", 1, "parent: the child wrote")
+    p.check_mem(A, "common", "parent: the child's write to the page shared at fork is not seen")
+    p.check_mem(A + PAGE, "parent-1", "parent: its copy")
+    p.check_mem(B + 50, "from-child", "parent sees the child's shared write")
+    p.check_mem(B, "from-parent", "parent: shared page")
+    p.wait_child(child)
