@@ -184,7 +184,9 @@ class TaskOps:
             self._reap(leader)
 
     def _reparent(self, child: Task, dying: Task) -> None:
-        reaper = child.ns.reaper
+        # The dying task's namespace decides (Linux's find_new_reaper): a child that is the
+        # init of a nested namespace is its own ns's reaper and must not become its own child.
+        reaper = dying.ns.reaper
         while reaper is not None and (reaper is dying or reaper.state != "running"):
             ns = reaper.ns.parent
             reaper = ns.reaper if ns is not None else None

@@ -53,6 +53,21 @@ def test_orphans_are_reparented_to_the_namespace_init():
     assert k.getppid(leaf) == 1
 
 
+def test_a_nested_namespace_init_is_reparented_to_its_parents_reaper():
+    """Its own namespace's reaper is itself: it was made its own parent (a cycle)."""
+    k = Kernel()
+    container = k.clone(k.init, CLONE_NEWPID)
+    mid = k.clone(container)
+    inner = k.clone(mid, CLONE_NEWPID)
+    k.exit_group(mid, 0)
+    assert inner.parent is container and inner in container.children
+    assert k.getppid(inner) == 0  # its parent is outside its namespace
+    outer = k.clone(k.init)
+    top = k.clone(outer, CLONE_NEWPID)
+    k.exit_group(outer, 0)
+    assert top.parent is k.init
+
+
 def test_nested_pid_namespaces_number_per_level():
     k = Kernel()
     outer = k.clone(k.init, CLONE_NEWPID)
