@@ -15,11 +15,11 @@ from ..dsl import *  # noqa: F401,F403
 from ..scenario import scenario  # noqa: F401
 
 U64 = (1 << 64) - 1
-SIGKILL, SIGUSR1, SIGUSR2, SIGPIPE, SIGTERM, SIGCHLD, SIGSTOP = 9, 10, 12, 13, 15, 17, 19
+SIGUSR1, SIGUSR2, SIGTERM, SIGCHLD = 10, 12, 15, 17
 SIGRT = 40                      # a real-time signal (SIGRTMIN+6 for glibc)
 SIG_DFL, SIG_IGN = 0, 1
 HANDLER = 0x401000              # a handler address (the model runs handlers atomically)
-SA_SIGINFO, SA_ONSTACK, SA_RESTART, SA_RESETHAND = 0x4, 0x08000000, 0x10000000, 0x80000000
+SA_SIGINFO, SA_RESTART, SA_RESETHAND = 0x4, 0x10000000, 0x80000000
 SIG_BLOCK, SIG_UNBLOCK, SIG_SETMASK = 0, 1, 2
 RLIMIT_SIGPENDING = 11
 CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000   # VM FS FILES SIGHAND THREAD
