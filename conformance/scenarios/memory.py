@@ -676,3 +676,187 @@ def memory_restarts_three_fork(p):
     p.check_mem(B + 50, "from-child", "parent sees the child's shared write")
     p.check_mem(B, "from-parent", "parent: shared page")
     p.wait_child(child)
+
+
+# ---- more sharing: CLONE_VM, read-only files, unlinked private files, three generations -------
+CLONE_VM = 0x100
+
+
+@scenario("memory", "a child created with CLONE_VM (not a thread) shares the whole address space "
+          "with its parent across restart: its writes to a private mapping and a mapping it "
+          "creates after restart are the parent's too")
+def memory_clone_vm(p):
+    p.mmap(A, 2 * PAGE, PROT_RW, ANON_PRIVATE_FIXED)
+    scratch(p)
+    p.store(A, "parent-wrote")
+    done_r, done_w = p.pipe()
+    n = p.reg()
+    child = p.call("fork", CLONE_VM)
+    with p.child(child):
+        p.store(A + 100, "child-wrote")
+        p.ckpt()
+        p.check_mem(A, "parent-wrote", "child sees the parent's write")
+        p.store(A + PAGE, "child-after")
+        p.mmap(B, PAGE, PROT_RW, ANON_PRIVATE_FIXED)
+        p.store(B, "child-mapped")
+        p.raw(n, "write", done_w, A, 1)
+        p.check(n, "==", 1, "child: signal")
+    p.ckpt()
+    p.check_mem(A + 100, "child-wrote", "parent sees the child's write before the point")
+    p.raw(n, "read", done_r, SCRATCH, 1)
+    p.check(n, "==", 1, "parent: the child wrote")
+    p.check_mem(A + PAGE, "child-after", "parent sees the child's write after restart")
+    p.check_mem(B, "child-mapped", "parent sees the mapping the child made after restart")
+    p.wait_child(child)
+
+
+FILE_RO = file_pages("ro", 2)
+
+
+@scenario("memory", "a shared mapping of a file opened read-only: contents follow the file and "
+          "write permission can still not be granted by mprotect after restart (EACCES)",
+          files=(("/data/ro", FILE_RO),))
+def memory_file_shared_readonly(p):
+    m = Mem(p, probe=False)
+    scratch(p)
+    ro = p.open("/data/ro", O_RDONLY, 0)
+    rw = p.open("/data/ro", O_RDWR, 0)
+    p.mmap(A, 2 * PAGE, PROT_READ, MAP_SHARED_FIXED, ro, 0)
+    p.do("close", ro)
+    p.ckpt()
+    p.check_mem(A, page_of(FILE_RO, 0), "page 0")
+    p.check_mem(A + PAGE, page_of(FILE_RO, 1), "page 1")
+    p.check(m.call("mprotect", A, PAGE, PROT_RW), "==", (-errno.EACCES) & U64,
+            "write permission refused")
+    p.check(m.call("pread", rw, A, 1, 0), "==", EFAULT, "the mapping is not writable")
+    p.store(SCRATCH, "changed-file")
+    m.ok("pwrite", rw, SCRATCH, 12, PAGE + 4, want=12, label="pwrite")
+    p.check_mem(A + PAGE + 4, "changed-file", "the mapping follows the file")
+
+
+FILE_UNL = file_pages("unl", 3)
+
+
+@scenario("memory", "a private mapping of a file closed and unlinked after a copy-on-write: the "
+          "copy and the file's other pages both survive", files=(("/data/unl", FILE_UNL),))
+def memory_file_private_unlinked(p):
+    fd = p.open("/data/unl", O_RDWR, 0)
+    p.mmap(A, 3 * PAGE, PROT_RW, MAP_PRIVATE_FIXED, fd, 0)
+    p.store(A + 2 * PAGE + 1, "private-copy")
+    p.do("close", fd)
+    p.do("unlink", "/data/unl")
+    p.ckpt()
+    p.check_mem(A, page_of(FILE_UNL, 0), "page 0 from the unlinked file")
+    p.check_mem(A + PAGE, page_of(FILE_UNL, 1), "page 1 from the unlinked file")
+    p.check_mem(A + 2 * PAGE, "u" + "private-copy" + FILE_UNL[2 * PAGE + 13:2 * PAGE + 30],
+                "page 2: the private copy")
+
+
+@scenario("memory", "three generations (parent, child, grandchild) copy-on-write the same "
+          "pages: each keeps its own version across restart and later writes stay private")
+def memory_cow_three_generations(p):
+    p.mmap(A, 3 * PAGE, PROT_RW, ANON_PRIVATE_FIXED)
+    for i in range(3):
+        p.store(A + i * PAGE, f"origin-{i}")
+    child = p.fork()
+    with p.child(child):
+        p.store(A + PAGE, "child-1")
+        grandchild = p.fork()
+        with p.child(grandchild):
+            p.store(A + 2 * PAGE, "grandchild-2")
+            p.ckpt()
+            p.check_mem(A, "origin-0", "grandchild: page 0")
+            p.check_mem(A + PAGE, "child-1", "grandchild: page 1 from the child")
+            p.check_mem(A + 2 * PAGE, "grandchild-2", "grandchild: its page 2")
+            p.store(A, "grandchild-0")
+        p.ckpt()
+        p.wait_child(grandchild, label="grandchild")
+        p.check_mem(A, "origin-0", "child: page 0 (grandchild's later write not seen)")
+        p.check_mem(A + PAGE, "child-1", "child: its page 1")
+        p.check_mem(A + 2 * PAGE, "origin-2", "child: page 2")
+        p.store(A, "child-0")
+    p.ckpt()
+    p.wait_child(child)
+    p.check_mem(A, "origin-0", "parent: page 0 (later writes not seen)")
+    p.check_mem(A + PAGE, "origin-1", "parent: page 1")
+    p.check_mem(A + 2 * PAGE, "origin-2", "parent: page 2")
+
+
+MANY = 400
+
+
+@scenario("memory", f"{MANY} mappings made in a loop, alternately private and shared and "
+          "apart (none merge), each written: all come back with their contents")
+def memory_many_vmas_loop(p):
+    addr, count = p.reg(), p.reg()
+    p.set(addr, A)
+    p.set(count, MANY // 2)
+    make = p.label()
+    p.place(make)
+    p.mmap(addr, PAGE, PROT_RW, ANON_PRIVATE_FIXED)
+    p.store(addr, "private-one")
+    p.add(addr, 2 * PAGE)
+    p.mmap(addr, PAGE, PROT_RW, ANON_SHARED_FIXED)
+    p.store(addr, "shared-one")
+    p.add(addr, 2 * PAGE)
+    p.add(count, -1)
+    p.jnz(count, make)
+    p.ckpt()
+    p.set(addr, A)
+    p.set(count, MANY // 2)
+    check = p.label()
+    p.place(check)
+    p.check_mem(addr, "private-one", "private mapping")
+    p.add(addr, 2 * PAGE)
+    p.check_mem(addr, "shared-one", "shared mapping")
+    p.add(addr, 2 * PAGE)
+    p.add(count, -1)
+    p.jnz(count, check)
+    p.check(addr, "==", A + 2 * MANY * PAGE, "every mapping was checked")
+    m = Mem(p, probe=False)
+    m.unmapped(A + PAGE, PAGE, "the gap after the first mapping")
+    m.unmapped(A + (2 * MANY - 1) * PAGE, PAGE, "the gap after the last mapping")
+
+
+@scenario("memory", "mappings placed by the kernel (no address given): after restart new "
+          "mappings do not land on restored ones, and all keep their contents")
+def memory_kernel_placed(p):
+    first = p.mmap(0, 3 * PAGE, PROT_RW, MAP_PRIVATE_ANON)
+    second = p.mmap(0, PAGE, PROT_RW, MAP_SHARED_ANON)
+    p.store(first, "first-mapping")
+    p.store(second, "second-mapping")
+    p.ckpt()
+    third = p.mmap(0, 2 * PAGE, PROT_RW, MAP_PRIVATE_ANON)
+    p.check(third, "!=", first, "a new mapping is not at the first one")
+    p.check(third, "!=", second, "a new mapping is not at the second one")
+    p.store(third, "third-mapping")
+    p.check_mem(first, "first-mapping", "first mapping")
+    p.check_mem(second, "second-mapping", "second mapping")
+    p.check_mem(third, "third-mapping", "third mapping")
+    p.add(third, PAGE)
+    p.store(third, "third-page-1")
+    p.check_mem(first, "first-mapping", "first mapping after writing the third's 2nd page")
+    p.check_mem(second, "second-mapping", "second mapping after writing the third's 2nd page")
+
+
+@scenario("memory", "after fork the parent moves its copy of a mapping with mremap: parent "
+          "(new address) and child (old address) keep their own pages across restart")
+def memory_mremap_after_fork(p):
+    p.mmap(A, 2 * PAGE, PROT_RW, ANON_PRIVATE_FIXED)
+    p.store(A, "before-fork-0")
+    p.store(A + PAGE, "before-fork-1")
+    child = p.fork()
+    with p.child(child):
+        p.store(A + PAGE, "child-1")
+        p.ckpt()
+        p.check_mem(A, "before-fork-0", "child: page 0")
+        p.check_mem(A + PAGE, "child-1", "child: its page 1")
+        p.store(A, "child-0")
+    p.do("mremap", A, 2 * PAGE, 2 * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, C)
+    p.store(C, "parent-0")
+    p.ckpt()
+    p.wait_child(child)
+    p.check_mem(C, "parent-0", "parent: moved page 0")
+    p.check_mem(C + PAGE, "before-fork-1", "parent: moved page 1 (not the child's)")
+    m = Mem(p, probe=False)
+    m.unmapped(A, 2 * PAGE, "parent: the old range")
