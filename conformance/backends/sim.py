@@ -76,10 +76,11 @@ class SimBackend(Backend):
                 "sid": leader.session.nr_in(ns) if leader.session else 0,
                 "state": t.state, "comm": t.comm,
                 "exit_code": t.exit_code if t.state == "zombie" else None,
-                "pc": t.cpu.pc, "regs": list(t.cpu.regs),
             }
             if t.state == "zombie":
-                continue
+                continue  # a zombie has no CPU state, files, memory or signals left to see
+            tasks[vpid]["pc"] = t.cpu.pc
+            tasks[vpid]["regs"] = list(t.cpu.regs)
             fds[vpid] = {"table": name_of(t.files, "fdtable"), "fds": {
                 fd: {"file": name_of(f, "file"), "kind": f.ftype.kind, "flags": f.flags, "pos": f.pos,
                      "cloexec": cloexec, "path": getattr(f, "path", ""),
