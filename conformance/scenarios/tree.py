@@ -348,3 +348,27 @@ def tree_wait4_blocked(p):
         check_ids(p, tmp, me, parent, "the waiter")
         p.exit(2)
     reap(p, waiter, tmp, 2, "the init reaps the waiter")
+
+
+@scenario("tree", "two threads blocked at the checkpoint (one in read on a pipe, the leader at its "
+                  "point): after restart the leader's write wakes the thread, whose answer it sees")
+def tree_thread_blocked(p):
+    buf = p.mmap(0, PAGE, PROT_RW, MAP_PRIVATE_ANON)
+    note = p.mmap(0, PAGE, PROT_RW, MAP_PRIVATE_ANON)
+    to_thread, to_thread_w = p.pipe()
+    to_leader, to_leader_w = p.pipe()
+    tid, tmp = p.reg(), p.reg()
+    p.raw(tid, "fork", CLONE_THREAD_FLAGS)
+    after_thread = p.label()
+    p.jnz(tid, after_thread)
+    # the thread: blocked in read at the checkpoint
+    p.read_check(to_thread, note, "go", "the thread gets the leader's message")
+    p.store(buf, "answer")
+    p.raw(tmp, "write", to_leader_w, note, 2)
+    p.check(tmp, "==", 2, "the thread answers")
+    p.do("exit", 0)
+    p.place(after_thread)
+    p.ckpt()
+    p.write_text(to_thread_w, note, "go")
+    p.read_check(to_leader, note, "go", "the leader gets the thread's answer")
+    p.check_mem(buf, "answer", "the leader sees the memory the thread wrote after restart")
