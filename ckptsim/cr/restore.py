@@ -163,10 +163,10 @@ class RestoreJob:
         state = TASK_STATES.get(rec["state"])
         if state is None:
             raise ctx.image_error(f"unknown task state {rec['state']}")
-        if t is not self.caller:
-            t.comm = rec.var
+        t.comm = rec.var
+        t.pdeath_signal = rec["pdeath_signal"]
+        if t is not self.caller:  # RESTART_TASKSELF: the caller keeps its place in its tree
             t.exit_signal = rec["exit_signal"]
-            t.pdeath_signal = rec["pdeath_signal"]
         if state == "zombie":
             if t is self.caller or t.leader is not t:
                 raise ctx.image_error("only a thread-group leader can be restored as a zombie")
