@@ -68,13 +68,16 @@ class Mem:
         self.p.check_mem(addr, PROBE_TEXT, f"{label}: read into")
 
     def read_only(self, addr: int, label: str) -> None:
-        self.p.check(self.call("pread", self.fd, addr, 1, 0), "==", EFAULT, f"{label}: not writable")
+        got = self.call("pread", self.fd, addr, 1, 0)
+        self.p.check(got, "==", EFAULT, f"{label}: not writable")
 
     def unreadable(self, addr: int, label: str) -> None:
-        self.p.check(self.call("pwrite", self.fd, addr, 1, 64), "==", EFAULT, f"{label}: not readable")
+        got = self.call("pwrite", self.fd, addr, 1, 64)
+        self.p.check(got, "==", EFAULT, f"{label}: not readable")
 
     def unmapped(self, addr: int, length: int, label: str) -> None:
-        self.p.check(self.call("mprotect", addr, length, PROT_READ), "==", ENOMEM, f"{label}: unmapped")
+        got = self.call("mprotect", addr, length, PROT_READ)
+        self.p.check(got, "==", ENOMEM, f"{label}: unmapped")
 
     def file_has(self, fd, offset: int, text: str, label: str) -> None:
         """pread len(text) bytes of fd at offset into SCRATCH and compare."""
@@ -231,7 +234,8 @@ def memory_mremap_file_private(p):
     m.ok("mremap", A, 3 * PAGE, 3 * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, C, want=C, label="mremap")
     p.ckpt()
     p.check_mem(C, page_of(FILE_MOVE, 1), "page 0 is file page 1")
-    p.check_mem(C + PAGE, "cow-moved" + FILE_MOVE[2 * PAGE + 9:2 * PAGE + 20], "page 1: private copy")
+    p.check_mem(C + PAGE, "cow-moved" + FILE_MOVE[2 * PAGE + 9:2 * PAGE + 20],
+                "page 1: private copy")
     p.check_mem(C + 2 * PAGE, page_of(FILE_MOVE, 3), "page 2 is file page 3")
     m.unmapped(A, 3 * PAGE, "the old range")
     p.store(SCRATCH, "file-page-3-new")
@@ -860,3 +864,61 @@ def memory_mremap_after_fork(p):
     p.check_mem(C + PAGE, "before-fork-1", "parent: moved page 1 (not the child's)")
     m = Mem(p, probe=False)
     m.unmapped(A, 2 * PAGE, "parent: the old range")
+
+
+@scenario("memory", "a shared anonymous segment whose first pages were unmapped in every task "
+          "(only offsets 2 and 3 mapped, the child keeps only 3): contents and sharing survive")
+def memory_shared_anon_tail_only(p):
+    p.mmap(A, 4 * PAGE, PROT_RW, ANON_SHARED_FIXED)
+    p.store(A + 2 * PAGE, "segment-2")
+    p.store(A + 3 * PAGE, "segment-3")
+    p.do("munmap", A, 2 * PAGE)
+    scratch(p)
+    done_r, done_w = p.pipe()
+    n = p.reg()
+    child = p.fork()
+    with p.child(child):
+        p.do("munmap", A + 2 * PAGE, PAGE)
+        p.ckpt()
+        p.check_mem(A + 3 * PAGE, "segment-3", "child: offset 3")
+        p.store(A + 3 * PAGE + 10, "child-wrote")
+        p.raw(n, "write", done_w, A + 3 * PAGE, 1)
+        p.check(n, "==", 1, "child: signal")
+    p.ckpt()
+    p.check_mem(A + 2 * PAGE, "segment-2", "parent: offset 2")
+    p.check_mem(A + 3 * PAGE, "segment-3", "parent: offset 3")
+    p.raw(n, "read", done_r, SCRATCH, 1)
+    p.check(n, "==", 1, "parent: the child wrote")
+    p.check_mem(A + 3 * PAGE + 10, "child-wrote", "parent sees the child's write at offset 3")
+    p.wait_child(child)
+
+
+FILE_NONE = file_pages("none", 3)
+
+
+@scenario("memory", "a private file mapping with a copied-on-write page, then made PROT_NONE "
+          "and the heap split by mprotect: nothing readable until mprotect after restart, then "
+          "the copy and the file pages are there",
+          files=PROBE_FILE + (("/data/none", FILE_NONE),))
+def memory_prot_none_file_and_heap(p):
+    m = Mem(p)
+    fd = p.open("/data/none", O_RDWR, 0)
+    p.mmap(A, 3 * PAGE, PROT_RW, MAP_PRIVATE_FIXED, fd, 0)
+    p.store(A + PAGE + 5, "cow-then-hidden")
+    p.do("mprotect", A, 3 * PAGE, 0)
+    heap = p.brk(0)
+    p.add(heap, 2 * PAGE)
+    p.do("brk", heap)
+    p.add(heap, -2 * PAGE)
+    p.store(heap, "heap-ro")
+    p.do("mprotect", heap, PAGE, PROT_READ)
+    p.ckpt()
+    m.unreadable(A + PAGE + 5, "PROT_NONE file page 1")
+    m.unreadable(A, "PROT_NONE file page 0")
+    m.ok("mprotect", A, 3 * PAGE, PROT_READ, label="mprotect readable")
+    p.check_mem(A + PAGE + 5, "cow-then-hidden", "the private copy")
+    p.check_mem(A + 2 * PAGE, page_of(FILE_NONE, 2), "file page 2")
+    p.check_mem(heap, "heap-ro", "read-only heap page")
+    m.read_only(heap, "heap page 0")
+    p.add(heap, PAGE)
+    m.writable(heap, "heap page 1")
