@@ -96,6 +96,8 @@ def _drive(scn: Scenario, backend: Backend, run) -> list[str]:
     if scn.self_image is not None:
         image = backend.self_image(run, scn.self_image)
         problems += backend.check_image(run, image)
+        if scn.expect_restart_errno is not None:
+            return problems + _expected_restart_failure(scn, backend, run, image, before)
         backend.kill(run)
         backend.restart(run, image)
         return problems + _finish(scn, backend, run)
@@ -114,6 +116,8 @@ def _drive(scn: Scenario, backend: Backend, run) -> list[str]:
         if scn.expect_errno is not None:
             return [f"checkpoint succeeded, expected {_errname(scn.expect_errno)}"]
         problems += backend.check_image(run, image)
+        if scn.expect_restart_errno is not None:
+            return problems + _expected_restart_failure(scn, backend, run, image, before)
         backend.kill(run)
         backend.restart(run, image)
         if scn.restart_flags & core.RESTART_FROZEN:
@@ -123,6 +127,20 @@ def _drive(scn: Scenario, backend: Backend, run) -> list[str]:
         after = backend.visible_state(run)
         problems += [f"round {round_ + 1}: {d}" for d in diff_states(before, after, scn.allowed_diffs)]
     return problems + _finish(scn, backend, run)
+
+
+def _expected_restart_failure(scn: Scenario, backend: Backend, run, image: bytes, before) -> list[str]:
+    """The restart must fail with the expected errno, create nothing, and leave the original
+    tree (still alive, frozen) to run on."""
+    try:
+        backend.restart(run, image)
+    except CheckpointFailed as e:
+        if e.errno != scn.expect_restart_errno:
+            return [f"restart failed with {_errname(e.errno)}, expected {_errname(scn.expect_restart_errno)}: {e.message}"]
+        problems = diff_states(before, backend.visible_state(run), scn.allowed_diffs)
+        backend.thaw(run)
+        return problems + _finish(scn, backend, run)
+    return [f"restart succeeded, expected {_errname(scn.expect_restart_errno)}"]
 
 
 def _finish(scn: Scenario, backend: Backend, run) -> list[str]:

@@ -10,7 +10,8 @@ at registration.
 The fields beyond the program describe how the runner drives it and what it expects:
 ``checkpoint_flags`` (0: a container checkpoint with leak detection; CHECKPOINT_SUBTREE),
 ``expect_errno`` (the checkpoint must fail with this errno; the scenario then checks that the
-tree still runs and passes its checks), ``freeze`` (False: check that unfrozen trees are
+tree still runs and passes its checks), ``expect_restart_errno`` (the restart must fail with
+this errno, leaving nothing behind; the original tree then runs on), ``freeze`` (False: check that unfrozen trees are
 refused), ``leak`` (the runner keeps an outside reference to the container's fd ``leak``),
 ``caller_uid``/``unpriv_level`` (who checkpoints, under which ckpt_unpriv_allowed),
 ``restart_flags`` (RESTART_FROZEN, RESTART_GHOST, RESTART_TASKSELF), ``self_image`` (the
@@ -41,6 +42,7 @@ class Scenario:
     restarts: int = 1
     checkpoint_flags: int = 0
     expect_errno: int | None = None
+    expect_restart_errno: int | None = None
     freeze: bool = True
     leak: int | None = None
     caller_uid: int = 0
@@ -73,7 +75,8 @@ def scenario(area: str, summary: str = "", **options) -> Callable:
             raise ScenarioError(f"scenario {name} defined twice")
         if p.points == 0 and options.get("self_image") is None:
             raise ScenarioError(f"{name}: no checkpoint point (p.ckpt())")
-        expects_failure = options.get("expect_errno") is not None
+        expects_failure = (options.get("expect_errno") is not None
+                           or options.get("expect_restart_errno") is not None)
         if p.checks_after_point == 0 and not expects_failure:
             raise ScenarioError(f"{name}: checks nothing after its checkpoint point")
         options.setdefault("needs", frozenset())

@@ -26,6 +26,7 @@ class SimRun:
         self.kernel = kernel
         self.root = root
         self.ghost = None
+        self.caller = None  # the unprivileged caller, when the scenario asks for one
 
 
 class SimBackend(Backend):
@@ -34,8 +35,10 @@ class SimBackend(Backend):
     def start(self, scenario: Scenario) -> SimRun:
         k = Kernel(scenario.seed)
         init = k.init
+        k.umask(init, 0)  # /data and /tmp are world-writable, as /tmp is
         for d in ("/bin", "/data", "/tmp"):
             k.mkdir(init, d, 0o777)
+        k.umask(init, 0o022)
         for path, text in scenario.files:
             fd = k.open(init, path, 0o1101, 0o666)
             k.write(init, fd, text.encode())
@@ -110,9 +113,10 @@ class SimBackend(Backend):
             k.sysctl["kernel.ckpt_unpriv_allowed"] = scn.unpriv_level
         if scn.caller_uid == 0:
             return k.init
-        caller = k.clone(k.init)
-        caller.cred = Cred.user(scn.caller_uid, scn.caller_uid)
-        return caller
+        if run.caller is None:
+            run.caller = k.clone(k.init)
+            run.caller.cred = Cred.user(scn.caller_uid, scn.caller_uid)
+        return run.caller
 
     def checkpoint(self, run) -> bytes:
         scn, k = run.scenario, run.kernel
@@ -128,10 +132,12 @@ class SimBackend(Backend):
 
     def kill(self, run) -> None:
         k = run.kernel
+        ns = run.root.ns
         if run.root.state not in ("zombie", "dead"):
-            k.do_group_exit(run.root, SIGKILL)
-        if run.root.state == "zombie":
-            k.wait4(k.init, run.root.tid)
+            k.do_group_exit(run.root, SIGKILL)  # the namespace dies with its init
+        for child in list(k.init.children):  # reap the container's init and its orphans
+            if child.state == "zombie" and child.pid.nr_in(ns):
+                k.wait4(k.init, child.tid)
 
     def restart(self, run, image: bytes) -> None:
         scn, k = run.scenario, run.kernel
@@ -139,11 +145,22 @@ class SimBackend(Backend):
         flags = scn.restart_flags
         if flags & core.RESTART_GHOST:
             caller = run.ghost = k.clone(caller)
+        if flags & core.RESTART_TASKSELF:
+            # A fresh container task of the same program becomes the image's task in place.
+            caller = k.spawn(f"/bin/{scn.name}", flags=CLONE_NEWPID)
+            k.cgroup_attach(k.init, CGROUP, caller.tid)
+            run.taskself = caller
         try:
             tasks = restart_tasks(k, caller, 0, image, flags)
         except (CheckpointError, ImageError) as e:
+            if flags & core.RESTART_TASKSELF and caller.state != "dead":
+                if caller.state != "zombie":  # a failed restart leaves no process behind
+                    k.do_group_exit(caller, SIGKILL)
+                k.wait4(k.init, caller.tid)
             raise CheckpointFailed(getattr(e, "errno", 22), str(e)) from None
         run.root = tasks[0]
+        if flags & core.RESTART_TASKSELF:
+            return
         for t in tasks:
             if t.is_leader() and not flags & core.RESTART_FROZEN:
                 k.cgroup_attach(k.init, CGROUP, t.tid)

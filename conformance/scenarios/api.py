@@ -131,6 +131,13 @@ def api_unpriv_level2_user(p):
     p.check(got, "==", 1000, "the restored tree still runs as uid 1000")
 
 
+@scenario("api", "kernel.ckpt_unpriv_allowed=1: an unprivileged user checkpoints its own tree, "
+                 "but its restart is refused with EPERM and creates nothing; the tree runs on",
+          unpriv_level=1, caller_uid=1000, expect_restart_errno=errno.EPERM)
+def api_unpriv_level1_restart_eperm(p):
+    small_tree(p, "level1", become_user(p, 1000))
+
+
 @scenario("api", "a self-checkpoint: checkpoint() returns the crid in the original run and 0 in "
                  "the restarted one, which resumes with the state of the checkpoint moment",
           self_image=SELF_IMAGE)
