@@ -309,3 +309,24 @@ def sig_sigchld_pending(p):
     p.ckpt()
     p.check(p.sigpending(), "==", bit(SIGCHLD), "SIGCHLD pending after restart")
     p.wait_child(child, 3, "the zombie's exit status")
+
+
+SA_ONSTACK = 0x08000000
+ALTSTACK_SP, ALTSTACK_SIZE = 0x30000000, 4 * PAGE
+
+
+@scenario("signals", "a sigaltstack and an SA_ONSTACK handler survive: the altstack is compared "
+                     "by the runner's visible state, the handler keeps the child alive")
+def sig_altstack(p):
+    child = p.fork()
+    with p.child(child):
+        stack = p.mmap(ALTSTACK_SP, ALTSTACK_SIZE, PROT_RW, MAP_PRIVATE_ANON | MAP_FIXED)
+        p.check(stack, "==", ALTSTACK_SP, "the alternate stack is mapped where asked")
+        p.do("sigaltstack", [ALTSTACK_SP, ALTSTACK_SIZE, 0])
+        p.do("sigaction", SIGUSR1, HANDLER, SA_ONSTACK, 0)
+        p.ckpt()
+        _kill_self(p, SIGUSR1)  # a lost handler means death by the default action
+        bad = p.call("sigaltstack", [ALTSTACK_SP, 1024, 0])
+        p.check(bad, "==", (-12) & (2**64 - 1), "a too-small altstack is still refused (ENOMEM)")
+    p.ckpt()
+    p.wait_child(child, 0, "the child survived SIGUSR1 on its alternate stack")
