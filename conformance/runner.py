@@ -94,6 +94,7 @@ def run_scenario(scn: Scenario, backend: Backend) -> Result:
 def _drive(scn: Scenario, backend: Backend, run) -> list[str]:
     problems: list[str] = []
     if scn.self_image is not None:
+        before = backend.visible_state(run)
         image = backend.self_image(run, scn.self_image)
         problems += backend.check_image(run, image)
         if scn.expect_restart_errno is not None:

@@ -21,7 +21,7 @@ backend must have: the backend reports the scenario unsupported, with the reason
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from .dsl import Program

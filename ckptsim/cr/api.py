@@ -223,6 +223,3 @@ def _read_image(kernel, caller, fd):
         return fd
     return fd.read()
 
-
-def task_kind_names() -> list[str]:
-    return [k.name for k in task_kinds()]

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from ..image import core
 from ..image.codec import ImageReader
 from ..model.kernel import Kernel
-from ..model.shared import Shared
 from .api import checkpoint, restart_tasks
 from .invariants import check_invariants
 
@@ -83,5 +82,3 @@ def _compare(a: bytes, b: bytes) -> str:
         first += 1
     return f"DIFFERENT: first difference at byte {first} ({len(a)} bytes in, {len(b)} out)"
 
-
-__all__ = ["replay", "ReplayReport", "Shared"]

@@ -19,7 +19,7 @@ scheduler's decision, using ``last_delivery_interrupts``).
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from ..errors import kerr
 from .creds import CAP_SYS_RESOURCE, may_kill

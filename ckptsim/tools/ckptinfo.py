@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from ..errors import ImageError
 from ..image import core
 from ..image.codec import decode_all
-from ..image.pretty import describe, load_layouts, render, render_fields, show_value
+from ..image.pretty import describe, load_layouts, render, show_value
 from ..image.schema import Record
 from ..image.types import ObjType
 

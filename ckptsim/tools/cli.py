@@ -71,7 +71,6 @@ def _cmd_replay(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from ..cr.replay import replay
     from .demo import run_demo
     return run_demo(args.seed)
 

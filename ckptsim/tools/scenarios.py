@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
 
 from ..model.kernel import Kernel
 from ..model.tasks_ops import CLONE_NEWPID
@@ -112,4 +111,3 @@ def names() -> list[str]:
     return sorted(SCENARIOS)
 
 
-ScenarioFn = Callable[[Kernel], object]

@@ -160,7 +160,6 @@ def test_restart_frozen_leaves_tasks_frozen():
 def test_restart_of_an_error_image_is_eio():
     k = Kernel()
     buf = io.BytesIO()
-    from ckptsim.image.codec import ImageWriter
     from ckptsim.cr.api import _write_header
     from ckptsim.cr.context import CheckpointContext, Log
     ctx = CheckpointContext(k, k.init, k.init, [k.init], buf, Log())
@@ -205,7 +204,6 @@ def test_self_checkpoint_returns_crid_then_zero_after_restart():
     t = k.spawn("/bin/selfck", prog)
     k.run()
     assert k.output == [("emit", t.tid, 1)]
-    fd = k.open(k.init, "/img/self.img", 0)
     worker = k.clone(k.init)
     k.execve(worker, "/bin/selfck")
     wfd = k.open(worker, "/img/self.img", 0)

@@ -17,7 +17,7 @@ from ckptsim.image.pretty import describe, load_layouts, render
 from ckptsim.image.schema import LAYOUTS
 from ckptsim.image.types import MAGIC_HEAD, ObjType
 sys.path.insert(0, os.path.dirname(__file__))  # pytest's importlib mode: find imgbuild.py
-from imgbuild import header_record, image, reseal  # noqa: E402
+from imgbuild import image, reseal  # noqa: E402
 
 load_layouts()
 

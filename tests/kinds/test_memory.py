@@ -9,7 +9,7 @@ from ckptsim.image.types import ObjType
 from ckptsim.kinds import memory
 from ckptsim.kinds.registry import kind_for_object
 from ckptsim.model.mm import MM, MMOps
-from ckptsim.model.mm_pages import (MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE, MAP_SHARED, PROT_READ,
+from ckptsim.model.mm_pages import (MAP_ANONYMOUS, MAP_PRIVATE, MAP_SHARED, PROT_READ,
                                     PROT_WRITE, Shmem)
 from ckptsim.model.shared import Shared
 

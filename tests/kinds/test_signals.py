@@ -12,7 +12,7 @@ from ckptsim.model.kernel import Kernel
 from ckptsim.model.signals import (
     RLIMIT_NOFILE, SA_ONSTACK, SA_RESETHAND, SA_RESTART, SA_SIGINFO, SIG_BLOCK, SIG_IGN,
     SIG_SETMASK, SIGCHLD, SIGHUP, SIGINT, SIGRTMIN, SIGUSR1, SIGUSR2, SS_AUTODISARM, AltStack,
-    SigAction, SigInfo, sigmask)
+    sigmask)
 
 H = 0x401000
 
@@ -95,7 +95,6 @@ def test_shared_objects_get_one_objref_and_one_record():
     (r1, r2), data = save_and_restore(k, [t, th])
     assert r1.sighand is r2.sighand and r1.signal is r2.signal
     assert r1.sigstate.blocked == 0 and r2.sigstate.blocked == sigmask(SIGUSR2)
-    from ckptsim.image import decode_all
     names = [rec.name for rec in ImageReader(data).records()]
     assert names.count("SIGHAND") == 1 and names.count("SIGNAL") == 1
     assert names.count("SIGPENDING") == 3 and names.count("SIGALTSTACK") == 2

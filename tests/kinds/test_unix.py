@@ -14,7 +14,6 @@ from ckptsim.kinds import files, pipes, unix as unix_kind  # noqa: F401  (regist
 from ckptsim.model.kernel import Kernel
 from ckptsim.model.unix import (AF_UNIX, MSG_DONTWAIT, SOCK_DGRAM, SOCK_SEQPACKET, SOCK_STREAM,
                                 SocketInode, SockState)
-from ckptsim.model.vfs import FdTable
 
 
 def checkpoint_table(k, table):
