@@ -1,0 +1,641 @@
+"""Reading a live process's memory for checkpoint: which pages to save, and their contents.
+
+The target is normally stopped (seized or frozen) while this runs; nothing here stops, traces
+or otherwise changes it, so the functions work on a running process too (tests use that).
+
+Public API:
+    classify(vma) -> VmaClass(kind, reason)      kind of a /proc maps/smaps entry
+    pages_to_dump(pid, vma) -> array('Q')        page addresses worth saving in that VMA
+    read_pages(pid, addrs) -> bytearray          len(addrs) * 4096 bytes, in addrs order
+    dump_vma_pages(pid, vma, emit)               stream chunks emit(addrs, data), <= 1024 pages
+    ProcessMemory(pid)                           the same with open fds and a reused buffer
+                                                 (one per target: the checkpoint uses this)
+
+Which pages (``pages_to_dump``): present or swapped-out pages that are not the shared zero page;
+in a private mapping only anonymous pages (for a private file mapping: the copied-on-write
+ones; clean file pages are the file's and restart maps the file again). A shared anonymous
+mapping (shmem) keeps all its present pages; a shared file mapping and the special mappings
+(vdso, vvar) keep none. They come from the PAGEMAP_SCAN ioctl on /proc/PID/pagemap
+(Linux 6.7+), with
+
+    category_inverted = PAGE_IS_PFNZERO | PAGE_IS_FILE (private) | PAGE_IS_GUARD
+    category_mask     = the same bits          (all of them must be *clear*)
+    category_anyof    = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
+    return_mask       = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
+
+or, on older kernels, from the 64-bit /proc/PID/pagemap entries read in one pread per VMA
+(bit 63 present, 62 swapped, 61 file page or shared anon; the zero page recognised by its
+PFN, which root can see). Swapped-out pages are included by PAGE_IS_SWAPPED / bit 62: reading
+them with process_vm_readv faults them back in, so their contents are saved like any other.
+A page that was *written* with zeros is a real anonymous page to the kernel, so it is in
+``pages_to_dump``; ``dump_vma_pages`` drops such all-zero pages after reading them for the
+anonymous kinds (where restart's zero fill gives the same contents), never for a private file
+mapping (where a missing page would read back as the file's data).
+
+Reading (``read_pages``): one process_vm_readv per batch of at most 1024 pages (4 MiB), the
+remote iovecs being runs of adjacent pages, straight into one reused buffer. What
+process_vm_readv cannot read (PROT_NONE pages, which need FOLL_FORCE; VM_IO) is read from
+/proc/PID/mem with os.preadv into the same buffer, short reads retried.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import re
+from array import array
+from dataclasses import dataclass
+from operator import sub
+from typing import Callable, Iterable, NamedTuple
+
+from backend import kabi
+from backend.proc import Mapping, SmapsEntry, read_smaps
+from ckptsim.errors import CkptsimError
+
+__all__ = [
+    "PAGE_SIZE", "CHUNK_PAGES", "MemoryDumpError", "VmaKind", "VmaClass", "classify",
+    "pages_to_dump", "read_pages", "dump_vma_pages", "ProcessMemory", "dump_kinds",
+    "pagemap_scan_available",
+]
+
+PAGE_SIZE = mmap.PAGESIZE
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
+CHUNK_PAGES = 1024                      # pages per emit() and per process_vm_readv call
+SCAN_VEC_LEN = 512                      # page_region entries per PAGEMAP_SCAN call
+PAGEMAP_READ_PAGES = 1 << 16            # pagemap entries per pread in the fallback (512 KiB)
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+class MemoryDumpError(CkptsimError, OSError):
+    """Reading a process's memory failed, or a mapping cannot be checkpointed. The message
+    names the pid and the mapping; ``.errno`` is set."""
+
+    def __init__(self, err: int, message: str):
+        OSError.__init__(self, err, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+# --- classification -----------------------------------------------------------------------
+
+class VmaKind:
+    ANON_PRIVATE = "anon_private"
+    ANON_SHARED = "anon_shared"         # MAP_SHARED|MAP_ANONYMOUS, /dev/zero shared: shmem
+    SYSV_SHM = "sysv_shm"               # a SysV shared memory segment attached with shmat
+    FILE_PRIVATE = "file_private"
+    FILE_SHARED = "file_shared"
+    STACK = "stack"                     # [stack]: anonymous private, grows down
+    HEAP = "heap"                       # [heap]: anonymous private, the brk area
+    VDSO = "vdso"
+    VVAR = "vvar"
+    VVAR_VCLOCK = "vvar_vclock"
+    VSYSCALL = "vsyscall"
+    UNSUPPORTED = "unsupported"
+
+
+class VmaClass(NamedTuple):
+    kind: str
+    reason: str = ""                    # why it is unsupported ("" otherwise)
+
+
+_SPECIAL = {"[vdso]": VmaKind.VDSO, "[vvar]": VmaKind.VVAR,
+            "[vvar_vclock]": VmaKind.VVAR_VCLOCK, "[vsyscall]": VmaKind.VSYSCALL,
+            "[stack]": VmaKind.STACK, "[heap]": VmaKind.HEAP}
+# smaps VmFlags that make a VMA impossible to save (and why)
+_UNSUPPORTED_FLAGS = {"io": "VM_IO (memory-mapped I/O)", "pf": "VM_PFNMAP (raw page frames)",
+                      "ht": "hugetlb pages", "mm": "VM_MIXEDMAP (driver pages)"}
+_SYSV = re.compile(r"^/SYSV[0-9a-f]{8}$")
+
+# the kinds whose pages are saved, and those whose missing pages read back as zeros
+_PRIVATE_DUMPED = frozenset({VmaKind.ANON_PRIVATE, VmaKind.STACK, VmaKind.HEAP,
+                             VmaKind.FILE_PRIVATE})
+_SHARED_DUMPED = frozenset({VmaKind.ANON_SHARED, VmaKind.SYSV_SHM})
+_ZERO_FILLED = frozenset({VmaKind.ANON_PRIVATE, VmaKind.STACK, VmaKind.HEAP,
+                          VmaKind.ANON_SHARED, VmaKind.SYSV_SHM})
+
+
+def dump_kinds() -> frozenset[str]:
+    """The kinds whose pages ``pages_to_dump`` returns (the others have none to save)."""
+    return _PRIVATE_DUMPED | _SHARED_DUMPED
+
+
+def _mapping(vma) -> Mapping:
+    return vma.mapping if isinstance(vma, SmapsEntry) else vma
+
+
+def describe(vma) -> str:
+    """``0x7f..-0x7f.. rw-p /path`` for messages."""
+    m = _mapping(vma)
+    return f"{m.start:#x}-{m.end:#x} {m.perms} {m.path or '[anon]'}".rstrip()
+
+
+def classify(vma) -> VmaClass:
+    """The kind of a VMA from ``backend.proc.read_maps`` (a Mapping) or ``read_smaps`` (a
+    SmapsEntry: only that one knows the VmFlags, so only it can say VM_IO, VM_PFNMAP or
+    hugetlb; a plain Mapping of a device file or hugetlbfs is still caught by its path)."""
+    m = _mapping(vma)
+    flags = vma.vm_flags if isinstance(vma, SmapsEntry) else frozenset()
+    path = m.path
+    if path in _SPECIAL:                # [vvar] is VM_IO|VM_PFNMAP, yet a known special
+        return VmaClass(_SPECIAL[path])
+    for flag, why in _UNSUPPORTED_FLAGS.items():
+        if flag in flags:
+            return VmaClass(VmaKind.UNSUPPORTED, why)
+    if path.startswith("[anon_shmem:"):
+        return VmaClass(VmaKind.ANON_SHARED)
+    if path.startswith("[anon:") or path == "":
+        if m.inode == 0:
+            return VmaClass(VmaKind.ANON_SHARED if m.shared else VmaKind.ANON_PRIVATE)
+    if path.startswith("["):
+        return VmaClass(VmaKind.UNSUPPORTED, f"unknown special mapping {path}")
+    if m.shared and m.deleted and m.dev[0] == 0 and path == "/dev/zero":
+        return VmaClass(VmaKind.ANON_SHARED)
+    if m.dev[0] == 0 and _SYSV.match(path) and m.deleted:
+        return VmaClass(VmaKind.SYSV_SHM if m.shared else VmaKind.UNSUPPORTED,
+                        "" if m.shared else "private SysV segment")
+    if path.startswith("/dev/") and not m.deleted and path != "/dev/zero":
+        # a device's mmap (fb, dri, uio...): its pages belong to the driver
+        return VmaClass(VmaKind.UNSUPPORTED, f"mapping of device file {path}")
+    if m.inode == 0:
+        return VmaClass(VmaKind.UNSUPPORTED, f"anonymous-inode mapping {path!r}")
+    return VmaClass(VmaKind.FILE_SHARED if m.shared else VmaKind.FILE_PRIVATE)
+
+
+# --- syscalls -----------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_process_vm_readv = _libc.process_vm_readv
+_process_vm_readv.restype = ctypes.c_ssize_t
+_process_vm_readv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong,
+                              ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+
+_scan_state: bool | None = None         # None: not probed; False: missing; True: present
+_scan_has_guard = True                  # PAGE_IS_GUARD known (6.14+): retried without on EINVAL
+
+
+def _gone(pid: int) -> bool:
+    return not os.path.exists(f"/proc/{pid}")
+
+
+# --- the reader ---------------------------------------------------------------------------
+
+@dataclass
+class ReadStats:
+    vm_readv_calls: int = 0
+    vm_readv_bytes: int = 0
+    proc_mem_bytes: int = 0             # bytes that needed the /proc/PID/mem fallback
+    scan_calls: int = 0                 # PAGEMAP_SCAN ioctls
+    pagemap_bytes: int = 0              # pagemap entries read in the fallback
+    zero_pages_dropped: int = 0
+
+
+class ProcessMemory:
+    """Memory access to one process: keeps /proc/PID/pagemap and /proc/PID/mem open and one
+    4 MiB buffer that every read reuses (no fresh page faults per batch). ``use_scan``: None
+    = PAGEMAP_SCAN when the kernel has it, False = always the pagemap fallback, True = require
+    PAGEMAP_SCAN. Use as a context manager or call close()."""
+
+    def __init__(self, pid: int, use_scan: bool | None = None):
+        self.pid = int(pid)
+        self.use_scan = use_scan
+        self.stats = ReadStats()
+        self._pagemap: int | None = None
+        self._mem: int | None = None
+        self._buf = bytearray(CHUNK_PAGES * PAGE_SIZE)
+        self._view = memoryview(self._buf)
+        self._buf_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
+        self._local = kabi.iovec(self._buf_addr, len(self._buf))
+        self._remote = (kabi.iovec * CHUNK_PAGES)()
+        self._regions = (kabi.page_region * SCAN_VEC_LEN)()
+        if _gone(self.pid):
+            raise MemoryDumpError(errno.ESRCH, f"process {self.pid} does not exist")
+
+    # -- plumbing ------------------------------------------------------------------------
+    def __enter__(self) -> "ProcessMemory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for name in ("_pagemap", "_mem"):
+            fd = getattr(self, name)
+            if fd is not None:
+                setattr(self, name, None)
+                os.close(fd)
+
+    def _open(self, attr: str, name: str) -> int:
+        fd = getattr(self, attr)
+        if fd is None:
+            try:
+                fd = os.open(f"/proc/{self.pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise self._error(e.errno or errno.EIO, f"cannot open /proc/{self.pid}/{name}: "
+                                  f"{os.strerror(e.errno or errno.EIO)}") from None
+            setattr(self, attr, fd)
+        return fd
+
+    def _error(self, err: int, message: str) -> MemoryDumpError:
+        if _gone(self.pid):
+            err, message = errno.ESRCH, f"process {self.pid} is gone ({message})"
+        elif not message.startswith(f"process {self.pid}"):
+            message = f"process {self.pid}: {message}"
+        return MemoryDumpError(err, message)
+
+    # -- which pages ---------------------------------------------------------------------
+    def regions(self, vma) -> list[tuple[int, int]]:
+        """The page ranges ``[start, end)`` worth saving in ``vma`` (see the module doc), in
+        address order, adjacent ranges merged. UNSUPPORTED raises MemoryDumpError."""
+        cls = classify(vma)
+        m = _mapping(vma)
+        if cls.kind == VmaKind.UNSUPPORTED:
+            raise MemoryDumpError(errno.EINVAL, f"process {self.pid}: mapping {describe(m)} "
+                                  f"cannot be checkpointed: {cls.reason}")
+        if cls.kind in _PRIVATE_DUMPED:
+            shared = False
+        elif cls.kind in _SHARED_DUMPED:
+            shared = True
+        else:
+            return []
+        return self.scan_range(m.start, m.end, shared)
+
+    def scan_range(self, start: int, end: int, shared: bool = False) -> list[tuple[int, int]]:
+        """Present or swapped, non-zero-page pages of [start, end); when not ``shared``, only
+        anonymous ones."""
+        if self.use_scan is not False and pagemap_scan_available(self._open("_pagemap", "pagemap")):
+            return self._scan_ioctl(start, end, shared)
+        if self.use_scan:
+            raise self._error(errno.ENOTTY, "the kernel lacks PAGEMAP_SCAN")
+        return self._scan_pagemap(start, end, shared)
+
+    def _scan_ioctl(self, start: int, end: int, shared: bool) -> list[tuple[int, int]]:
+        global _scan_has_guard
+        fd = self._open("_pagemap", "pagemap")
+        excl = kabi.PAGE_IS_PFNZERO | (0 if shared else kabi.PAGE_IS_FILE)
+        if _scan_has_guard:
+            excl |= kabi.PAGE_IS_GUARD
+        want = kabi.PAGE_IS_PRESENT | kabi.PAGE_IS_SWAPPED
+        arg = kabi.pm_scan_arg(size=ctypes.sizeof(kabi.pm_scan_arg), flags=0, start=start,
+                               end=end, vec=ctypes.addressof(self._regions),
+                               vec_len=SCAN_VEC_LEN, max_pages=0, category_inverted=excl,
+                               category_mask=excl, category_anyof_mask=want, return_mask=want)
+        out: list[tuple[int, int]] = []
+        regions = self._regions
+        while arg.start < end:
+            try:
+                n = fcntl.ioctl(fd, kabi.PAGEMAP_SCAN, arg)
+            except OSError as e:
+                if e.errno == errno.EINVAL and _scan_has_guard:
+                    _scan_has_guard = False     # a kernel before PAGE_IS_GUARD (6.14)
+                    return self._scan_ioctl(start, end, shared)
+                raise self._error(e.errno or errno.EIO, f"PAGEMAP_SCAN {start:#x}-{end:#x}: "
+                                  f"{os.strerror(e.errno or errno.EIO)}") from None
+            self.stats.scan_calls += 1
+            for i in range(n):
+                r = regions[i]
+                if out and out[-1][1] == r.start:
+                    out[-1] = (out[-1][0], r.end)
+                else:
+                    out.append((r.start, r.end))
+            if arg.walk_end <= arg.start:       # no progress: never loop forever
+                break
+            arg.start = arg.walk_end
+        return out
+
+    def _scan_pagemap(self, start: int, end: int, shared: bool) -> list[tuple[int, int]]:
+        """The fallback: decode /proc/PID/pagemap entries in bulk. The top byte of each
+        little-endian entry holds bits 56..63; a translation table maps it to 1 (keep) or 0,
+        and a regular expression finds the runs of kept pages. The zero page is recognised by
+        its whole entry (present bit + its PFN) and struck out."""
+        fd = self._open("_pagemap", "pagemap")
+        table = _SHARED_KEEP if shared else _PRIVATE_KEEP
+        zero = _zero_page_entry()
+        zero_value = int.from_bytes(zero, "little") if zero is not None else 0
+        out: list[tuple[int, int]] = []
+        first = start >> PAGE_SHIFT
+        last = end >> PAGE_SHIFT
+        for lo in range(first, last, PAGEMAP_READ_PAGES):
+            count = min(PAGEMAP_READ_PAGES, last - lo)
+            raw = self._pread_all(fd, count * 8, lo * 8, "pagemap")
+            self.stats.pagemap_bytes += len(raw)
+            keep = bytearray(raw[7::8].translate(table))
+            if zero is not None and zero in raw:     # a byte search first: usually absent
+                entries = array("Q", raw)
+                i = _index(entries, zero_value, 0)
+                while i >= 0:
+                    keep[i] = 0
+                    i = _index(entries, zero_value, i + 1)
+            for mt in _RUNS.finditer(keep):
+                a = (lo + mt.start()) << PAGE_SHIFT
+                b = (lo + mt.end()) << PAGE_SHIFT
+                if out and out[-1][1] == a:
+                    out[-1] = (out[-1][0], b)
+                else:
+                    out.append((a, b))
+        return out
+
+    def _pread_all(self, fd: int, size: int, offset: int, what: str) -> bytes:
+        parts = []
+        while size > 0:
+            try:
+                b = os.pread(fd, size, offset)
+            except OSError as e:
+                raise self._error(e.errno or errno.EIO, f"reading {what} at {offset:#x}: "
+                                  f"{os.strerror(e.errno or errno.EIO)}") from None
+            if not b:
+                raise self._error(errno.EIO, f"short read of {what} at {offset:#x}")
+            parts.append(b)
+            size -= len(b)
+            offset += len(b)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def pages_to_dump(self, vma) -> array:
+        out = array("Q")
+        for a, b in self.regions(vma):
+            out.extend(range(a, b, PAGE_SIZE))
+        return out
+
+    # -- reading -------------------------------------------------------------------------
+    def _read_runs(self, runs: list[tuple[int, int]], where: str = "") -> memoryview:
+        """Read ``runs`` (page-aligned [start, end), at most CHUNK_PAGES pages and at most
+        CHUNK_PAGES runs in all) into the buffer, back to back; returns the filled view."""
+        remote = self._remote
+        total = 0
+        for i, (a, b) in enumerate(runs):
+            remote[i].iov_base = a
+            remote[i].iov_len = b - a
+            total += b - a
+        if total > len(self._buf):
+            raise ValueError("batch larger than the read buffer")
+        self._local.iov_len = total
+        done = 0            # bytes of the buffer filled so far
+        i = 0               # first remote iovec not yet fully read
+        while done < total:
+            got = _process_vm_readv(self.pid, ctypes.byref(self._local), 1,
+                                    ctypes.byref(remote, i * ctypes.sizeof(kabi.iovec)),
+                                    len(runs) - i, 0)
+            self.stats.vm_readv_calls += 1
+            if got < 0:
+                err = ctypes.get_errno()
+                if err not in (errno.EFAULT, errno.EIO):
+                    raise self._error(err, f"process_vm_readv{where}: {os.strerror(err)}")
+                got = 0
+            self.stats.vm_readv_bytes += got
+            # advance over the fully read iovecs
+            while got:
+                ln = remote[i].iov_len
+                if got < ln:
+                    break
+                got -= ln
+                done += ln
+                i += 1
+            if done >= total:
+                break
+            # iovec i failed after ``got`` bytes: its rest comes from /proc/PID/mem
+            base = remote[i].iov_base + got
+            ln = remote[i].iov_len - got
+            self._read_mem(base, self._view[done + got:done + got + ln], where)
+            done += remote[i].iov_len
+            i += 1
+            if i < len(runs):
+                self._local.iov_base = self._buf_addr + done
+                self._local.iov_len = total - done
+        self._local.iov_base = self._buf_addr
+        return self._view[:total]
+
+    def _read_mem(self, addr: int, into: memoryview, where: str) -> None:
+        """Read len(into) bytes at ``addr`` through /proc/PID/mem (FOLL_FORCE: PROT_NONE pages
+        read too), retrying short reads."""
+        fd = self._open("_mem", "mem")
+        pos = 0
+        n = len(into)
+        while pos < n:
+            try:
+                got = os.preadv(fd, [into[pos:]], addr + pos)
+            except OSError as e:
+                raise self._error(e.errno or errno.EIO, f"cannot read page {addr + pos:#x}"
+                                  f"{where}: {os.strerror(e.errno or errno.EIO)}") from None
+            if got <= 0:
+                raise self._error(errno.EIO, f"cannot read page {addr + pos:#x}{where}: "
+                                  "end of /proc/PID/mem")
+            pos += got
+        self.stats.proc_mem_bytes += n
+
+    def read_pages(self, addrs: Iterable[int], out=None):
+        """The contents of the pages at ``addrs`` (page-aligned, any order; duplicates
+        allowed), ``len(addrs) * 4096`` bytes in ``addrs`` order, into ``out`` (a writable
+        buffer of at least that size) or a new bytearray. Adjacent pages are merged into one
+        iovec; one process_vm_readv per 1024 pages."""
+        if not isinstance(addrs, array) or addrs.typecode != "Q":
+            addrs = array("Q", addrs)
+        n = len(addrs)
+        if out is None:
+            out_obj = bytearray(n * PAGE_SIZE)
+            dest = memoryview(out_obj)
+        else:
+            out_obj = out
+            dest = memoryview(out).cast("B")
+        if len(dest) < n * PAGE_SIZE:
+            raise ValueError(f"output buffer of {len(dest)} bytes for {n} pages")
+        for i in range(0, n, CHUNK_PAGES):
+            part = addrs[i:i + CHUNK_PAGES]
+            data = self._read_runs(_runs_of(part))
+            dest[i * PAGE_SIZE:(i + len(part)) * PAGE_SIZE] = data
+        return out_obj
+
+    def dump_vma_pages(self, vma, emit: Callable[[array, memoryview], object],
+                       drop_zero: bool | None = None) -> int:
+        """Stream the pages of ``vma`` worth saving to ``emit(addrs, data)`` in chunks of at
+        most 1024 pages (``addrs`` an array('Q'), ``data`` a memoryview of len(addrs) * 4096
+        bytes that is only valid until emit returns: the buffer is reused). All-zero pages
+        are dropped for the anonymous kinds (``drop_zero`` None) unless drop_zero is False.
+        Returns the number of pages emitted."""
+        kind = classify(vma).kind
+        if drop_zero is None:
+            drop_zero = kind in _ZERO_FILLED
+        elif drop_zero and kind not in _ZERO_FILLED:
+            raise ValueError(f"zero pages of a {kind} mapping cannot be dropped")
+        where = f" in {describe(vma)}"
+        emitted = 0
+        for runs, npages in _batches(self.regions(vma)):
+            data = self._read_runs(runs, where)
+            addrs = array("Q")
+            for a, b in runs:
+                addrs.extend(range(a, b, PAGE_SIZE))
+            if drop_zero:
+                addrs, data = self._drop_zero_pages(addrs, data)
+                if not addrs:
+                    continue
+            emit(addrs, data)
+            emitted += len(addrs)
+        return emitted
+
+    def _drop_zero_pages(self, addrs: array, data: memoryview) -> tuple[array, memoryview]:
+        buf = self._buf
+        size = len(data)
+        first = buf.find(_ZERO_PAGE, 0, size)       # one C scan; usually -1
+        while first >= 0 and first % PAGE_SIZE:
+            first = buf.find(_ZERO_PAGE, first + PAGE_SIZE - first % PAGE_SIZE, size)
+        if first < 0:
+            return addrs, data
+        keep_addrs = array("Q", addrs[:first // PAGE_SIZE])
+        w = first               # write offset: pages before ``first`` stay where they are
+        for i in range(first // PAGE_SIZE, len(addrs)):
+            off = i * PAGE_SIZE
+            if buf.startswith(_ZERO_PAGE, off):
+                self.stats.zero_pages_dropped += 1
+                continue
+            if w != off:
+                buf[w:w + PAGE_SIZE] = self._view[off:off + PAGE_SIZE]
+            keep_addrs.append(addrs[i])
+            w += PAGE_SIZE
+        return keep_addrs, self._view[:w]
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+_RUNS = re.compile(b"\x01+")
+
+
+def _index(entries: array, value: int, start: int) -> int:
+    try:
+        return entries.index(value, start)
+    except ValueError:
+        return -1
+
+
+def _keep_table(shared: bool) -> bytes:
+    """Top-byte translation: keep present (bit 63) or swapped (bit 62) pages; in a private
+    mapping only those without bit 61 (a file page; shared anon pages have it too)."""
+    t = bytearray(256)
+    for top in range(256):
+        present_or_swapped = top & 0xC0
+        file_page = top & 0x20
+        t[top] = 1 if present_or_swapped and (shared or not file_page) else 0
+    return bytes(t)
+
+
+_PRIVATE_KEEP = _keep_table(False)
+_SHARED_KEEP = _keep_table(True)
+_zero_entry: list = []
+
+
+def _zero_page_entry() -> bytes | None:
+    """The pagemap entry (8 bytes) of a read-only-touched private anonymous page: present
+    bit + the zero page's PFN. None when PFNs are hidden (no CAP_SYS_ADMIN) or the kernel
+    does not map the zero page."""
+    if _zero_entry:
+        return _zero_entry[0]
+    value = None
+    m = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        _ = m[0]                                    # read fault: maps the zero page
+        buf = ctypes.c_char.from_buffer(m)
+        addr = ctypes.addressof(buf)
+        del buf
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            entry = int.from_bytes(os.pread(fd, 8, (addr >> PAGE_SHIFT) * 8), "little")
+        finally:
+            os.close(fd)
+        pfn = entry & ((1 << 55) - 1)
+        if entry >> 63 and pfn:
+            value = entry.to_bytes(8, "little")
+    except OSError:
+        value = None
+    finally:
+        m.close()
+    _zero_entry.append(value)
+    return value
+
+
+def _runs_of(addrs: array) -> list[tuple[int, int]]:
+    """Runs of adjacent pages in ``addrs`` (in its order), as [start, end) pairs."""
+    n = len(addrs)
+    if not n:
+        return []
+    if addrs[0] % PAGE_SIZE:
+        raise ValueError(f"page address {addrs[0]:#x} is not page aligned")
+    if n == 1:
+        return [(addrs[0], addrs[0] + PAGE_SIZE)]
+    diffs = array("q", map(sub, addrs[1:], addrs))
+    if diffs.count(PAGE_SIZE) == n - 1:             # one run: the common case, no Python loop
+        return [(addrs[0], addrs[-1] + PAGE_SIZE)]
+    runs = []
+    a = addrs[0]
+    for i, d in enumerate(diffs):
+        if d != PAGE_SIZE:
+            nxt = addrs[i + 1]
+            if nxt % PAGE_SIZE:
+                raise ValueError(f"page address {nxt:#x} is not page aligned")
+            runs.append((a, addrs[i] + PAGE_SIZE))
+            a = nxt
+    runs.append((a, addrs[-1] + PAGE_SIZE))
+    return runs
+
+
+def _batches(regions: list[tuple[int, int]]):
+    """Cut regions into batches of at most CHUNK_PAGES pages (and so at most CHUNK_PAGES
+    runs): yields (runs, npages)."""
+    limit = CHUNK_PAGES * PAGE_SIZE
+    runs: list[tuple[int, int]] = []
+    size = 0
+    for a, b in regions:
+        while a < b:
+            take = min(b - a, limit - size)
+            runs.append((a, a + take))
+            size += take
+            a += take
+            if size == limit:
+                yield runs, size // PAGE_SIZE
+                runs, size = [], 0
+    if runs:
+        yield runs, size // PAGE_SIZE
+
+
+def pagemap_scan_available(pagemap_fd: int | None = None) -> bool:
+    """True when the PAGEMAP_SCAN ioctl answers (Linux 6.7+ with PROC_PAGE_MONITOR)."""
+    global _scan_state
+    if _scan_state is None:
+        own = pagemap_fd is None
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC) if own else pagemap_fd
+        try:
+            arg = kabi.pm_scan_arg(size=ctypes.sizeof(kabi.pm_scan_arg), start=0, end=0)
+            fcntl.ioctl(fd, kabi.PAGEMAP_SCAN, arg)
+            _scan_state = True
+        except OSError as e:
+            _scan_state = e.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP)
+        finally:
+            if own:
+                os.close(fd)
+    return _scan_state
+
+
+# --- one-shot wrappers --------------------------------------------------------------------
+
+def pages_to_dump(pid: int, vma) -> array:
+    """The page addresses worth saving in ``vma`` of ``pid`` (see the module doc)."""
+    with ProcessMemory(pid) as pm:
+        return pm.pages_to_dump(vma)
+
+
+def read_pages(pid: int, addrs: Iterable[int]) -> bytearray:
+    """The contents of the pages at ``addrs`` of ``pid``: len(addrs) * 4096 bytes."""
+    with ProcessMemory(pid) as pm:
+        return pm.read_pages(addrs)
+
+
+def dump_vma_pages(pid: int, vma, emit: Callable[[array, memoryview], object],
+                   drop_zero: bool | None = None) -> int:
+    """Stream ``vma``'s pages to ``emit(addrs, data)`` in chunks of at most 1024 pages;
+    ``emit`` may be ``ctx.write_pages``. ``data`` is valid only during the call."""
+    with ProcessMemory(pid) as pm:
+        return pm.dump_vma_pages(vma, emit, drop_zero)
+
+
+def vmas(pid: int) -> list[SmapsEntry]:
+    """The VMAs of ``pid`` with their VmFlags (backend.proc.read_smaps)."""
+    return read_smaps(pid)
