@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 
 # Every resource kind module. Adding a kind means adding its module here.
-KIND_MODULES = ("tasktree", "creds", "signals", "fs", "files", "pipes", "unix", "memory")
+KIND_MODULES = ("tasktree", "cpu_x86", "creds", "signals", "fs", "files", "pipes", "unix", "memory")
 _loaded = False
 
 

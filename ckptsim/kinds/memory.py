@@ -50,8 +50,12 @@ MM_CONTEXT = layout(404, "MM_CONTEXT", [
 ], subsystem="mm")
 SHMEM_REC = layout(405, "SHMEM", [("size", "u64", "hex"), ("nr_pages", "u64")], subsystem="mm")
 
+# Kernel-provided special mappings: recorded with their place, never with contents.
+SPECIAL_MAPPINGS = frozenset({"[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]"})
+
+
 def _vma_type(vma) -> int:
-    if vma.name == "[vdso]":
+    if vma.name in SPECIAL_MAPPINGS:
         return VMA_VDSO
     if vma.shmem is not None:
         return VMA_SHM_ANON
@@ -75,7 +79,7 @@ def save_mm(ctx, mm: MM) -> None:
             shm_ref, first = ctx.ref_first(vma.shmem)
             if not first:  # the segment's pages went out with its first mapping
                 vtype = VMA_SHM_ANON_SKIP
-        if vtype == VMA_VDSO:
+        if vma.name == "[vdso]":
             vdso = vma.start
         ctx.write(VMA_REC, var=vma.name or "", vma_type=vtype, vma_objref=file_ref,
                   ino_objref=shm_ref, pad=0,
@@ -111,7 +115,7 @@ def _restore_vma(ctx, mm: MM, rec) -> None:
         flags |= MAP_GROWSDOWN
     name = rec.var or None
     if vtype == VMA_VDSO:
-        name = "[vdso]"
+        name = rec.var if rec.var in SPECIAL_MAPPINGS else "[vdso]"
     try:
         mm.restore_vma(start, end, rec["vm_page_prot"], flags, rec["vm_pgoff"], file, shmem,
                        name, (vm_flags >> 4) & PROT_ALL)

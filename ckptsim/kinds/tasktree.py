@@ -38,12 +38,17 @@ TASK_FLAG_PIDNS_INIT = 0x1
 
 
 def save_cpu(ctx, task) -> None:
+    if task.cpu is None:
+        return  # a live task: its CPU is kinds/cpu_x86.py's
     regs = task.cpu.regs
     ctx.write(CPU, pc=task.cpu.pc, in_syscall=int(task.cpu.in_syscall), nr_regs=len(regs),
               var=[(r,) for r in regs])
 
 
 def load_cpu(ctx, task) -> None:
+    if ctx.peek() is not CPU and getattr(ctx.peek(), "name", "") == "CPU_X86":
+        task.cpu = None  # a live task's registers follow (kinds/cpu_x86.py)
+        return
     rec = ctx.read(CPU)
     regs = [v for (v,) in rec.var]
     if rec["nr_regs"] != len(regs) or len(regs) != NR_REGS:
