@@ -42,6 +42,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import re
@@ -355,7 +356,9 @@ class ProcessMemory:
     def pages_to_dump(self, vma) -> array:
         out = array("Q")
         for a, b in self.regions(vma):
-            out.extend(range(a, b, PAGE_SIZE))
+            for lo in range(a, b, CHUNK_PAGES * PAGE_SIZE):
+                hi = min(b, lo + CHUNK_PAGES * PAGE_SIZE)
+                out.frombytes(_page_addresses(lo, (hi - lo) >> PAGE_SHIFT))
         return out
 
     # -- reading -------------------------------------------------------------------------
@@ -464,7 +467,7 @@ class ProcessMemory:
             data = self._read_runs(runs, where)
             addrs = array("Q")
             for a, b in runs:
-                addrs.extend(range(a, b, PAGE_SIZE))
+                addrs.frombytes(_page_addresses(a, (b - a) >> PAGE_SHIFT))
             if drop_zero:
                 addrs, data = self._drop_zero_pages(addrs, data)
                 if not addrs:
@@ -550,6 +553,23 @@ def _zero_page_entry() -> bytes | None:
         m.close()
     _zero_entry.append(value)
     return value
+
+
+@functools.lru_cache(maxsize=None)
+def _address_ints(n: int) -> tuple[int, int]:
+    """For n pages: (the n little-endian u64 offsets 0, 4096, ... as one big integer, the big
+    integer whose n u64 fields are all 1)."""
+    offsets = array("Q", range(0, n * PAGE_SIZE, PAGE_SIZE)).tobytes()
+    ones = array("Q", [1]).tobytes() * n
+    return int.from_bytes(offsets, "little"), int.from_bytes(ones, "little")
+
+
+def _page_addresses(start: int, n: int) -> bytes:
+    """The n page addresses start, start + 4096, ... as little-endian u64 bytes, built with
+    one big-integer multiply-add (no field can carry into the next: each stays < 2**64)
+    instead of n Python-level steps. n <= CHUNK_PAGES."""
+    offsets, ones = _address_ints(n)
+    return (offsets + start * ones).to_bytes(8 * n, "little")
 
 
 def _runs_of(addrs: array) -> list[tuple[int, int]]:
