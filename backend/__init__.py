@@ -1,2 +1,4 @@
-"""The live Linux backend (issue 4 onwards). Not implemented yet: nothing here checkpoints
-real processes, and no tool claims to."""
+"""The live Linux backend (issue 4): checkpointing real processes. In progress.
+
+Modules: kabi (the raw x86_64 kernel ABI: syscall numbers, ptrace requests, ioctls, structs),
+ptrace (seize/stop/detach threads, registers, signal state, syscall injection)."""
