@@ -108,20 +108,9 @@ def load_fdtable(ctx) -> FdTable:
 
 # --- open file descriptions ----------------------------------------------------------------
 
-def _linked_path(ctx, file: File) -> str | None:
-    """The path that names ``file.inode`` now, or None if the inode is unlinked."""
-    inode = file.inode
-    if inode is None or inode.nlink == 0:
-        return None
-    vfs = kernel_filesystem(ctx.kernel)
-    if file.path and vfs.lookup(file.path) is inode:
-        return file.path
-    return vfs.path_of(inode)
-
-
 def _save_inode_ref(ctx, file: File) -> None:
     """FILE_NAME for a linked inode, else FILE_UNLINKED with its contents (once per inode)."""
-    path = _linked_path(ctx, file)
+    path = file.linked_path(ctx.kernel)
     if path is not None:
         ctx.write(FILE_NAME, var=path)
         return

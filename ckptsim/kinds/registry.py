@@ -63,3 +63,15 @@ def kind_for_object(obj) -> Kind:
 
 def task_kinds() -> list[Kind]:
     return sorted((k for k in KINDS.values() if k.save_task), key=lambda k: (k.task_order, k.name))
+
+
+def also_saves(kind_name: str, *types: type) -> None:
+    """Let an existing kind save objects of other Python types that have the same attributes
+    (the live backend's stand-ins for model objects): one save function serves both."""
+    kind = KINDS[kind_name]
+    if kind.save_object is None:
+        raise ValueError(f"kind {kind_name} saves no objects")
+    for t in types:
+        if t in BY_MODEL_TYPE and BY_MODEL_TYPE[t] is not kind:
+            raise ValueError(f"{t.__name__} is already saved by {BY_MODEL_TYPE[t].name}")
+        BY_MODEL_TYPE[t] = kind

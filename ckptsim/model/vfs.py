@@ -315,6 +315,16 @@ class File(Shared):
     def release(self, kernel) -> None:
         self.ftype.release(kernel, self)
 
+    def linked_path(self, kernel) -> str | None:
+        """The path that names this file's inode now, or None if the inode is unlinked."""
+        inode = self.inode
+        if inode is None or inode.nlink == 0:
+            return None
+        vfs = kernel_filesystem(kernel)
+        if self.path and vfs.lookup(self.path) is inode:
+            return self.path
+        return vfs.path_of(inode)
+
     def __repr__(self) -> str:
         return f"<File {self.kind} {self.path or ''} flags={self.flags:#o} pos={self.pos} refs={self.refs}>"
 

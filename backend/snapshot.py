@@ -1,0 +1,401 @@
+"""What a live checkpoint saves of each task, gathered from /proc and ptrace.
+
+The objects built here are what the resource kinds (``ckptsim/kinds``) save: the small ones
+are the model's own types (Cred, SigHand, SignalStruct, ThreadSignals), the others stand in
+for model objects with the same attributes (LiveMM for MM, LiveFile for File, ...), so one
+save function per kind writes both model and live images. Memory is not copied here: LiveMM
+reads pages in bounded chunks while the image is written.
+
+Every task must be stopped (``backend.ptrace.seized``) while this runs. Anything the live
+backend cannot save yet raises Unsupported, naming the task, the fd or mapping and its kind.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+
+from ckptsim.errors import CkptsimError
+from ckptsim.kinds.cpu_x86 import X86State
+from ckptsim.kinds.memory import SPECIAL_MAPPINGS
+from ckptsim.model.creds import Cred
+from ckptsim.model.signals import AltStack, SigAction, SigHand, SigInfo, SignalStruct, SigPending, ThreadSignals
+
+from . import kabi, proc, ptrace
+from .memory import ProcessMemory, VmaKind, classify, describe
+
+RLIM_INFINITY_U64 = (1 << 64) - 1
+MAX_UNLINKED_CONTENTS = 1 << 30
+PAGE = 4096
+# Character devices without state of their own: saved by path, opened again on restart.
+REOPENABLE_DEVICES = frozenset({"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"})
+
+
+class Unsupported(CkptsimError):
+    """Something in the tree the live backend cannot checkpoint yet (named precisely)."""
+
+
+# -- stand-ins for model objects --------------------------------------------------------------
+class LiveFileType:
+    def __init__(self, kind: str, seekable: bool):
+        self.kind, self.seekable = kind, seekable
+
+
+class LiveInode:
+    """An unlinked-but-open file's inode: saved by contents."""
+
+    def __init__(self, ino: int, kind: str, mode: int, data: bytes):
+        self.ino, self.kind, self.mode, self.data, self.nlink = ino, kind, mode, data, 0
+
+
+class LiveFile:
+    """An open file description (File's attributes as kinds/files.py reads them)."""
+
+    def __init__(self, kind: str, flags: int, pos: int, path: str, *, seekable: bool = True,
+                 private=None, inode: LiveInode | None = None):
+        self.ftype = LiveFileType(kind, seekable)
+        self.flags, self.pos, self.path = flags, pos, path
+        self.private, self.inode = private, inode
+
+    def linked_path(self, kernel) -> str | None:
+        return None if self.inode is not None else self.path
+
+
+class LivePipe:
+    """A pipe's buffer, copied with tee(2) so that the live pipe keeps its data."""
+
+    def __init__(self, capacity: int, buffer: bytes, fifo: bool):
+        self.capacity, self.buffer = capacity, buffer
+        self.inode = True if fifo else None  # kinds/pipes.py: a FIFO has an inode
+
+
+class LiveDir:
+    def __init__(self, deleted: bool):
+        self.nlink = 0 if deleted else 1
+
+
+class LiveFs:
+    def __init__(self, root: str, cwd: str, umask: int):
+        self.root_path, self.cwd_path = root.removesuffix(" (deleted)"), cwd.removesuffix(" (deleted)")
+        self.root, self.cwd = LiveDir(root.endswith(" (deleted)")), LiveDir(cwd.endswith(" (deleted)"))
+        self.umask = umask
+
+
+class LiveFdTable:
+    def __init__(self, entries: list[tuple[int, LiveFile, bool]]):
+        self.entries = entries
+
+    def items(self):
+        return self.entries
+
+
+# VmFlags mnemonics of smaps and Linux's vm_flags bits (include/linux/mm.h)
+_VM_FLAG_BITS = {"rd": 0x1, "wr": 0x2, "ex": 0x4, "sh": 0x8, "mr": 0x10, "mw": 0x20,
+                 "me": 0x40, "ms": 0x80, "gd": 0x100, "pf": 0x400, "lo": 0x2000, "io": 0x4000,
+                 "dc": 0x100000, "de": 0x200000, "ac": 0x8000}
+MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_GROWSDOWN = 0x1, 0x2, 0x20, 0x100
+
+
+class LiveVMA:
+    def __init__(self, entry, file: LiveFile | None):
+        m = entry.mapping
+        self.entry = entry
+        self.start, self.end = m.start, m.end
+        self.prot = (m.readable and 1) | (m.writable and 2) | (m.executable and 4)
+        shared = m.shared
+        self.flags = (MAP_SHARED if shared else MAP_PRIVATE) | (0 if file else MAP_ANONYMOUS)
+        if "gd" in entry.vm_flags:
+            self.flags |= MAP_GROWSDOWN
+        self.file, self.shmem = file, None
+        self.pgoff = (m.offset >> 12) if file is not None else (m.start >> 12)
+        self.name = m.path if m.path.startswith("[") else None
+        self.vm_flags = sum(bit for flag, bit in _VM_FLAG_BITS.items() if flag in entry.vm_flags)
+        self.maxprot = (self.vm_flags >> 4) & 7
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.flags & MAP_SHARED)
+
+
+class LiveMM:
+    """The address space (MM's attributes); pages are read in chunks as the image is written."""
+
+    def __init__(self, pid: int, stat: proc.Stat, vmas: list[LiveVMA], exe_file: LiveFile | None):
+        self.pid, self.vmas, self.exe_file = pid, vmas, exe_file
+        self.def_flags = self.flags = 0
+        heap = next((v for v in vmas if v.name == "[heap]"), None)
+        self.start_code, self.end_code = stat.startcode, stat.endcode
+        self.start_data, self.end_data = stat.start_data, stat.end_data
+        self.start_brk = stat.start_brk
+        self.brk = heap.end if heap is not None else stat.start_brk
+        self.start_stack = stat.startstack
+        self.arg_start, self.arg_end = stat.arg_start, stat.arg_end
+        self.env_start, self.env_end = stat.env_start, stat.env_end
+        self._memory: ProcessMemory | None = None
+
+    @property
+    def map_count(self) -> int:
+        return len(self.vmas)
+
+    def present_chunks(self, vma: LiveVMA, max_pages: int = 1024):
+        """(page addresses, their contents) of the pages worth saving, max_pages at a time;
+        the contents are only valid until the next chunk is asked for."""
+        if vma.name in SPECIAL_MAPPINGS or vma.shared:
+            return  # kernel-provided or shared: no private pages to save
+        if self._memory is None:
+            self._memory = ProcessMemory(self.pid)
+        addrs = self._memory.pages_to_dump(vma.entry)
+        buf = bytearray(min(len(addrs), max_pages) * PAGE)
+        for i in range(0, len(addrs), max_pages):
+            part = addrs[i:i + max_pages]
+            view = memoryview(buf)[:len(part) * PAGE]
+            self._memory.read_pages(part, out=view)
+            yield part, view
+
+    def close(self) -> None:
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None
+
+
+class LiveTask:
+    """One thread, with what the kinds save per task; ``cpu`` is None (x86 state instead)."""
+
+    ns = None
+
+    def __init__(self, tid: int, process: "LiveProcess"):
+        self.tid = tid
+        self.process = process
+        self.cpu = None
+        self.x86: X86State | None = None
+        self.sigstate: ThreadSignals | None = None
+        self.comm = ""
+        self.state = "running"
+        self.exit_signal = 17
+        self.exit_code = 0
+        self.pdeath_signal = 0
+
+    def __getattr__(self, name):
+        if name in ("cred", "mm", "files", "fs", "sighand", "signal"):
+            return getattr(self.process, name)
+        raise AttributeError(name)
+
+
+class LiveProcess:
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.threads: list[LiveTask] = []
+        self.cred = self.mm = self.files = self.fs = self.sighand = self.signal = None
+        self.stat: proc.Stat | None = None
+        self.zombie = False
+
+
+# -- gathering --------------------------------------------------------------------------------
+def _siginfo(raw: bytes) -> SigInfo:
+    signo, _errno, code = struct.unpack_from("<iii", raw, 0)
+    pid, uid = struct.unpack_from("<iI", raw, 16)
+    (value,) = struct.unpack_from("<Q", raw, 24)
+    return SigInfo(signo, code, pid, uid, value)
+
+
+def _cred(status: proc.Status, securebits: int) -> Cred:
+    uid, euid, suid, fsuid = status.uid
+    gid, egid, sgid, fsgid = status.gid
+    return Cred(uid=uid, euid=euid, suid=suid, fsuid=fsuid, gid=gid, egid=egid, sgid=sgid,
+                fsgid=fsgid, groups=tuple(sorted(status.groups)), cap_inheritable=status.cap_inh,
+                cap_permitted=status.cap_prm, cap_effective=status.cap_eff,
+                cap_bounding=status.cap_bnd, securebits=securebits)
+
+
+def _handlers(tid: int) -> SigHand:
+    """Every signal's action, read inside the task with injected rt_sigaction calls."""
+    actions = []
+    with ptrace.stack_scratch(tid, kabi.KERNEL_SIGACTION_SIZE) as addr:
+        for sig in range(1, 65):
+            ptrace.inject_syscall(tid, kabi.SYS_rt_sigaction, sig, 0, addr, 8)
+            raw = ptrace._read_mem(tid, addr, kabi.KERNEL_SIGACTION_SIZE)
+            handler, flags, restorer, mask = struct.unpack("<QQQQ", raw)
+            actions.append(SigAction(handler, flags, mask, restorer))
+    return SigHand(actions)
+
+
+def _altstack(tid: int) -> AltStack:
+    with ptrace.stack_scratch(tid, kabi.STACK_T_SIZE) as addr:
+        ptrace.inject_syscall(tid, kabi.SYS_sigaltstack, 0, addr)
+        sp, flags, size = struct.unpack("<Qi4xQ", ptrace._read_mem(tid, addr, kabi.STACK_T_SIZE))
+    return AltStack(sp, size, flags)
+
+
+def _rlimits(pid: int) -> list[tuple[int, int]]:
+    out = []
+    for lim in proc.read_limits(pid)[:16]:
+        soft = RLIM_INFINITY_U64 if lim.soft < 0 else lim.soft
+        hard = RLIM_INFINITY_U64 if lim.hard < 0 else lim.hard
+        out.append((soft, hard))
+    return out
+
+
+def _pipe_contents(pid: int, fd: int, ino: int) -> tuple[int, bytes]:
+    """(capacity, buffered bytes) of the pipe behind ``fd``, left intact: a new read end is
+    opened through /proc and tee(2) duplicates the buffer into a private pipe."""
+    src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK)
+    r, w = os.pipe()
+    try:
+        capacity = fcntl.fcntl(src, fcntl.F_GETPIPE_SZ)
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, capacity)
+        try:
+            n = kabi.syscall(kabi.SYS_tee, src, w, capacity, kabi.SPLICE_F_NONBLOCK,
+                             what=f"tee of pipe:[{ino}]")
+        except OSError as e:
+            if e.errno != errno.EAGAIN:  # EAGAIN: the pipe is empty
+                raise
+            n = 0
+        data = os.read(r, n) if n else b""
+        return capacity, data
+    finally:
+        for f in (src, r, w):
+            os.close(f)
+
+
+class Gatherer:
+    """Builds LiveProcess objects for a seized tree, sharing what is shared."""
+
+    def __init__(self, log):
+        self.log = log
+        self.files: dict[tuple, LiveFile] = {}    # (pid, fd) of the first holder -> file
+        self.file_keys: list[tuple[int, int, LiveFile, tuple]] = []
+        self.pipes: dict[int, LivePipe] = {}
+        self.mapped: dict[tuple, LiveFile] = {}
+
+    def process(self, pid: int, tids: list[int]) -> LiveProcess:
+        p = LiveProcess(pid)
+        p.stat = proc.read_stat(pid)
+        status = proc.read_status(pid)
+        leader = tids[0] if pid not in tids else pid
+        securebits = ptrace.inject_syscall(leader, kabi.SYS_prctl, kabi.PR_GET_SECUREBITS, 0, 0, 0, 0)
+        p.cred = _cred(status, securebits)
+        p.sighand = _handlers(leader)
+        p.signal = SignalStruct(_rlimits(pid))
+        p.signal.shared_pending = SigPending([_siginfo(r) for r in ptrace.peek_siginfo(leader, shared=True)])
+        p.fs = LiveFs(proc._readlink(pid, "root") or "/", proc._readlink(pid, "cwd") or "/",
+                      status.umask if status.umask is not None else 0o022)
+        p.files = self._fdtable(pid)
+        p.mm = self._mm(pid, p.stat)
+        for tid in sorted(tids, key=lambda t: (t != pid, t)):
+            p.threads.append(self._thread(p, tid))
+        return p
+
+    def zombie(self, pid: int) -> LiveProcess:
+        p = LiveProcess(pid)
+        p.zombie = True
+        p.stat = proc.read_stat(pid)
+        task = LiveTask(pid, p)
+        task.state, task.comm = "zombie", p.stat.comm
+        task.exit_code, task.exit_signal = p.stat.exit_code, p.stat.exit_signal
+        p.threads.append(task)
+        return p
+
+    def _thread(self, p: LiveProcess, tid: int) -> LiveTask:
+        t = LiveTask(tid, p)
+        stat = proc.read_stat(tid) if tid == p.pid else p.stat
+        t.comm = proc.read_comm(tid) if tid == p.pid else p.stat.comm
+        t.state = "stopped" if stat.state in ("T",) else "running"
+        t.exit_signal = p.stat.exit_signal if tid == p.pid else -1
+        regs = ptrace.get_regs(tid)
+        in_syscall = ptrace.syscall_state(regs) is not None
+        t.x86 = X86State(regs.as_dict(), ptrace.get_xstate(tid), int(in_syscall))
+        pending = SigPending([_siginfo(r) for r in ptrace.peek_siginfo(tid, shared=False)])
+        t.sigstate = ThreadSignals(ptrace.get_sigmask(tid), pending, _altstack(tid))
+        return t
+
+    # -- files ------------------------------------------------------------------------------
+    def _same_file(self, pid: int, fd: int, key: tuple) -> LiveFile | None:
+        """The already-seen description that (pid, fd) shares, found with kcmp(KCMP_FILE)."""
+        for other_pid, other_fd, file, other_key in self.file_keys:
+            if other_key == key and kabi.syscall(kabi.SYS_kcmp, pid, other_pid, kabi.KCMP_FILE,
+                                                 fd, other_fd, what="kcmp") == 0:
+                return file
+        return None
+
+    def _fdtable(self, pid: int) -> LiveFdTable:
+        entries = []
+        for info in proc.read_fds(pid):
+            key = (info.dev, info.ino, info.kind)
+            file = self._same_file(pid, info.fd, key)
+            if file is None:
+                file = self._file(pid, info)
+                self.file_keys.append((pid, info.fd, file, key))
+            entries.append((info.fd, file, info.cloexec))
+        return LiveFdTable(entries)
+
+    def _file(self, pid: int, info: proc.FdInfo) -> LiveFile:
+        flags = info.flags & ~os.O_CLOEXEC
+        kind = info.kind
+        if kind in (proc.FdKind.REGULAR, proc.FdKind.DIRECTORY):
+            inode = None
+            if info.deleted:
+                inode = self._unlinked(pid, info)
+            return LiveFile("regular" if kind is proc.FdKind.REGULAR else "dir", flags, info.pos,
+                            info.path, inode=inode)
+        if kind is proc.FdKind.CHAR_DEVICE and info.path in REOPENABLE_DEVICES:
+            return LiveFile("regular", flags, 0, info.path, seekable=False)
+        if kind in (proc.FdKind.PIPE, proc.FdKind.FIFO):
+            pipe = self.pipes.get(info.ino)
+            if pipe is None:
+                capacity, data = _pipe_contents(pid, info.fd, info.ino)
+                pipe = self.pipes[info.ino] = LivePipe(capacity, data, kind is proc.FdKind.FIFO)
+            return LiveFile("pipe" if kind is proc.FdKind.PIPE else "fifo", flags, 0, info.path,
+                            seekable=False, private=pipe)
+        raise Unsupported(f"task {pid}: fd {info.fd} is a {kind.value} ({info.target}), which the "
+                          "live backend cannot checkpoint yet")
+
+    def _unlinked(self, pid: int, info: proc.FdInfo) -> LiveInode:
+        with open(f"/proc/{pid}/fd/{info.fd}", "rb") as f:
+            data = f.read(MAX_UNLINKED_CONTENTS + 1)
+        if len(data) > MAX_UNLINKED_CONTENTS:
+            raise Unsupported(f"task {pid}: fd {info.fd}: unlinked file larger than 1 GiB")
+        return LiveInode(info.ino, "reg", info.mode & 0o7777, data)
+
+    # -- memory ------------------------------------------------------------------------------
+    def _mapped_file(self, pid: int, m) -> LiveFile:
+        key = (m.dev, m.inode, m.path)
+        file = self.mapped.get(key)
+        if file is None:
+            if m.deleted:
+                raise Unsupported(f"task {pid}: mapping {describe(m)} of a deleted file")
+            file = self.mapped[key] = LiveFile("regular", os.O_RDONLY, 0, m.path)
+        return file
+
+    def _mm(self, pid: int, stat: proc.Stat) -> LiveMM:
+        vmas = []
+        for entry in proc.read_smaps(pid):
+            cls = classify(entry)
+            m = entry.mapping
+            if cls.kind == VmaKind.UNSUPPORTED:
+                raise Unsupported(f"task {pid}: mapping {describe(m)}: {cls.reason}")
+            if cls.kind in (VmaKind.ANON_SHARED, VmaKind.SYSV_SHM):
+                raise Unsupported(f"task {pid}: mapping {describe(m)}: shared anonymous memory "
+                                  "is not supported by the live backend yet")
+            file = self._mapped_file(pid, m) if cls.kind in (VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED) else None
+            vmas.append(LiveVMA(entry, file))
+        exe = proc._readlink(pid, "exe")
+        exe_file = None
+        if exe:
+            exe_file = next((f for f in self.mapped.values() if f.path == exe.removesuffix(" (deleted)")), None)
+        return LiveMM(pid, stat, vmas, exe_file)
+
+
+
+def _register_with_kinds() -> None:
+    """The kinds save these stand-ins with the same functions as the model objects."""
+    from ckptsim.kinds import load_all
+    from ckptsim.kinds.registry import BY_MODEL_TYPE, also_saves
+    load_all()
+    if LiveMM not in BY_MODEL_TYPE:
+        for kind, t in (("mm", LiveMM), ("file", LiveFile), ("pipe", LivePipe), ("fs", LiveFs),
+                        ("file_table", LiveFdTable)):
+            also_saves(kind, t)
+
+
+_register_with_kinds()

@@ -1,0 +1,125 @@
+"""Live checkpoint of real process trees, checked field by field against /proc and against
+what the target reports about itself; the target must run on untraced afterwards."""
+from __future__ import annotations
+
+import errno
+import io
+import os
+import stat
+
+import pytest
+
+from backend import cli
+from backend.dump import checkpoint
+from ckptsim.cr.context import CheckpointError
+from ckptsim.image import core, decode_all
+
+SIGUSR1, SIGUSR2 = 10, 12
+
+
+def records(image: bytes):
+    return decode_all(image)
+
+
+def by_name(recs, name):
+    return [r for r in recs if r.layout.name == name]
+
+
+def pages_of(recs):
+    """{page address: contents} of every page chunk in the image."""
+    out = {}
+    for i, r in enumerate(recs):
+        if r.layout.name == "PGARR" and r["nr_pages"]:
+            n = r["nr_pages"]
+            buf = bytes(recs[i + 1].var)
+            for k in range(n):
+                addr = int.from_bytes(buf[8 * k:8 * k + 8], "little")
+                out[addr] = buf[8 * n + 4096 * k:8 * n + 4096 * (k + 1)]
+    return out
+
+
+@pytest.fixture
+def tree(c_target, start_target, tmp_path):
+    exe = c_target("ckpt_tree")
+    return start_target(exe, str(tmp_path / "data"))
+
+
+def test_image_matches_the_target(tree, check_untraced):
+    buf = io.BytesIO()
+    crid = checkpoint(tree.pid, buf)
+    assert crid > 0
+    recs = records(buf.getvalue())
+    head = recs[0]
+    assert head["image_flags"] & core.IMAGE_LIVE and head["arch"] == core.ARCH_X86_64
+
+    # the tree: the target and its child, with the parent link
+    (tree_rec,) = by_name(recs, "TREE")
+    entries = {e[0]: e for e in tree_rec.var}
+    child = tree.info["child"]
+    assert set(entries) == {tree.pid, child}
+    assert entries[child][1] == tree.pid and entries[tree.pid][1] == 0
+
+    # memory: the pattern pages are saved with their contents; untouched and zero pages are not
+    pages = pages_of(recs)
+    base = tree.info["mem"]
+    for page in (0, 5, 10, 15):
+        assert pages[base + page * 4096] == bytes([ord("A") + page]) * 4096
+    for page in (1, 2, 4):
+        assert base + page * 4096 not in pages
+
+    # the file at its offset, the pipe with its bytes
+    files = by_name(recs, "FILE")
+    names = [r.var for r in by_name(recs, "FILE_NAME")]
+    assert str(tree.info.get("fd")) and any(n.endswith("/data") for n in names)
+    assert any(r["f_pos"] == 4 for r in files)
+    assert any(bytes(r.var) == b"piped" for r in by_name(recs, "PIPE_BUF"))
+
+    # signals: the handler address, the blocked mask, the queued rt signal with its value
+    sighand = by_name(recs, "SIGHAND")[0]
+    assert sighand.var[SIGUSR1 - 1][0] == tree.info["handler"]
+    rt = tree.info["rt"]
+    blocked = {r["blocked"] for r in by_name(recs, "SIGNAL_TASK")}
+    assert any(b & (1 << (SIGUSR2 - 1)) and b & (1 << (rt - 1)) for b in blocked)
+    queued = [item for r in by_name(recs, "SIGPENDING") for item in r.var]
+    assert any(item[0] == rt and item[-1] == 42 for item in queued), queued
+
+    # registers: the instruction pointer lies in an executable mapping of the target
+    rips = [r["rip"] for r in by_name(recs, "CPU_X86")]
+    assert len(rips) == 2 and all(rips)
+
+    # and the tree runs on, untraced, with its state intact
+    check_untraced(tree.pid)
+    check_untraced(child)
+    tree.write(b"still there\n")
+    assert tree.readline() == "ok still there"
+
+
+def test_unsupported_fd_fails_cleanly_and_leaves_the_target_running(c_target, start_target,
+                                                                     tmp_path, check_untraced):
+    t = start_target(c_target("ckpt_tree"), str(tmp_path / "data"), "socket")
+    buf = io.BytesIO()
+    with pytest.raises(CheckpointError) as e:
+        checkpoint(t.pid, buf)
+    assert e.value.errno == errno.ENOSYS
+    assert f"task {t.pid}" in e.value.message and "socket" in e.value.message
+    recs = records(buf.getvalue())
+    assert any(r.layout is core.ERROR for r in recs)
+    check_untraced(t.pid)
+    t.write(b"after failure\n")
+    assert t.readline() == "ok after failure"
+
+
+def test_cli_writes_a_private_image(tree, tmp_path, capsys):
+    out = tmp_path / "tree.img"
+    assert cli.main([str(tree.pid), "-o", str(out), "-v"]) == 0
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+    assert "checkpoint id" in capsys.readouterr().err
+    assert decode_all(out.read_bytes())[0]["image_flags"] & core.IMAGE_LIVE
+
+
+@pytest.mark.parametrize("argv", [["999999999", "-o", "/tmp/none.img"], ["notapid"],
+                                  ["1", "--freezer", "-o", "/tmp/none.img"]])
+def test_cli_bad_input_is_one_line(argv, capsys):
+    assert cli.main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err)
