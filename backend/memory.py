@@ -362,17 +362,22 @@ class ProcessMemory:
         return out
 
     # -- reading -------------------------------------------------------------------------
-    def _read_runs(self, runs: list[tuple[int, int]], where: str = "") -> memoryview:
+    def _read_runs(self, runs: list[tuple[int, int]], where: str = "",
+                   dest: memoryview | None = None, dest_addr: int = 0) -> memoryview:
         """Read ``runs`` (page-aligned [start, end), at most CHUNK_PAGES pages and at most
-        CHUNK_PAGES runs in all) into the buffer, back to back; returns the filled view."""
+        CHUNK_PAGES runs in all) back to back into ``dest`` (whose address is ``dest_addr``)
+        or the reused buffer; returns the filled view."""
+        if dest is None:
+            dest, dest_addr = self._view, self._buf_addr
         remote = self._remote
         total = 0
         for i, (a, b) in enumerate(runs):
             remote[i].iov_base = a
             remote[i].iov_len = b - a
             total += b - a
-        if total > len(self._buf):
+        if total > len(dest):
             raise ValueError("batch larger than the read buffer")
+        self._local.iov_base = dest_addr
         self._local.iov_len = total
         done = 0            # bytes of the buffer filled so far
         i = 0               # first remote iovec not yet fully read
@@ -400,14 +405,13 @@ class ProcessMemory:
             # iovec i failed after ``got`` bytes: its rest comes from /proc/PID/mem
             base = remote[i].iov_base + got
             ln = remote[i].iov_len - got
-            self._read_mem(base, self._view[done + got:done + got + ln], where)
+            self._read_mem(base, dest[done + got:done + got + ln], where)
             done += remote[i].iov_len
             i += 1
             if i < len(runs):
-                self._local.iov_base = self._buf_addr + done
+                self._local.iov_base = dest_addr + done
                 self._local.iov_len = total - done
-        self._local.iov_base = self._buf_addr
-        return self._view[:total]
+        return dest[:total]
 
     def _read_mem(self, addr: int, into: memoryview, where: str) -> None:
         """Read len(into) bytes at ``addr`` through /proc/PID/mem (FOLL_FORCE: PROT_NONE pages
@@ -443,10 +447,17 @@ class ProcessMemory:
             dest = memoryview(out).cast("B")
         if len(dest) < n * PAGE_SIZE:
             raise ValueError(f"output buffer of {len(dest)} bytes for {n} pages")
+        if n == 0:
+            return out_obj
+        if dest.readonly:
+            raise ValueError("the output buffer is read-only")
+        # straight into the caller's buffer: no copy through ours
+        dest_addr = ctypes.addressof(ctypes.c_char.from_buffer(dest))
         for i in range(0, n, CHUNK_PAGES):
             part = addrs[i:i + CHUNK_PAGES]
-            data = self._read_runs(_runs_of(part))
-            dest[i * PAGE_SIZE:(i + len(part)) * PAGE_SIZE] = data
+            lo = i * PAGE_SIZE
+            self._read_runs(_runs_of(part), "", dest[lo:lo + len(part) * PAGE_SIZE],
+                            dest_addr + lo)
         return out_obj
 
     def dump_vma_pages(self, vma, emit: Callable[[array, memoryview], object],

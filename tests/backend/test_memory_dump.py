@@ -203,6 +203,17 @@ def test_one_shot_wrappers(target):
     data = memory.read_pages(pid, order)
     assert data == bytes(memory.read_pages(pid, addrs[3:4])) + \
         bytes(memory.read_pages(pid, addrs[0:1])) + bytes(memory.read_pages(pid, addrs[3:4]))
+    # into a caller's buffer (a slice of a bigger one: the snapshot code does that)
+    big = bytearray(b"\xee" * (len(addrs) + 2) * PAGE_SIZE)
+    view = memoryview(big)[PAGE_SIZE:(len(addrs) + 1) * PAGE_SIZE]
+    with memory.ProcessMemory(pid) as pm:
+        assert pm.read_pages(addrs, out=view) is view
+        with pytest.raises(ValueError, match="read-only"):
+            pm.read_pages(addrs, out=bytes(len(addrs) * PAGE_SIZE))
+        with pytest.raises(ValueError, match="output buffer"):
+            pm.read_pages(addrs, out=bytearray(PAGE_SIZE))
+    assert view == memory.read_pages(pid, addrs)
+    assert big[:PAGE_SIZE] == big[-PAGE_SIZE:] == b"\xee" * PAGE_SIZE
     seen = []
     memory.dump_vma_pages(pid, vma, lambda a, d: seen.extend(a))
     assert seen == list(pages(base, WRITTEN))
