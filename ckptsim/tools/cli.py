@@ -75,6 +75,18 @@ def _cmd_demo(args) -> int:
     return run_demo(args.seed)
 
 
+def _cmd_check(args) -> int:
+    """The kernel features the live backend uses: exit 0 when every must-have is present."""
+    from backend import features
+    found = features.probe()
+    print(features.format_table(found))
+    missing = [f.name for f in found if f.must_have and not f.present]
+    if missing:
+        print(f"live checkpoint unavailable: missing {', '.join(missing)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_conformance(args) -> int:
     """Run the conformance suite through pytest (parallel with xdist, junit XML for free)."""
     import os
@@ -122,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--junit-xml", metavar="FILE", help="also write a JUnit XML report")
     s.add_argument("-j", "--jobs", default="auto", help="parallel workers (default: auto)")
     s.set_defaults(func=_cmd_conformance)
+    s = sub.add_parser("check", help="probe the kernel features the live backend uses")
+    s.set_defaults(func=_cmd_check)
     s = sub.add_parser("demo", help="checkpoint, kill and restart the built-in example")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_demo)
