@@ -98,10 +98,10 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
     if not flags & core.CHECKPOINT_SUBTREE:
         raise CheckpointError(errno.EINVAL, "container checkpoints (leak detection) of live "
                                             "processes are not supported yet: use a subtree checkpoint")
-    missing = [f for f in features.probe() if f.must_have and not f.present]
-    if missing:
-        raise CheckpointError(errno.ENOSYS, "the kernel lacks " + ", ".join(
-            f"{f.name} ({f.detail})" for f in missing))
+    try:
+        features.require_must_haves()
+    except features.MissingFeatures as e:
+        raise CheckpointError(errno.ENOSYS, str(e)) from None
     if pid <= 0 or not proc.process_exists(pid):
         raise CheckpointError(errno.ESRCH, f"no process {pid}")
     if pid == os.getpid():

@@ -278,7 +278,7 @@ class Gatherer:
         p.sighand = _handlers(leader)
         p.signal = SignalStruct(_rlimits(pid))
         p.signal.shared_pending = SigPending([_siginfo(r) for r in ptrace.peek_siginfo(leader, shared=True)])
-        p.fs = LiveFs(proc._readlink(pid, "root") or "/", proc._readlink(pid, "cwd") or "/",
+        p.fs = LiveFs(proc.read_root(pid) or "/", proc.read_cwd(pid) or "/",
                       status.umask if status.umask is not None else 0o022)
         p.files = self._fdtable(pid)
         p.mm = self._mm(pid, p.stat)
@@ -379,7 +379,7 @@ class Gatherer:
                                   "is not supported by the live backend yet")
             file = self._mapped_file(pid, m) if cls.kind in (VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED) else None
             vmas.append(LiveVMA(entry, file))
-        exe = proc._readlink(pid, "exe")
+        exe = proc.read_exe(pid)
         exe_file = None
         if exe:
             exe_file = next((f for f in self.mapped.values() if f.path == exe.removesuffix(" (deleted)")), None)
