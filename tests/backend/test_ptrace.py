@@ -300,10 +300,18 @@ def test_group_stopped_target_stays_stopped(ptt, start_target, check_untraced):
     while not status(t.pid)["State"].startswith("T"):
         assert time.monotonic() < deadline, "SIGSTOP did not stop the target"
         time.sleep(0.002)
+    os.kill(t.pid, signal.SIGUSR1)      # handled, unblocked: pending until SIGCONT
+    usr1 = kabi.sigbit(signal.SIGUSR1)
     with ptrace.seized(t.pid) as s:
         assert s.stops[t.pid].kind == "group" and s.stops[t.pid].signal == signal.SIGSTOP
+        before = ptrace.get_regs(t.pid).as_dict()
         assert ptrace.inject_syscall(t.pid, kabi.SYS_getpid) == t.pid
+        # the injection ran with every signal blocked: SIGUSR1 was not delivered meanwhile
+        assert int(status(t.pid)["ShdPnd"], 16) == usr1
+        assert ptrace.get_regs(t.pid).as_dict() == before
+        assert ptrace.get_siginfo(t.pid)[8:12] == (signal.SIGSTOP | 0x8000).to_bytes(4, "little")
     check_untraced(t.pid)
+    assert int(status(t.pid)["ShdPnd"], 16) == usr1
     # detach wakes it to re-enter the group stop: 'R' for a moment under load, then 'T'
     deadline = time.monotonic() + 10
     while not status(t.pid)["State"].startswith("T"):
@@ -332,3 +340,27 @@ def test_bad_pids_are_refused_cleanly(ptt, start_target, check_untraced):
             ptrace.seize(t.pid)
     check_untraced(t.pid)
     ticks(t, 1)
+
+
+def test_a_signal_met_while_stopping_is_delivered_not_lost(ptt, start_target, check_untraced):
+    t = start_target(ptt, "tick")
+    try:
+        ptrace.seize(t.pid)                  # traced and running: a signal makes it stop
+        os.kill(t.pid, signal.SIGUSR1)       # handled (SA_SIGINFO|SA_RESTART), unblocked
+        deadline = time.monotonic() + 10
+        while not status(t.pid)["State"].startswith("t"):     # its signal-delivery-stop
+            assert time.monotonic() < deadline, "no signal-delivery-stop"
+            time.sleep(0.002)
+        stop = ptrace.interrupt_and_wait(t.pid)
+        assert stop.kind == "interrupt"
+        # the kernel delivered SIGUSR1 as without us, then trapped at the handler's entry
+        regs = ptrace.get_regs(t.pid)
+        assert regs.rip == t.info["handler"]
+        assert regs.rdi == signal.SIGUSR1
+        assert not int(status(t.pid)["SigPnd"], 16) & kabi.sigbit(signal.SIGUSR1)
+        assert not int(status(t.pid)["ShdPnd"], 16) & kabi.sigbit(signal.SIGUSR1)
+    finally:
+        ptrace.release(t.pid)
+    check_untraced(t.pid)
+    ticks(t, 2)                              # the handler returned, the nanosleep restarted
+    check_untraced(t.pid)
