@@ -517,6 +517,12 @@ def syscall_state(regs: kabi.user_regs_struct) -> SyscallState | None:
 _insn_cache: dict[int, int] = {}
 
 
+def read_memory(tid: int, addr: int, size: int) -> bytes:
+    """``size`` bytes of the tracee's memory at ``addr`` (through /proc/TID/mem: it also reads
+    pages the tracee may not, such as the out-buffers of injected syscalls on its stack)."""
+    return _read_mem(tid, addr, size)
+
+
 def _read_mem(tid: int, addr: int, size: int) -> bytes:
     fd = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
     try:

@@ -214,7 +214,7 @@ def _handlers(tid: int) -> SigHand:
     with ptrace.stack_scratch(tid, kabi.KERNEL_SIGACTION_SIZE) as addr:
         for sig in range(1, 65):
             ptrace.inject_syscall(tid, kabi.SYS_rt_sigaction, sig, 0, addr, 8)
-            raw = ptrace._read_mem(tid, addr, kabi.KERNEL_SIGACTION_SIZE)
+            raw = ptrace.read_memory(tid, addr, kabi.KERNEL_SIGACTION_SIZE)
             handler, flags, restorer, mask = struct.unpack("<QQQQ", raw)
             actions.append(SigAction(handler, flags, mask, restorer))
     return SigHand(actions)
@@ -223,7 +223,7 @@ def _handlers(tid: int) -> SigHand:
 def _altstack(tid: int) -> AltStack:
     with ptrace.stack_scratch(tid, kabi.STACK_T_SIZE) as addr:
         ptrace.inject_syscall(tid, kabi.SYS_sigaltstack, 0, addr)
-        sp, flags, size = struct.unpack("<Qi4xQ", ptrace._read_mem(tid, addr, kabi.STACK_T_SIZE))
+        sp, flags, size = struct.unpack("<Qi4xQ", ptrace.read_memory(tid, addr, kabi.STACK_T_SIZE))
     return AltStack(sp, size, flags)
 
 
