@@ -6,6 +6,7 @@ import errno
 import io
 import os
 import stat
+import time
 
 import pytest
 
@@ -123,3 +124,22 @@ def test_cli_bad_input_is_one_line(argv, capsys):
     assert cli.main(argv) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err and "Traceback" not in "\n".join(err)
+
+
+def test_kill_ends_the_tree_once_the_image_is_written(tree, tmp_path):
+    out = tmp_path / "killed.img"
+    child = tree.info["child"]
+    assert cli.main([str(tree.pid), "-o", str(out), "--kill"]) == 0
+    assert tree.proc.wait(timeout=10) == -9
+    assert decode_all(out.read_bytes())[0]["image_flags"] & core.IMAGE_LIVE
+    # the child was killed too (and, orphaned, is reaped by init: wait until it is gone)
+    for _ in range(100):
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"child {child} still alive after --kill")
