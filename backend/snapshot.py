@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import os
 import struct
+from array import array
 
 from ckptsim.errors import CkptsimError
 from ckptsim.kinds.cpu_x86 import X86State
@@ -159,6 +161,169 @@ class LiveMM:
             self._memory = None
 
 
+class _PageCount:
+    """``Shmem.pages`` as kinds/memory.py's save_shmem reads it: only values() is counted."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def values(self):
+        return itertools.repeat(True, self.n)   # one non-ZERO_PAGE marker per saved page
+
+
+class LiveShmem:
+    """A shared anonymous segment (MAP_SHARED|MAP_ANONYMOUS, /dev/zero shared): Shmem's
+    attributes (size, pages, present_pages). One object per (dev, inode) of the mapping,
+    whichever processes of the tree map it, so it is saved once.
+
+    The pages saved are those the segment holds: the data ranges of the segment's shmem file
+    (SEEK_DATA/SEEK_HOLE on /proc/PID/map_files/..., which also sees pages written by a
+    process that exited or unmapped it) together with the present or swapped pages of every
+    mapping in the tree (backend.memory's scan of the shared kinds). They are read with
+    preadv from the segment file, or, when map_files cannot be opened, with
+    process_vm_readv through a mapping of the tree (backend.memory)."""
+
+    def __init__(self, key: tuple):
+        self.key = key                          # (dev, inode) of the mapping
+        self.mappers: list[tuple[int, object]] = []   # (pid, smaps entry)
+        self._ranges: list[tuple[int, int]] | None = None   # byte offsets [a, b), merged
+        self._size = 0
+
+    def add(self, pid: int, entry) -> None:
+        self.mappers.append((pid, entry))
+
+    def _path(self, pid: int, m) -> str:
+        return f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
+
+    def _open(self) -> int | None:
+        for pid, entry in self.mappers:
+            try:
+                return os.open(self._path(pid, entry.mapping), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+        return None
+
+    def _scan(self) -> None:
+        ranges = []
+        size = 0
+        for pid, entry in self.mappers:
+            m = entry.mapping
+            size = max(size, m.offset + m.size)
+            with ProcessMemory(pid) as pm:
+                ranges.extend((m.offset + a - m.start, m.offset + b - m.start)
+                              for a, b in pm.regions(entry))
+        fd = self._open()
+        if fd is not None:
+            try:
+                size = max(size, os.fstat(fd).st_size)
+                off = 0
+                while off < size:
+                    try:
+                        a = os.lseek(fd, off, os.SEEK_DATA)
+                    except OSError as e:
+                        if e.errno == errno.ENXIO:     # no data past off
+                            break
+                        raise
+                    b = min(os.lseek(fd, a, os.SEEK_HOLE), size)
+                    ranges.append((a & ~(PAGE - 1), (b + PAGE - 1) & ~(PAGE - 1)))
+                    off = b
+            finally:
+                os.close(fd)
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted(ranges):
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self._ranges, self._size = merged, size
+
+    @property
+    def size(self) -> int:
+        if self._ranges is None:
+            self._scan()
+        return self._size
+
+    @property
+    def pages(self) -> _PageCount:
+        if self._ranges is None:
+            self._scan()
+        return _PageCount(sum(b - a for a, b in self._ranges) // PAGE)
+
+    def present_pages(self, max_pages: int = 1024):
+        """Yield (array('Q') of byte offsets, their contents), at most max_pages at a time;
+        the contents are only valid until the next chunk is asked for."""
+        if self._ranges is None:
+            self._scan()
+        if not self._ranges:
+            return
+        buf = bytearray(max_pages * PAGE)
+        view = memoryview(buf)
+        fd = self._open()
+        memories: dict[int, ProcessMemory] = {}
+        try:
+            for part in self._chunks(max_pages):
+                offsets = array("Q")
+                for a, b in part:
+                    offsets.extend(range(a, b, PAGE))
+                out = view[:len(offsets) * PAGE]
+                if fd is not None:
+                    self._pread(fd, part, out)
+                else:
+                    self._read_mapped(part, out, memories)
+                yield offsets, out
+        finally:
+            if fd is not None:
+                os.close(fd)
+            for pm in memories.values():
+                pm.close()
+
+    def _chunks(self, max_pages: int):
+        limit = max_pages * PAGE
+        part, used = [], 0
+        for a, b in self._ranges:
+            while a < b:
+                take = min(b - a, limit - used)
+                part.append((a, a + take))
+                used += take
+                a += take
+                if used == limit:
+                    yield part
+                    part, used = [], 0
+        if part:
+            yield part
+
+    def _pread(self, fd: int, part, out: memoryview) -> None:
+        pos = 0
+        for a, b in part:
+            while a < b:
+                got = os.preadv(fd, [out[pos:pos + b - a]], a)
+                if got <= 0:            # past the segment's end (a shrunk segment): zeros
+                    out[pos:pos + b - a] = bytes(b - a)
+                    pos += b - a
+                    break
+                pos += got
+                a += got
+
+    def _read_mapped(self, part, out: memoryview, memories: dict) -> None:
+        """Without the segment file: each range through a mapping of the tree that covers it."""
+        pos = 0
+        for a, b in part:
+            for pid, entry in self.mappers:
+                m = entry.mapping
+                if m.offset <= a and b <= m.offset + m.size:
+                    pm = memories.get(pid) or memories.setdefault(pid, ProcessMemory(pid))
+                    start = m.start + a - m.offset
+                    pm.read_pages(array("Q", range(start, start + b - a, PAGE)),
+                                  out=out[pos:pos + b - a])
+                    break
+            else:
+                raise Unsupported(f"shared anonymous segment {self.key[0][0]:02x}:"
+                                  f"{self.key[0][1]:02x} inode {self.key[1]}: pages at "
+                                  f"offset {a:#x} are mapped by no task of the tree and "
+                                  "/proc/PID/map_files cannot be read")
+            pos += b - a
+
+
 class LiveTask:
     """One thread, with what the kinds save per task; ``cpu`` is None (x86 state instead)."""
 
@@ -267,6 +432,7 @@ class Gatherer:
         self.file_keys: list[tuple[int, int, LiveFile, tuple]] = []
         self.pipes: dict[int, LivePipe] = {}
         self.mapped: dict[tuple, LiveFile] = {}
+        self.shmems: dict[tuple, LiveShmem] = {}  # (dev, inode) -> shared anonymous segment
 
     def process(self, pid: int, tids: list[int]) -> LiveProcess:
         p = LiveProcess(pid)
@@ -374,16 +540,27 @@ class Gatherer:
             m = entry.mapping
             if cls.kind == VmaKind.UNSUPPORTED:
                 raise Unsupported(f"task {pid}: mapping {describe(m)}: {cls.reason}")
-            if cls.kind in (VmaKind.ANON_SHARED, VmaKind.SYSV_SHM):
-                raise Unsupported(f"task {pid}: mapping {describe(m)}: shared anonymous memory "
-                                  "is not supported by the live backend yet")
+            if cls.kind == VmaKind.SYSV_SHM:
+                raise Unsupported(f"task {pid}: mapping {describe(m)}: a SysV shared memory "
+                                  "segment (shmat), which the live backend cannot checkpoint yet")
             file = self._mapped_file(pid, m) if cls.kind in (VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED) else None
             vmas.append(LiveVMA(entry, file))
+            if cls.kind == VmaKind.ANON_SHARED:
+                self._shared_anon(pid, entry, vmas[-1])
         exe = proc.read_exe(pid)
         exe_file = None
         if exe:
             exe_file = next((f for f in self.mapped.values() if f.path == exe.removesuffix(" (deleted)")), None)
         return LiveMM(pid, stat, vmas, exe_file)
+
+    def _shared_anon(self, pid: int, entry, vma: LiveVMA) -> None:
+        """A shared anonymous mapping names its segment: one LiveShmem per (dev, inode)."""
+        m = entry.mapping
+        seg = self.shmems.get((m.dev, m.inode))
+        if seg is None:
+            seg = self.shmems[(m.dev, m.inode)] = LiveShmem((m.dev, m.inode))
+        seg.add(pid, entry)
+        vma.shmem, vma.pgoff = seg, m.offset >> 12
 
 
 
@@ -396,6 +573,8 @@ def _register_with_kinds() -> None:
         for kind, t in (("mm", LiveMM), ("file", LiveFile), ("pipe", LivePipe), ("fs", LiveFs),
                         ("file_table", LiveFdTable)):
             also_saves(kind, t)
+    if LiveShmem not in BY_MODEL_TYPE:
+        also_saves("shmem", LiveShmem)
 
 
 _register_with_kinds()
