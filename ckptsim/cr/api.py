@@ -16,6 +16,7 @@ import errno
 import hashlib
 import io
 import struct
+from dataclasses import dataclass
 
 from ..errors import ImageError, ModelError
 from ..image import core
@@ -70,11 +71,46 @@ def image_id_for(kernel, crid: int) -> bytes:
     return hashlib.blake2b(f"ckptsim:{kernel.seed}:{crid}".encode(), digest_size=16).digest()
 
 
+@dataclass(frozen=True)
+class HeaderIdentity:
+    """What a header says about the system that wrote the image: the model's by default;
+    ``replay --roundtrip`` passes an input image's own (a live image's kernel and arch).
+    An image without IMAGE_MODEL in ``image_flags`` gets no file-system snapshot."""
+
+    arch: int = 100
+    major: int = 6
+    minor: int = 18
+    patch: int = 0
+    image_flags: int = core.IMAGE_MODEL
+    release: tuple[str, str, str] = MODEL_RELEASE
+    has_fxsr: int = 0
+    has_xsave: int = 0
+    xstate_size: int = 0
+
+    @classmethod
+    def of_image(cls, data) -> "HeaderIdentity":
+        """The identity in an image's HEADER, its three STRINGs and HEADER_ARCH."""
+        reader = ImageReader(data)
+        hdr = reader.expect(core.HEADER)
+        release = tuple(reader.expect(core.STRING).var for _ in range(3))
+        arch = reader.expect(core.HEADER_ARCH)
+        return cls(hdr["arch"], hdr["major"], hdr["minor"], hdr["patch"], hdr["image_flags"],
+                   release, arch["has_fxsr"], arch["has_xsave"], arch["xstate_size"])
+
+    @property
+    def has_fs_snapshot(self) -> bool:
+        return bool(self.image_flags & core.IMAGE_MODEL)
+
+
+MODEL_IDENTITY = HeaderIdentity()
+
+
 # -- checkpoint ------------------------------------------------------------------------------
 def checkpoint(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
-               image_id: bytes | None = None, time: int | None = None, crid: int | None = None) -> int:
-    """Checkpoint the tree at ``pid``; returns the crid. ``image_id``/``time``/``crid``
-    override the header identity (``replay --roundtrip`` re-creates an image's own header)."""
+               image_id: bytes | None = None, time: int | None = None, crid: int | None = None,
+               identity: HeaderIdentity | None = None) -> int:
+    """Checkpoint the tree at ``pid``; returns the crid. ``image_id``/``time``/``crid`` and
+    ``identity`` override the header (``replay --roundtrip`` re-creates an image's own header)."""
     load_all()
     log = Log(_log_sink(kernel, caller, logfd))
     if flags & ~core.CHECKPOINT_USER_FLAGS:
@@ -96,12 +132,15 @@ def checkpoint(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
     if crid is None:
         crid = kernel.next_crid
         kernel.next_crid += 1
+    identity = identity or MODEL_IDENTITY
     ctx = CheckpointContext(kernel, caller, root, tasks, sink, log)
     _write_header(ctx, flags, crid, image_id or image_id_for(kernel, crid),
-                  kernel.ticks if time is None else time)
+                  kernel.ticks if time is None else time, identity)
+    ctx.fs_snapshot = dry_fs = identity.has_fs_snapshot
     try:
         if not subtree:
             dry = CheckpointContext(kernel, caller, root, tasks, None, log, collecting=True)
+            dry.fs_snapshot = dry_fs
             _write_body(dry)
             leaks = dry.leaks()
             if leaks:
@@ -140,13 +179,15 @@ def _check_tasks(kernel, caller, root, tasks) -> None:
             raise CheckpointError(errno.EBUSY, f"task {t.tid} ({t.comm}) is not in the root's freezer cgroup")
 
 
-def _write_header(ctx, flags, crid, image_id, time) -> None:
-    ctx.write(core.HEADER, magic=MAGIC_HEAD, version=FORMAT_VERSION, arch=100, major=6, minor=18,
-              patch=0, page_size=PAGE_SIZE, uflags=flags, image_flags=core.IMAGE_MODEL, time=time,
-              crid=crid, image_id=image_id, parent_id=bytes(16))
-    for text in MODEL_RELEASE:
+def _write_header(ctx, flags, crid, image_id, time, ident: HeaderIdentity = MODEL_IDENTITY) -> None:
+    ctx.write(core.HEADER, magic=MAGIC_HEAD, version=FORMAT_VERSION, arch=ident.arch,
+              major=ident.major, minor=ident.minor, patch=ident.patch, page_size=PAGE_SIZE,
+              uflags=flags, image_flags=ident.image_flags, time=time, crid=crid,
+              image_id=image_id, parent_id=bytes(16))
+    for text in ident.release:
         ctx.write(core.STRING, var=text)
-    ctx.write(core.HEADER_ARCH, has_fxsr=0, has_xsave=0, xstate_size=0, pad=0)
+    ctx.write(core.HEADER_ARCH, has_fxsr=ident.has_fxsr, has_xsave=ident.has_xsave,
+              xstate_size=ident.xstate_size, pad=0)
 
 
 def _write_body(ctx) -> None:
@@ -154,7 +195,8 @@ def _write_body(ctx) -> None:
     ctx.write(core.CONTAINER, flags=0, pad=0)
     ctx.write(core.STRING, var="lsm_none")
     ctx.write(core.LSM_INFO, var="dummy")
-    files.save_filesystem(ctx, ctx.kernel.vfs)
+    if getattr(ctx, "fs_snapshot", True):  # a live image's identity: none (paths only)
+        files.save_filesystem(ctx, ctx.kernel.vfs)
     write_tree(ctx)
     kinds = task_kinds()
     from ..kinds.tasktree import STATE_NUMBERS, TASK, TASK_OBJS
@@ -189,9 +231,19 @@ def restart_tasks(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
     """Restart and return the restored tasks, root first.
 
     ``pid`` must be 0: the model builds the tree itself, below the caller.
-    ``restore_fs`` also recreates the image's file system snapshot (replay into a fresh kernel).
-    ``pidns``: restore into a new pid namespace (default: when the image root is pid 1).
+    ``restore_fs`` also recreates the image's file system snapshot (replay into a fresh kernel);
+    for a live image, which has none, it creates the paths the image names as placeholders.
+    ``pidns``: restore into a new pid namespace (default: when the image root is pid 1, and
+    for live images).
     """
+    return restart_job(kernel, caller, pid, fd, flags, logfd, restore_fs=restore_fs,
+                       pidns=pidns)[0]
+
+
+def restart_job(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
+                restore_fs: bool = False, pidns: bool | None = None):
+    """``restart_tasks``, also returning the finished restart's context: its ``header``,
+    ``live`` (a live image) and ``placeholders`` (paths created for a live image, or absent)."""
     load_all()
     log = Log(_log_sink(kernel, caller, logfd))
     if flags & ~core.RESTART_USER_FLAGS:
@@ -203,7 +255,7 @@ def restart_tasks(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
     reader = ImageReader(data)
     job = RestoreJob(kernel, caller, reader, log, flags, restore_fs, pidns)
     try:
-        return job.run()
+        return job.run(), job.ctx
     except (ImageError, RestartError) as e:
         job.discard()
         log.error(getattr(e, "errno", errno.EINVAL), reader.pos, str(e))

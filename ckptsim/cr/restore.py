@@ -49,12 +49,17 @@ class RestoreJob:
             raise RestartError(errno.EINVAL, f"image format version {hdr['version']}, this tool reads {FORMAT_VERSION}")
         if hdr["image_flags"] & core.IMAGE_INCREMENTAL:
             raise RestartError(errno.EINVAL, "incremental images are not supported by the model yet")
-        if not hdr["image_flags"] & core.IMAGE_MODEL:
-            raise RestartError(errno.EINVAL, "not a model image: the model restores only images it wrote")
+        live = bool(hdr["image_flags"] & core.IMAGE_LIVE)
+        if not hdr["image_flags"] & core.IMAGE_MODEL and not live:
+            raise RestartError(errno.EINVAL, "neither a model nor a live image: image_flags "
+                                             f"{hdr['image_flags']:#x}")
+        if live and hdr["arch"] != core.ARCH_X86_64:
+            raise RestartError(errno.EINVAL, f"a live image of arch {hdr['arch']}: only x86_64 "
+                                             "live images are restored")
         ctx.header = hdr
-        for _ in range(3):
-            ctx.read(core.STRING)
-        ctx.read(core.HEADER_ARCH)
+        ctx.live = live
+        ctx.header_strings = tuple(ctx.read(core.STRING).var for _ in range(3))
+        ctx.header_arch = ctx.read(core.HEADER_ARCH)
 
     def _container(self) -> None:
         from ..kinds import files
@@ -62,6 +67,12 @@ class RestoreJob:
         ctx.read(core.CONTAINER)
         ctx.read(core.STRING)
         ctx.read(core.LSM_INFO)
+        if ctx.live and ctx.reader.peek() is not files.FS_SNAPSHOT:
+            # A live image names files by path but holds no file system: a replay into a
+            # fresh model creates the paths it names as placeholders (kinds/files.py).
+            if ctx.restore_fs:
+                ctx.placeholders = []
+            return
         files.load_filesystem(ctx, self.kernel.vfs)
 
     def _tree(self) -> list[Task]:
@@ -83,7 +94,9 @@ class RestoreJob:
     def _create_tasks(self, entries, nested) -> list[Task]:
         ctx, kernel = self.ctx, self.kernel
         root_vpid = entries[0][0]
-        new_ns = self.pidns if self.pidns is not None else root_vpid == 1
+        # A live image holds real pids and 0 for a process group or session outside the tree:
+        # in a new pid namespace the caller's groups are invisible, so they read as 0 again.
+        new_ns = self.pidns if self.pidns is not None else (root_vpid == 1 or ctx.live)
         base_ns = PidNamespace(self.caller.ns) if new_ns else self.caller.ns
         self.base_ns = base_ns
         tasks, by_vpid, pos = [], {}, 0
@@ -203,7 +216,10 @@ class RestoreJob:
         if state == "stopped":
             t.state = "stopped"
         exe = t.mm.exe_file
-        t.program = kernel.load_program(exe) if exe is not None else None
+        if t.cpu is None:
+            t.program = None  # a live task: x86 state (t.x86) the model cannot run
+        else:
+            t.program = kernel.load_program(exe) if exe is not None else None
 
     def _finish(self, tasks) -> None:
         kernel = self.kernel

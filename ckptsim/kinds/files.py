@@ -143,8 +143,46 @@ def save_file(ctx, file: File) -> None:
         _save_inode_ref(ctx, file)
 
 
-def _load_inode(ctx, expect_kinds: tuple[str, ...]) -> tuple[Inode, str]:
-    """Read FILE_NAME (look the path up) or FILE_UNLINKED (recreate the unlinked inode)."""
+# --- placeholders for live images (replay into a fresh model) ---------------------------------
+
+_PLACEHOLDER_MODES = {KIND_DIR: 0o755, KIND_REG: 0o644, KIND_FIFO: 0o644}
+
+
+def lookup_or_placeholder(ctx, path: str, kind: str) -> Inode | None:
+    """The inode at ``path``; when the restart makes placeholders (``ctx.placeholders``: a live
+    image, which has no file-system snapshot, replayed with ``restore_fs``) a missing path is
+    created first: its missing parents as directories, itself as an inode of ``kind`` (a
+    regular file is empty: the image holds no contents of linked files). Each path created is
+    appended to ``ctx.placeholders``."""
+    vfs = kernel_filesystem(ctx.kernel)
+    if not path.startswith("/"):
+        return None
+    inode = vfs.lookup(path)
+    made = getattr(ctx, "placeholders", None)
+    if inode is not None or made is None:
+        return inode
+    node, prefix = vfs.root, ""
+    names = [c for c in path.split("/") if c and c != "."]
+    if not names or ".." in names:
+        return None
+    for i, name in enumerate(names):
+        prefix += "/" + name
+        child = node.children.get(name)
+        if child is None:
+            last = i == len(names) - 1
+            child_kind = kind if last else KIND_DIR
+            child = vfs.new_inode(child_kind, _PLACEHOLDER_MODES[child_kind])
+            vfs.link(node, name, child)
+            made.append(prefix)
+        elif child.kind != KIND_DIR and i < len(names) - 1:
+            ctx.fail(errno.ENOTDIR, f"placeholder for {path!r}: {prefix} is a {child.kind}, not a directory")
+        node = child
+    return node
+
+
+def _load_inode(ctx, expect_kinds: tuple[str, ...], kind_hint: str = KIND_REG) -> tuple[Inode, str]:
+    """Read FILE_NAME (look the path up) or FILE_UNLINKED (recreate the unlinked inode).
+    ``kind_hint``: what a missing path becomes when the restart makes placeholders."""
     vfs = kernel_filesystem(ctx.kernel)
     if ctx.peek() is FILE_UNLINKED:
         rec = ctx.read(FILE_UNLINKED)
@@ -165,7 +203,7 @@ def _load_inode(ctx, expect_kinds: tuple[str, ...]) -> tuple[Inode, str]:
             path = ctx.read(FILE_NAME).var
     else:
         path = ctx.read(FILE_NAME).var
-        inode = vfs.lookup(path) if path.startswith("/") else None
+        inode = lookup_or_placeholder(ctx, path, kind_hint)
         if inode is None:
             ctx.fail(errno.ENOENT, f"file {path!r} does not exist")
     if inode.kind not in expect_kinds:
@@ -181,7 +219,8 @@ def load_file(ctx) -> File:
     if rec["f_mode"] != f_mode_of(flags):
         ctx.fail(errno.EINVAL, f"f_mode {rec['f_mode']} does not match f_flags {flags:#o}")
     if f_type == F_TYPE_GENERIC:
-        inode, path = _load_inode(ctx, (KIND_REG, KIND_DIR))
+        hint = KIND_DIR if flags & os.O_DIRECTORY else KIND_REG
+        inode, path = _load_inode(ctx, (KIND_REG, KIND_DIR), hint)
         ftype = DIRECTORY if inode.kind == KIND_DIR else REGULAR
         file = File(inode, flags, ftype, path=path)
     elif f_type == F_TYPE_PIPE:
@@ -193,7 +232,7 @@ def load_file(ctx) -> File:
         file = open_pipe_file(pipe, flags, PIPE_TYPE, inode)
     elif f_type == F_TYPE_FIFO:
         pipe = _pipe(ctx, rec)
-        inode, path = _load_inode(ctx, (KIND_FIFO,))
+        inode, path = _load_inode(ctx, (KIND_FIFO,), KIND_FIFO)
         if inode.pipe is None:
             pipe.attach(inode)
         elif inode.pipe is not pipe:

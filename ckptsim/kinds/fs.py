@@ -1,7 +1,9 @@
 """A task's fs context (root, cwd, umask): FS{umask} + the root and cwd paths.
 
 The var part is ``root + "\\0" + cwd`` (absolute paths). As in Linux-CR, a removed cwd or root
-cannot be named by a path and the checkpoint fails with EBADF.
+cannot be named by a path and the checkpoint fails with EBADF. Replaying a live image (no
+file-system snapshot) creates a missing root or cwd as a placeholder directory
+(``files.lookup_or_placeholder``).
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import errno
 
 from ..image.schema import layout
 from ..image.types import ObjType
-from ..model.vfs import KIND_DIR, FsContext, kernel_filesystem
+from ..model.vfs import KIND_DIR, FsContext
 from .registry import Kind, register
 
 FS = layout(451, "FS", [("umask", "u32", "octal")], var="str", subsystem="fs")
@@ -27,10 +29,10 @@ def load_fs(ctx) -> FsContext:
     paths = rec.var.split("\0")
     if len(paths) != 2 or not all(p.startswith("/") for p in paths):
         ctx.fail(errno.EINVAL, f"bad FS paths {rec.var!r}")
-    vfs = kernel_filesystem(ctx.kernel)
+    from .files import lookup_or_placeholder   # a live image's replay makes missing dirs
     inodes = []
     for path in paths:
-        inode = vfs.lookup(path)
+        inode = lookup_or_placeholder(ctx, path, KIND_DIR)
         if inode is None or inode.kind != KIND_DIR:
             ctx.fail(errno.ENOENT, f"directory {path} does not exist")
         inodes.append(inode)
