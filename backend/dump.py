@@ -29,6 +29,7 @@ from ckptsim.kinds.tasktree import STATE_NUMBERS, TASK, TASK_OBJS, TREE
 from . import features, proc, ptrace
 from .memory import MemoryDumpError
 from .snapshot import Gatherer, LiveProcess, Unsupported
+from .sockets import live_kernel
 
 
 def _kernel_version() -> tuple[int, int, int]:
@@ -110,6 +111,7 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
     ctx = CheckpointContext(None, None, _Root(), [], sink, log)
     _header(ctx, flags, crid)
     gatherer = Gatherer(log)
+    ctx.kernel = live_kernel(gatherer)   # the names of unix sockets (backend/sockets.py)
     processes: list[LiveProcess] = []
     try:
         with ptrace.seized(_tree_order(pid)) as seized:

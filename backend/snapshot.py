@@ -513,6 +513,9 @@ class Gatherer:
                 pipe = self.pipes[info.ino] = LivePipe(capacity, data, kind is proc.FdKind.FIFO)
             return LiveFile("pipe" if kind is proc.FdKind.PIPE else "fifo", flags, 0, info.path,
                             seekable=False, private=pipe)
+        if kind is proc.FdKind.SOCKET:   # AF_UNIX; other families are refused there
+            from .sockets import for_gatherer
+            return for_gatherer(self).file(pid, info)
         raise Unsupported(f"task {pid}: fd {info.fd} is a {kind.value} ({info.target}), which the "
                           "live backend cannot checkpoint yet")
 

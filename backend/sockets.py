@@ -1,0 +1,603 @@
+"""Live checkpoint of AF_UNIX sockets, written through the model's unix kind (kinds/unix.py).
+
+What is read, and how, without disturbing the (stopped) tree:
+
+- Type, state, name, peer, receive-queue length, pending connections of a listener, shutdown
+  state and buffer sizes come from NETLINK_SOCK_DIAG (sock_diag(7), one UNIX_DIAG dump of the
+  network namespace per checkpoint, taken when the first socket fd is met).
+- Queued data is peeked through a copy of the socket fd (pidfd_getfd): stream queues with
+  SO_PEEK_OFF walking exactly the number of bytes sock_diag reports (a peek past the end would
+  consume a pending error), datagram and seqpacket queues message by message (the peek offset
+  advances one message per peek; a message larger than the buffer comes back in pieces with
+  MSG_TRUNC). The socket's own peek offset is put back afterwards. The pending error (sk_err,
+  only ever ECONNRESET for AF_UNIX) is seen with poll(POLLERR), which does not clear it; a
+  datagram or seqpacket socket that has both a pending error and queued data is refused,
+  because the first peek would consume the error.
+- One socket (inode) reached from several fds or tasks is one LiveUnixSocket, so one SOCK.
+
+Choices (documented limits):
+
+- A peer that no task of the tree holds (the tree is a subtree of a bigger system) is saved as
+  an *external* socket: its type, state and name as sock_diag shows them, but not its queue
+  (the bytes the tree sent to it and that its owner has not read) and it never owns its name
+  (restoring it must not steal a name from the live system). It is logged.
+- A peer that is already closed (the survivor of a connection) is saved as a CLOSED socket.
+- A connection not yet accepted: the server-side socket ("embryo") has no inode and no fd;
+  it is saved in its listener's pending list with the listener's name. Data the client wrote
+  into it cannot be read before accept: such a listener is refused, as is one whose pending
+  client already closed (its data, if any, is invisible).
+- Name ownership: a listening, unconnected or datagram socket owns its name; a connected
+  stream or seqpacket socket never does (an accepted socket carries a copy of its listener's
+  name; a client bound before connect() therefore restores with the name, not the binding).
+  A path name is saved as linked when the file at that path (seen from the task's root, or
+  its cwd for a relative name) is still that socket's inode, as unlinked otherwise; a
+  relative name that cannot be found from the task's cwd is refused.
+- Refused with Unsupported naming the task, the fd and why: sockets of other families, files
+  in flight (SCM_RIGHTS: the fdinfo's scm_fds count, and any SCM_RIGHTS met while peeking),
+  a socket sock_diag cannot see (another network namespace), unknown states.
+- Not seen: MSG_OOB data, a zero-length datagram the target itself already peeked, zero-length
+  seqpacket messages queued after the peer shut down (indistinguishable from EOF by peeking).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import posixpath
+import select
+import socket
+import stat
+from dataclasses import dataclass, field
+
+from ckptsim.model.unix import (AF_UNIX, RCV_SHUTDOWN, SHUTDOWN_MASK, SOCK_BUF_DEFAULT,
+                                SOCK_DGRAM, SOCK_SEQPACKET, SOCK_STREAM, SOCK_TYPE_NAMES,
+                                Segment, SockState)
+
+from . import kabi, proc
+
+MSG_PEEK, MSG_DONTWAIT, MSG_TRUNC, MSG_CTRUNC = 0x2, 0x40, 0x20, 0x8
+PEEK_CHUNK = 1 << 20                  # stream peeks: at most this much per recvmsg
+DGRAM_BUF = 1 << 18                   # datagram peeks: a bigger message comes in pieces
+MAX_MESSAGES = 1 << 20
+ANC_BUF = socket.CMSG_SPACE(253 * 4)  # room for SCM_MAX_FD descriptors (closed at once)
+_DIAG_SHOW = (kabi.UDIAG_SHOW_NAME | kabi.UDIAG_SHOW_VFS | kabi.UDIAG_SHOW_PEER
+              | kabi.UDIAG_SHOW_ICONS | kabi.UDIAG_SHOW_RQLEN | kabi.UDIAG_SHOW_MEMINFO)
+
+
+# -- sock_diag --------------------------------------------------------------------------------
+@dataclass
+class UnixDiag:
+    """One AF_UNIX socket as sock_diag reports it."""
+    ino: int
+    type: int
+    state: int
+    name: bytes | None = None           # raw sun_path bytes (abstract names start with NUL)
+    vfs: tuple[int, int] | None = None  # (inode, kernel dev) of the bound path's socket file
+    peer: int | None = None             # peer inode; 0: the peer has no inode (embryo, closed)
+    icons: list[int] = field(default_factory=list)   # listener: client inodes of pending conns
+    rqueue: int = 0                     # listener: pending count; stream/seqpacket: queued
+    wqueue: int = 0                     # bytes; dgram: first message's length. listener:
+    rcvbuf: int = SOCK_BUF_DEFAULT      # backlog; others: bytes sent, not yet read (truesize)
+    sndbuf: int = SOCK_BUF_DEFAULT
+    shutdown: int = 0
+
+
+def _aligned(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _parse_diag(payload: memoryview) -> UnixDiag:
+    msg = kabi.unix_diag_msg.from_buffer_copy(payload)
+    d = UnixDiag(msg.udiag_ino, msg.udiag_type, msg.udiag_state)
+    off = _aligned(ctypes.sizeof(kabi.unix_diag_msg))
+    while off + 4 <= len(payload):
+        attr = kabi.nlattr.from_buffer_copy(payload, off)
+        if attr.nla_len < 4:
+            break
+        data = payload[off + 4:off + attr.nla_len]
+        kind = attr.nla_type & 0x3FFF
+        if kind == kabi.UNIX_DIAG_NAME:
+            d.name = bytes(data)
+        elif kind == kabi.UNIX_DIAG_VFS:
+            v = kabi.unix_diag_vfs.from_buffer_copy(data)
+            d.vfs = (v.udiag_vfs_ino, v.udiag_vfs_dev)
+        elif kind == kabi.UNIX_DIAG_PEER:
+            d.peer = int.from_bytes(data[:4], "little")
+        elif kind == kabi.UNIX_DIAG_ICONS:
+            d.icons = list(data.cast("I")) if len(data) else []
+        elif kind == kabi.UNIX_DIAG_RQLEN:
+            q = kabi.unix_diag_rqlen.from_buffer_copy(data)
+            d.rqueue, d.wqueue = q.udiag_rqueue, q.udiag_wqueue
+        elif kind == kabi.UNIX_DIAG_MEMINFO:
+            mem = data.cast("I")
+            d.rcvbuf, d.sndbuf = mem[kabi.SK_MEMINFO_RCVBUF], mem[kabi.SK_MEMINFO_SNDBUF]
+        elif kind == kabi.UNIX_DIAG_SHUTDOWN:
+            d.shutdown = data[0]
+        off += _aligned(attr.nla_len)
+    return d
+
+
+def diag_dump() -> dict[int, UnixDiag]:
+    """Every AF_UNIX socket of our network namespace, by inode (one NLM_F_DUMP request)."""
+    req = kabi.unix_diag_req(sdiag_family=AF_UNIX, udiag_states=0xFFFFFFFF, udiag_show=_DIAG_SHOW)
+    hdr = kabi.nlmsghdr(nlmsg_len=ctypes.sizeof(kabi.nlmsghdr) + ctypes.sizeof(req),
+                        nlmsg_type=kabi.SOCK_DIAG_BY_FAMILY,
+                        nlmsg_flags=kabi.NLM_F_REQUEST | kabi.NLM_F_DUMP, nlmsg_seq=1)
+    out: dict[int, UnixDiag] = {}
+    hdr_size = ctypes.sizeof(kabi.nlmsghdr)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       kabi.NETLINK_SOCK_DIAG) as nl:
+        nl.sendto(bytes(hdr) + bytes(req), (0, 0))
+        buf = bytearray(1 << 16)
+        while True:
+            n = nl.recv_into(buf)
+            view = memoryview(buf)[:n]
+            off = 0
+            while off + hdr_size <= n:
+                h = kabi.nlmsghdr.from_buffer_copy(view, off)
+                if h.nlmsg_len < hdr_size or off + h.nlmsg_len > n:
+                    raise OSError(errno.EPROTO, "sock_diag: truncated netlink message")
+                payload = view[off + hdr_size:off + h.nlmsg_len]
+                if h.nlmsg_type == kabi.NLMSG_DONE:
+                    return out
+                if h.nlmsg_type == kabi.NLMSG_ERROR:
+                    err = -int.from_bytes(payload[:4], "little", signed=True)
+                    if err:
+                        raise OSError(err, f"sock_diag of AF_UNIX sockets: {os.strerror(err)}")
+                elif h.nlmsg_type == kabi.SOCK_DIAG_BY_FAMILY:
+                    d = _parse_diag(payload)
+                    out[d.ino] = d
+                off += _aligned(h.nlmsg_len)
+
+
+# -- stand-ins for the model's UnixSocket and what kinds/unix.py asks ctx.kernel -------------
+class LiveSocketInode:
+    """The socket file a path-named socket is bound to (SocketInode's ``bound``)."""
+
+    def __init__(self, ino: int, bound: "LiveUnixSocket"):
+        self.ino, self.bound = ino, bound
+
+
+class LiveSocketFs:
+    """``filesystem(kernel).lookup(path)``: the socket inode still linked at ``path``."""
+
+    def __init__(self):
+        self.linked: dict[str, LiveSocketInode] = {}
+
+    def lookup(self, path: str):
+        return self.linked.get(path)
+
+
+class LiveUnixKernel:
+    """What kinds/unix.py reads of ``ctx.kernel`` when it saves a name: the abstract names
+    and the linked socket files the checkpointed sockets own."""
+
+    def __init__(self):
+        self.unix_abstract_names: dict[bytes, LiveUnixSocket] = {}
+        self.vfs = LiveSocketFs()
+
+
+_UNRESOLVED = object()
+
+
+class LiveUnixSocket:
+    """One AF_UNIX socket with UnixSocket's attributes as kinds/unix.py reads them.
+
+    ``peer`` and ``pending`` are resolved when the image is written (first read), once every
+    fd of the tree has been seen: only then is it known which sockets the tree holds."""
+
+    def __init__(self, table: "UnixSockets | None", ino: int, sock_type: int):
+        self._table = table
+        self.ino = ino
+        self.type = sock_type
+        self.state = SockState.UNCONNECTED
+        self.address: str | bytes | None = None
+        self.bound_path: str | None = None
+        self.inode: LiveSocketInode | None = None
+        self.backlog = 0
+        self._queue: list[Segment] = []
+        self.queued = 0
+        self.shutdown = 0
+        self.error = 0
+        self.rcvbuf = self.sndbuf = SOCK_BUF_DEFAULT
+        self.held_by: tuple[int, int] | None = None   # (pid, fd) of the first holder in the tree
+        self.external = True     # no task of the tree holds it (nor is it part of one it holds)
+        self.what = f"socket:[{ino}]" if ino else "socket"
+        self._peer = _UNRESOLVED
+        self._pending = _UNRESOLVED
+        self._noted = False
+
+    @property
+    def peer(self):
+        if self._peer is _UNRESOLVED:
+            self._peer = None   # (a cycle back here while resolving sees "no peer yet")
+            self._peer = self._table.resolve_peer(self)
+        return self._peer
+
+    @peer.setter
+    def peer(self, value) -> None:
+        self._peer = value
+
+    @property
+    def pending(self):
+        if self._pending is _UNRESOLVED:
+            self._pending = []
+            self._pending = self._table.resolve_pending(self)
+        return self._pending
+
+    @pending.setter
+    def pending(self, value) -> None:
+        self._pending = value
+
+    @property
+    def queue(self) -> list[Segment]:
+        if self.external and not self._noted and self._table is not None:
+            self._noted = True
+            self._table.note_external(self)
+        return self._queue
+
+    def set_queue(self, segments: list[Segment]) -> None:
+        self._queue = segments
+        self.queued = sum(len(s.data) for s in segments)
+
+    def __repr__(self) -> str:
+        return (f"<LiveUnixSocket {self.what} {SOCK_TYPE_NAMES.get(self.type, self.type)} "
+                f"{self.state.name} addr={self.address!r} queued={self.queued}>")
+
+
+# -- gathering --------------------------------------------------------------------------------
+_STATES = {kabi.TCP_CLOSE: SockState.UNCONNECTED, kabi.TCP_LISTEN: SockState.LISTENING,
+           kabi.TCP_ESTABLISHED: SockState.CONNECTED}
+
+
+def _address(raw: bytes | None) -> str | bytes | None:
+    """sock_diag's name as the model keeps it: str path, or bytes starting with NUL."""
+    if not raw:
+        return None
+    if raw.startswith(b"\0"):
+        return raw
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _sysctl(name: str, default: int) -> int:
+    try:
+        with open(f"/proc/sys/net/core/{name}") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return default
+
+
+def take_fd(pid: int, fd: int) -> int:
+    """A copy of ``pid``'s fd in this process (pidfd_open + pidfd_getfd), close-on-exec."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        return kabi.syscall(kabi.SYS_pidfd_getfd, pidfd, fd, 0, what=f"pidfd_getfd of task {pid} fd {fd}")
+    finally:
+        os.close(pidfd)
+
+
+def _family_name(family: int) -> str:
+    try:
+        return socket.AddressFamily(family).name
+    except ValueError:
+        return f"address family {family}"
+
+
+def _refuse_rights(ancdata, where: str) -> None:
+    """Close every fd a peek brought (SCM_RIGHTS) and refuse the socket if there were any."""
+    fds = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(memoryview(data)[:len(data) - len(data) % 4].cast("i"))
+    for fd in fds:
+        os.close(fd)
+    if fds:
+        raise _unsupported(f"{where}: {len(fds)} file(s) in flight in its queue (SCM_RIGHTS): "
+                           "not supported yet")
+
+
+def _unsupported(message: str):
+    from .snapshot import Unsupported
+    return Unsupported(message)
+
+
+class _PeekOffset:
+    """SO_PEEK_OFF set to 0 for the walk, put back to the socket's own value afterwards."""
+
+    def __init__(self, s: socket.socket):
+        self.s = s
+
+    def __enter__(self):
+        self.old = self.s.getsockopt(socket.SOL_SOCKET, kabi.SO_PEEK_OFF)
+        self.s.setsockopt(socket.SOL_SOCKET, kabi.SO_PEEK_OFF, 0)
+        return self
+
+    def __exit__(self, *exc):
+        self.s.setsockopt(socket.SOL_SOCKET, kabi.SO_PEEK_OFF, self.old)
+
+
+def peek_stream(s: socket.socket, total: int, where: str) -> bytes:
+    """The ``total`` bytes queued on stream socket ``s``, left in place. Never peeks at the end
+    of the queue (there, the kernel would report - and clear - a pending error)."""
+    buf = bytearray(total)
+    view = memoryview(buf)
+    off = 0
+    with _PeekOffset(s):
+        while off < total:
+            try:
+                n, anc, _, _ = s.recvmsg_into([view[off:off + PEEK_CHUNK]], ANC_BUF,
+                                              MSG_PEEK | MSG_DONTWAIT)
+            except BlockingIOError:
+                n, anc = 0, []
+            _refuse_rights(anc, where)
+            if n == 0:
+                raise _unsupported(f"{where}: sock_diag reports {total} queued bytes but only "
+                                   f"{off} could be peeked (MSG_OOB data?)")
+            off += n
+    return bytes(buf)
+
+
+def peek_messages(s: socket.socket, seqpacket_eof: bool, where: str) -> list[Segment]:
+    """Every message queued on datagram/seqpacket socket ``s`` with its sender, left in place.
+    ``seqpacket_eof``: the socket is shut down for reading, where an empty peek means EOF."""
+    out: list[Segment] = []
+    buf = bytearray(DGRAM_BUF)
+    part = bytearray()
+    with _PeekOffset(s):
+        while True:
+            try:
+                n, anc, flags, sender = s.recvmsg_into([buf], ANC_BUF, MSG_PEEK | MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            _refuse_rights(anc, where)
+            part += memoryview(buf)[:n]
+            if flags & MSG_TRUNC:
+                continue   # the rest of this message comes with the next peek
+            if n == 0 and not part and seqpacket_eof:
+                break
+            out.append(Segment(bytes(part), sender if sender is not None else ""))
+            part = bytearray()
+            if len(out) > MAX_MESSAGES:
+                raise _unsupported(f"{where}: more than {MAX_MESSAGES} queued messages")
+    return out
+
+
+def _poll(fd: int) -> int:
+    p = select.poll()
+    p.register(fd, select.POLLIN | select.POLLERR)
+    events = p.poll(0)
+    return events[0][1] if events else 0
+
+
+class UnixSockets:
+    """The AF_UNIX sockets of one checkpoint, by inode; ``kernel`` is the stand-in that
+    kinds/unix.py reads through ``ctx.kernel``."""
+
+    def __init__(self, log=None):
+        self.log = log
+        self.kernel = LiveUnixKernel()
+        self.socks: dict[int, LiveUnixSocket] = {}
+        self.embryos: dict[int, LiveUnixSocket] = {}   # client inode -> not yet accepted socket
+        self._diag: dict[int, UnixDiag] | None = None
+        self._listener_of: dict[int, int] = {}         # client inode -> listener inode
+        self._rmem = _sysctl("rmem_default", SOCK_BUF_DEFAULT)
+        self._wmem = _sysctl("wmem_default", SOCK_BUF_DEFAULT)
+
+    def _debug(self, message: str) -> None:
+        if self.log is not None:
+            self.log.debug(0, message)
+
+    def diag(self) -> dict[int, UnixDiag]:
+        if self._diag is None:
+            self._diag = diag_dump()
+            for d in self._diag.values():
+                for client in d.icons:
+                    if client:
+                        self._listener_of[client] = d.ino
+        return self._diag
+
+    # -- a socket fd of the tree ------------------------------------------------------------
+    def file(self, pid: int, info: proc.FdInfo):
+        """The LiveFile for socket fd ``info.fd`` of task ``pid`` (which must be stopped)."""
+        from .snapshot import LiveFile
+        where = f"task {pid}: fd {info.fd}"
+        fd = take_fd(pid, info.fd)
+        flags_before = fcntl.fcntl(fd, fcntl.F_GETFL)
+        try:
+            s = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            raise
+        with s:
+            if fcntl.fcntl(fd, fcntl.F_GETFL) != flags_before:   # the file is shared: keep it
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags_before)
+            if s.family != socket.AF_UNIX:
+                raise _unsupported(f"{where} is an {_family_name(s.family)} socket "
+                                   f"({info.target}): not supported yet")
+            sock = self._held(pid, info, s, where)
+        return LiveFile("socket", info.flags & ~os.O_CLOEXEC, 0, "", seekable=False,
+                        private=sock)
+
+    def _held(self, pid: int, info: proc.FdInfo, s: socket.socket, where: str) -> LiveUnixSocket:
+        sock = self.socks.get(info.ino)
+        if sock is not None and not sock.external:
+            return sock
+        d = self.diag().get(info.ino)
+        if d is None:
+            raise _unsupported(f"{where}: unix socket:[{info.ino}] is not visible to sock_diag "
+                               "(another network namespace?): not supported yet")
+        if sock is None:
+            sock = self._make(d)
+        where = f"{where} (unix {SOCK_TYPE_NAMES.get(d.type, d.type)} socket:[{d.ino}])"
+        scm = dict(info.extra).get("scm_fds", "0")
+        if scm.isdigit() and int(scm):
+            raise _unsupported(f"{where}: {scm} file(s) in flight in its queue (SCM_RIGHTS): "
+                               "not supported yet")
+        revents = _poll(s.fileno())
+        if revents & select.POLLERR:
+            sock.error = errno.ECONNRESET   # the only sk_err AF_UNIX sets
+        if d.state == kabi.TCP_ESTABLISHED and d.type == SOCK_STREAM:
+            if d.rqueue:
+                sock.set_queue([Segment(peek_stream(s, d.rqueue, where), None)])
+        elif d.type == SOCK_DGRAM or (d.type == SOCK_SEQPACKET and d.state == kabi.TCP_ESTABLISHED):
+            # POLLIN: messages queued, or shut down for reading (then the queue may be empty)
+            may_hold = bool(revents & select.POLLIN)
+            if may_hold and sock.error:
+                raise _unsupported(f"{where}: a pending error (ECONNRESET) and possibly queued "
+                                   "messages: peeking would clear the error")
+            if may_hold:
+                eof = d.type == SOCK_SEQPACKET and bool(d.shutdown & RCV_SHUTDOWN)
+                sock.set_queue(peek_messages(s, eof, where))
+            if d.type == SOCK_SEQPACKET and sock.queued != d.rqueue:
+                raise _unsupported(f"{where}: sock_diag reports {d.rqueue} queued bytes, "
+                                   f"{sock.queued} were peeked")
+        sock.held_by, sock.external = (pid, info.fd), False
+        self._own_name(pid, sock, d, where)
+        return sock
+
+    def _own_name(self, pid: int, sock: LiveUnixSocket, d: UnixDiag, where: str) -> None:
+        """Register the name of a socket the tree holds if it owns it (see the module doc)."""
+        if sock.address is None or (sock.state == SockState.CONNECTED and sock.type != SOCK_DGRAM):
+            return
+        if isinstance(sock.address, bytes):
+            self.kernel.unix_abstract_names.setdefault(sock.address, sock)
+            return
+        name = sock.address
+        if name.startswith("/"):
+            full = posixpath.normpath(name)
+            seen_at = f"/proc/{pid}/root{full}"
+        else:
+            cwd = (proc.read_cwd(pid) or "/").removesuffix(" (deleted)")
+            full = posixpath.normpath(posixpath.join(cwd, name))
+            seen_at = f"/proc/{pid}/cwd/{name}"
+        linked = False
+        if d.vfs is not None:
+            try:
+                st = os.stat(seen_at)
+                vino, vdev = d.vfs
+                linked = (stat.S_ISSOCK(st.st_mode) and st.st_ino == vino
+                          and os.major(st.st_dev) == vdev >> kabi.KDEV_MINORBITS
+                          and os.minor(st.st_dev) == vdev & ((1 << kabi.KDEV_MINORBITS) - 1))
+            except OSError:
+                linked = False
+        if not linked and not name.startswith("/"):
+            raise _unsupported(f"{where}: bound to the relative path {name!r}, which is not that "
+                               "socket's file seen from the task's cwd: cannot tell its path")
+        sock.inode = LiveSocketInode(d.vfs[0] if d.vfs else 0, sock)
+        sock.bound_path = full
+        if linked:
+            self.kernel.vfs.linked.setdefault(full, sock.inode)
+
+    # -- sockets built from sock_diag ---------------------------------------------------------
+    def _make(self, d: UnixDiag) -> LiveUnixSocket:
+        state = _STATES.get(d.state)
+        if state is None or d.type not in SOCK_TYPE_NAMES:
+            raise _unsupported(f"unix socket:[{d.ino}]: type {d.type} in state {d.state} is not "
+                               "supported yet")
+        sock = self.socks[d.ino] = LiveUnixSocket(self, d.ino, d.type)
+        sock.state = state
+        sock.address = _address(d.name)
+        sock.shutdown = d.shutdown & SHUTDOWN_MASK
+        sock.rcvbuf, sock.sndbuf = d.rcvbuf or self._rmem, d.sndbuf or self._wmem
+        if state == SockState.LISTENING:
+            sock.backlog = d.wqueue
+        return sock
+
+    def _get(self, ino: int, wanted_by: LiveUnixSocket) -> LiveUnixSocket:
+        sock = self.socks.get(ino)
+        if sock is None:
+            d = self.diag().get(ino)
+            if d is None:
+                raise _unsupported(f"{self._where(wanted_by)}: its peer socket:[{ino}] is not "
+                                   "visible to sock_diag (another network namespace?)")
+            sock = self._make(d)
+        return sock
+
+    @staticmethod
+    def _where(sock: LiveUnixSocket) -> str:
+        if sock.held_by is not None:
+            return f"task {sock.held_by[0]}: fd {sock.held_by[1]} ({sock.what})"
+        return f"{sock.what} (outside the checkpointed tree)"
+
+    def resolve_peer(self, sock: LiveUnixSocket):
+        if sock.state != SockState.CONNECTED:
+            return None
+        d = self.diag().get(sock.ino) if sock.ino else None
+        if d is None or d.peer is None:
+            return None
+        if d.peer:
+            return self._get(d.peer, sock)
+        listener = self._listener_of.get(sock.ino)
+        if listener is not None:   # a client whose connection is not accepted yet
+            return self.embryo(listener, sock)
+        dead = LiveUnixSocket(None, 0, sock.type)   # the peer is closed (only we point at it)
+        dead.what = f"closed peer of {sock.what}"
+        dead.state, dead.shutdown = SockState.CLOSED, SHUTDOWN_MASK
+        dead.rcvbuf, dead.sndbuf = self._rmem, self._wmem
+        dead.external, dead._peer, dead._pending = False, None, []
+        self._debug(f"{self._where(sock)}: its peer is closed; saved as a closed socket")
+        return dead
+
+    def embryo(self, listener_ino: int, client: LiveUnixSocket) -> LiveUnixSocket:
+        """The server side of ``client``'s not yet accepted connection (one per client)."""
+        emb = self.embryos.get(client.ino)
+        if emb is None:
+            listener = self._get(listener_ino, client)
+            cd = self.diag()[client.ino]
+            if cd.wqueue:
+                raise _unsupported(
+                    f"{self._where(listener)}: the pending connection from {client.what} has data "
+                    "queued, which cannot be read before it is accepted: not supported yet")
+            emb = self.embryos[client.ino] = LiveUnixSocket(self, 0, client.type)
+            emb.what = f"not yet accepted connection of {listener.what}"
+            emb.state = SockState.CONNECTED
+            emb.address = listener.address
+            emb.rcvbuf, emb.sndbuf = self._rmem, self._wmem
+            emb._peer, emb._pending = client, []
+            emb.held_by, emb.external = listener.held_by, listener.external   # in its queue
+        return emb
+
+    def resolve_pending(self, sock: LiveUnixSocket) -> list[LiveUnixSocket]:
+        if sock.state != SockState.LISTENING or sock.external:
+            return []   # an outside listener's connections are not the tree's
+        d = self.diag()[sock.ino]
+        out = []
+        for client_ino in d.icons:
+            if not client_ino:
+                raise _unsupported(f"{self._where(sock)}: a pending connection whose client "
+                                   "already closed (its queued data cannot be seen): not "
+                                   "supported yet")
+            out.append(self.embryo(sock.ino, self._get(client_ino, sock)))
+        return out
+
+    def note_external(self, sock: LiveUnixSocket) -> None:
+        d = self.diag().get(sock.ino) if sock.ino else None
+        queued = f", {d.rqueue} queued bytes not saved" if d is not None and d.rqueue else ""
+        self._debug(f"{sock.what} ({SOCK_TYPE_NAMES.get(sock.type)} {sock.state.name}, name "
+                    f"{sock.address!r}) is held by no task of the tree: saved as an external "
+                    f"socket without its queue{queued}")
+
+
+def for_gatherer(gatherer) -> UnixSockets:
+    """The socket table of a snapshot.Gatherer (made on first use)."""
+    table = getattr(gatherer, "_unix_sockets", None)
+    if table is None:
+        table = gatherer._unix_sockets = UnixSockets(getattr(gatherer, "log", None))
+    return table
+
+
+def live_kernel(gatherer) -> LiveUnixKernel:
+    """What dump.py puts in ``ctx.kernel``: the names the tree's sockets own."""
+    return for_gatherer(gatherer).kernel
+
+
+def _register_with_kinds() -> None:
+    from ckptsim.kinds import load_all
+    from ckptsim.kinds.registry import BY_MODEL_TYPE, also_saves
+    load_all()
+    if LiveUnixSocket not in BY_MODEL_TYPE:
+        also_saves("unix", LiveUnixSocket)
+
+
+_register_with_kinds()
