@@ -50,6 +50,9 @@ MM_CONTEXT = layout(404, "MM_CONTEXT", [
 ], subsystem="mm")
 SHMEM_REC = layout(405, "SHMEM", [("size", "u64", "hex"), ("nr_pages", "u64")], subsystem="mm")
 
+# The vm_flags bits a model VMA derives from prot, maxprot and flags (VMA.vm_flags); others
+# (VM_ACCOUNT, ... in live images) are kept on the VMA as ``vm_extra`` and written back.
+VM_DERIVED = 0x1FF
 # Kernel-provided special mappings: recorded with their place, never with contents.
 SPECIAL_MAPPINGS = frozenset({"[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]"})
 
@@ -117,8 +120,9 @@ def _restore_vma(ctx, mm: MM, rec) -> None:
     if vtype == VMA_VDSO:
         name = rec.var if rec.var in SPECIAL_MAPPINGS else "[vdso]"
     try:
-        mm.restore_vma(start, end, rec["vm_page_prot"], flags, rec["vm_pgoff"], file, shmem,
-                       name, (vm_flags >> 4) & PROT_ALL)
+        vma = mm.restore_vma(start, end, rec["vm_page_prot"], flags, rec["vm_pgoff"], file, shmem,
+                             name, (vm_flags >> 4) & PROT_ALL)
+        vma.vm_extra = vm_flags & ~VM_DERIVED   # bits the model keeps without using them
     except OSError as e:
         ctx.fail(errno.EINVAL, f"VMA {start:#x}-{end:#x}: {e}")
     if vtype in (VMA_ANON, VMA_FILE):

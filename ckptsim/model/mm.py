@@ -37,17 +37,24 @@ def file_access(file) -> tuple[bool, bool]:
     return flags in (os.O_RDONLY, os.O_RDWR), flags in (os.O_WRONLY, os.O_RDWR)
 
 
+VSYSCALL_START = 0xFFFFFFFFFF600000   # x86-64's fixed [vsyscall] page (live images)
+
+
 class VMA:
     """One mapping [start, end). ``flags`` keeps only MAP_SHARED/MAP_PRIVATE/MAP_ANONYMOUS/
     MAP_GROWSDOWN; ``maxprot`` is what mprotect may grant (Linux's VM_MAY* bits, as PROT_*).
-    ``pgoff`` is the page offset into the file/segment (start >> 12 for private anon)."""
+    ``pgoff`` is the page offset into the file/segment (start >> 12 for private anon).
+    ``vm_extra``: vm_flags bits the model does not derive (VM_ACCOUNT, VM_DONTEXPAND, ... of
+    a live image), kept as restored so that a checkpoint writes them back."""
 
-    __slots__ = ("start", "end", "prot", "flags", "maxprot", "pgoff", "file", "shmem", "name")
+    __slots__ = ("start", "end", "prot", "flags", "maxprot", "pgoff", "file", "shmem", "name",
+                 "vm_extra")
 
     def __init__(self, start, end, prot, flags, pgoff=0, file=None, shmem=None, name=None,
                  maxprot=PROT_ALL):
         self.start, self.end, self.prot, self.flags = start, end, prot, flags
         self.pgoff, self.file, self.shmem, self.name, self.maxprot = pgoff, file, shmem, name, maxprot
+        self.vm_extra = 0
 
     @property
     def shared(self) -> bool:
@@ -64,10 +71,11 @@ class VMA:
 
     @property
     def vm_flags(self) -> int:
-        """Linux's vm_flags: VM_READ/WRITE/EXEC, VM_MAY* (<<4), VM_SHARED|VM_MAYSHARE, VM_GROWSDOWN."""
-        vmf = self.prot | (self.maxprot << 4)
+        """Linux's vm_flags: VM_READ/WRITE/EXEC, VM_MAY* (<<4), VM_MAYSHARE and, as do_mmap()
+        sets it, VM_SHARED only while the shared mapping may be written; VM_GROWSDOWN."""
+        vmf = self.prot | (self.maxprot << 4) | self.vm_extra
         if self.shared:
-            vmf |= VM_SHARED | VM_MAYSHARE
+            vmf |= VM_MAYSHARE | (VM_SHARED if self.maxprot & PROT_WRITE else 0)
         if self.flags & MAP_GROWSDOWN:
             vmf |= VM_GROWSDOWN
         return vmf
@@ -77,6 +85,7 @@ class VMA:
         return (self.end == nxt.start and self.prot == nxt.prot and self.flags == nxt.flags
                 and self.maxprot == nxt.maxprot and self.file is nxt.file
                 and self.shmem is nxt.shmem and self.name == nxt.name
+                and self.vm_extra == nxt.vm_extra
                 and self.name != "[vdso]" and self.pgoff + self.npages == nxt.pgoff)
 
     def take_refs(self) -> "VMA":
@@ -96,8 +105,10 @@ class VMA:
         """A copy over [start, end) (default: the same range) taking its own references."""
         start = self.start if start is None else start
         end = self.end if end is None else end
-        return VMA(start, end, self.prot, self.flags, self.pgoff + ((start - self.start) >> PAGE_SHIFT),
-                   self.file, self.shmem, self.name, self.maxprot).take_refs()
+        vma = VMA(start, end, self.prot, self.flags, self.pgoff + ((start - self.start) >> PAGE_SHIFT),
+                  self.file, self.shmem, self.name, self.maxprot).take_refs()
+        vma.vm_extra = self.vm_extra
+        return vma
 
     def __repr__(self) -> str:
         kind = "shmem" if self.shmem else ("file" if self.file else "anon")
@@ -393,8 +404,10 @@ class MM(Shared):
 
     def restore_vma(self, start, end, prot, flags, pgoff=0, file=None, shmem=None, name=None,
                     maxprot=PROT_ALL) -> VMA:
-        """Add one VMA exactly as given (no merge), taking references on file and shmem."""
-        if start % PAGE_SIZE or end % PAGE_SIZE or not 0 <= start < end <= TASK_SIZE:
+        """Add one VMA exactly as given (no merge), taking references on file and shmem.
+        The x86-64 [vsyscall] page is the one mapping above TASK_SIZE (at VSYSCALL_START)."""
+        vsyscall = name == "[vsyscall]" and (start, end) == (VSYSCALL_START, VSYSCALL_START + PAGE_SIZE)
+        if start % PAGE_SIZE or end % PAGE_SIZE or not (0 <= start < end <= TASK_SIZE or vsyscall):
             raise kerr(errno.EINVAL, f"bad VMA range {start:#x}-{end:#x}")
         if not self.is_free(start, end):
             raise kerr(errno.EINVAL, f"VMA {start:#x}-{end:#x} overlaps another")
