@@ -15,7 +15,7 @@ from ckptsim.image import core, decode_all
 from ckptsim.image.types import ObjType
 
 STREAM, DGRAM, SEQPACKET = 1, 2, 5
-UNCONNECTED, LISTENING, CONNECTED = 1, 2, 3
+UNCONNECTED, LISTENING, CONNECTED, CLOSED = 1, 2, 3, 4
 RCV_SHUTDOWN, SEND_SHUTDOWN = 1, 2
 NAME_OWNED = 1
 
@@ -145,12 +145,23 @@ def test_unix_sockets_are_saved_and_left_intact(unix_target, check_untraced):
     assert bytes(ab["unix"].var) == b"\0" + t.abstract.encode()
     assert ab["unix"]["flags"] & NAME_OWNED and ab["unix"]["peer_objref"] == 0
 
-    # the target reads its queues: the same bytes, so the checkpoint consumed nothing
+    # the survivor of a closed peer: its queue, both shutdowns, the pending ECONNRESET, and a
+    # peer saved as a closed socket
+    cl0 = s["cl0"]
+    assert data("cl0") == [b"bye"]
+    assert cl0["socket"]["shutdown"] == RCV_SHUTDOWN | SEND_SHUTDOWN
+    assert cl0["socket"]["err"] == errno.ECONNRESET
+    dead = socks[cl0["unix"]["peer_objref"]]
+    assert dead["socket"]["state"] == CLOSED and dead["unix"]["peer_objref"] == 0
+
+    # the target reads its queues: the same bytes, so the checkpoint consumed nothing (nor the
+    # pending error: cl0's second recv still reports it)
     got = drained(t)
     assert got["sp1"] == image_queues["sp1"] and got["sp0"] == image_queues["sp0"]
     assert got["sh1"] == image_queues["sh1"]
     assert got["dp1"] == image_queues["dp1"] + [f"error-{errno.EAGAIN}"]
     assert got["sq1"] == image_queues["sq1"]
+    assert got["cl0"] == [b"bye", f"error-{errno.ECONNRESET}"]
     assert got["accepted"] == ["1"]
 
 

@@ -13,10 +13,13 @@
  *   lis        stream listener bound to PATH (backlog 4), one connection not accepted
  *   cli        the client of that connection
  *   abs        dgram socket bound to the abstract name ABSTRACT (without its leading NUL)
+ *   cl0        stream socket whose peer closed with "unread" unread: "bye" queued on cl0,
+ *              shut down both ways, a pending ECONNRESET
  *
  * Commands on stdin: "ping" -> "ok ping"; "drain" reads every queue and prints, one line each,
  * "<name> <hex of what one recv returned>" (sp0, sp1, sh1: one recv each; dp1, sq1: one line
- * per message), then "accepted <1|0>" for accept() on lis and "DONE". */
+ * per message; cl0: two recvs, the second reports the error), then "accepted <1|0>" for
+ * accept() on lis and "DONE". A failed recv prints "<name> error-<errno>". */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdio.h>
@@ -102,6 +105,11 @@ int main(int argc, char **argv) {
     put(sq[0], "seq-bb");
     put(sh[0], "last words");
     shutdown(sh[0], SHUT_WR);
+    int cl[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, cl)) return 1;
+    put(cl[0], "unread");
+    put(cl[1], "bye");
+    close(cl[1]);
 
     struct sockaddr_un a = {.sun_family = AF_UNIX};
     strncpy(a.sun_path, argv[1], sizeof a.sun_path - 1);
@@ -116,8 +124,8 @@ int main(int argc, char **argv) {
     if (bind(abs_, (struct sockaddr *)&b, offsetof(struct sockaddr_un, sun_path) + 1 + alen))
         return 1;
 
-    printf("READY sp0=%d sp1=%d dp0=%d dp1=%d sq0=%d sq1=%d sh0=%d sh1=%d lis=%d cli=%d abs=%d\n",
-           sp[0], sp[1], dp[0], dp[1], sq[0], sq[1], sh[0], sh[1], lis, cli, abs_);
+    printf("READY sp0=%d sp1=%d dp0=%d dp1=%d sq0=%d sq1=%d sh0=%d sh1=%d lis=%d cli=%d abs=%d "
+           "cl0=%d\n", sp[0], sp[1], dp[0], dp[1], sq[0], sq[1], sh[0], sh[1], lis, cli, abs_, cl[0]);
     fflush(stdout);
     char line[256];
     while (fgets(line, sizeof line, stdin)) {
@@ -128,6 +136,7 @@ int main(int argc, char **argv) {
             for (int i = 0; i < 2; i++) show("dp1", dp[1]);
             show("dp1", dp[1]);          /* a third recv: the queue must be empty now */
             for (int i = 0; i < 2; i++) show("sq1", sq[1]);
+            for (int i = 0; i < 2; i++) show("cl0", cl[0]);
             int c = accept4(lis, NULL, NULL, SOCK_NONBLOCK);
             printf("accepted %d\n", c >= 0);
             printf("DONE\n");
