@@ -39,8 +39,6 @@ def main(argv=None) -> int:
         return e.code if isinstance(e.code, int) else 2
     log_file = None
     try:
-        if args.freezer:
-            raise CkptsimError("--freezer is not supported yet: the live backend stops trees with ptrace")
         if args.output is None and sys.stdout.isatty():
             raise CkptsimError("refusing to write an image to a terminal: use -o FILE or a redirection")
         log_file = open(args.log, "w") if args.log else None
@@ -49,7 +47,7 @@ def main(argv=None) -> int:
         from .dump import checkpoint  # imported late: it probes nothing until called
         sink = AtomicImageFile(args.output) if args.output else sys.stdout.buffer
         try:
-            crid = checkpoint(args.pid, sink, flags, log, kill=args.kill)
+            crid = checkpoint(args.pid, sink, flags, log, kill=args.kill, freezer=args.freezer)
         except CheckpointError as e:
             if isinstance(sink, AtomicImageFile):
                 sink.commit()  # the image holds the error record, as Linux-CR's does

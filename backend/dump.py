@@ -87,7 +87,7 @@ def _write_tasks(ctx, tasks) -> None:
 
 
 def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | None = None,
-               *, kill: bool = False) -> int:
+               *, kill: bool = False, freezer: bool | int = False) -> int:
     """Checkpoint the live tree at ``pid`` into ``sink`` (a binary file-like); the crid.
 
     Raises CheckpointError (with an errno and a message naming what failed); the tree is
@@ -114,7 +114,7 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
     ctx.kernel = live_kernel(gatherer)   # the names of unix sockets (backend/sockets.py)
     processes: list[LiveProcess] = []
     try:
-        with ptrace.seized(_tree_order(pid)) as seized:
+        with _stopped(pid, freezer) as seized:
             for p in _tree_order(pid):  # re-read: the tree is stopped now
                 if p not in seized.threads:
                     seized.add(p)
@@ -144,6 +144,15 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
                 p.mm.close()
     log.debug(ctx.writer.offset, f"checkpoint {crid}: {sum(len(p.threads) for p in processes)} tasks")
     return crid
+
+
+def _stopped(pid: int, freezer: bool | int):
+    """The tree stopped: with ptrace alone, or (``freezer``: True for v1 when mounted else
+    v2, or 1 or 2) through the cgroup freezer first (backend/freezer.py)."""
+    if freezer:
+        from .freezer import frozen_seized
+        return frozen_seized(pid, version=None if freezer is True else int(freezer))
+    return ptrace.seized(_tree_order(pid))
 
 
 class _Root:
