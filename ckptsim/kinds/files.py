@@ -6,6 +6,11 @@ written once (OBJREF + FILE + FILE_NAME, or FILE_UNLINKED + the FILE_NAME it was
 (kinds/pipes.py) and a socket File to its socket (the unix kind) by objref, each written before
 the FILE record that names it. Unlike Linux-CR, an unlinked-but-open inode is saved by contents
 (once per inode per image) and restored as an unlinked inode.
+
+A live image has no file-system snapshot: when it is replayed into a fresh model
+(``restore_fs``), every path it names that does not exist yet is created as a placeholder
+(``lookup_or_placeholder``): parents as directories, the file as an empty regular file (a
+directory when opened with O_DIRECTORY, a FIFO for a FIFO file).
 """
 from __future__ import annotations
 

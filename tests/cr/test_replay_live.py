@@ -35,6 +35,23 @@ os.read(0, 1)                       # block until the test ends us
 """
 
 
+TREE_CHILD = r"""
+import os, threading
+threading.Thread(target=threading.Event().wait, daemon=True).start()   # a second thread
+child = os.fork()
+if child == 0:
+    os.read(0, 1)
+    os._exit(0)
+zombie = os.fork()
+if zombie == 0:
+    os._exit(3)
+while open("/proc/%d/stat" % zombie).read().rsplit(")", 1)[1].split()[0] != "Z":
+    os.sched_yield()                # the zombie exists before READY
+os.write(1, b"READY %d %d\n" % (child, zombie))
+os.read(0, 1)
+"""
+
+
 def _status(pid: int) -> dict[str, str]:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -101,6 +118,27 @@ def py_child(tmp_path):
         _wait_blocked(proc, SYS_read)
         yield proc
     finally:
+        _end(proc)
+
+
+@pytest.fixture
+def py_tree():
+    """A Python process with a second thread, a child blocked in read and a zombie child.
+    The child and the parent are killed by pid at teardown (the zombie goes with its parent)."""
+    proc = subprocess.Popen([sys.executable, "-S", "-c", TREE_CHILD],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    kids: list[int] = []
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(b"READY"), line
+        kids = [int(x) for x in line.split()[1:]]
+        yield proc, kids
+    finally:
+        if kids:
+            try:
+                os.kill(kids[0], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         _end(proc)
 
 
@@ -184,6 +222,17 @@ def test_python_child_with_file_and_pipe_round_trips(py_child):
     # the child was not disturbed: its pipe still holds the bytes
     assert os.read(os.open(f"/proc/{py_child.pid}/fd/{py_child.info['pipe_r']}",
                            os.O_RDONLY | os.O_NONBLOCK), 64) == b"buffered bytes"
+
+
+def test_python_tree_with_thread_child_and_zombie_round_trips(py_tree):
+    proc, (child, zombie) = py_tree
+    image = live_image(proc.pid)
+    (tree,) = by_name(decode_all(image), "TREE")
+    pids = [e[0] for e in tree.var]
+    assert pids[0] == proc.pid and child in pids and zombie in pids and len(pids) == 4
+    report = replay(without_zero_pages(image), roundtrip=True)
+    assert not report.problems and report.roundtrip == "identical", report.summary()
+    assert report.tasks == 4 and report.zombies == 1 and report.not_runnable == 3
 
 
 def test_python_child_raw_image_round_trips(py_child):
