@@ -488,25 +488,32 @@ class ProcessMemory:
         return emitted
 
     def _drop_zero_pages(self, addrs: array, data: memoryview) -> tuple[array, memoryview]:
-        buf = self._buf
-        size = len(data)
-        first = buf.find(_ZERO_PAGE, 0, size)       # one C scan; usually -1
-        while first >= 0 and first % PAGE_SIZE:
-            first = buf.find(_ZERO_PAGE, first + PAGE_SIZE - first % PAGE_SIZE, size)
-        if first < 0:
-            return addrs, data
-        keep_addrs = array("Q", addrs[:first // PAGE_SIZE])
-        w = first               # write offset: pages before ``first`` stay where they are
-        for i in range(first // PAGE_SIZE, len(addrs)):
-            off = i * PAGE_SIZE
-            if buf.startswith(_ZERO_PAGE, off):
-                self.stats.zero_pages_dropped += 1
-                continue
-            if w != off:
-                buf[w:w + PAGE_SIZE] = self._view[off:off + PAGE_SIZE]
-            keep_addrs.append(addrs[i])
-            w += PAGE_SIZE
-        return keep_addrs, self._view[:w]
+        keep, view = drop_zero_pages(addrs, self._buf, len(data))
+        self.stats.zero_pages_dropped += len(addrs) - len(keep)
+        return keep, view
+
+
+def drop_zero_pages(addrs: array, buf: bytearray, size: int) -> tuple[array, memoryview]:
+    """Drop the all-zero pages from the chunk held in ``buf[:size]`` (page i belongs to
+    ``addrs[i]``), compacting the rest in place: (kept addresses, a view of their contents).
+    For anonymous mappings only: there a missing page reads back as zeros."""
+    first = buf.find(_ZERO_PAGE, 0, size)       # one C scan; usually -1
+    while first >= 0 and first % PAGE_SIZE:
+        first = buf.find(_ZERO_PAGE, first + PAGE_SIZE - first % PAGE_SIZE, size)
+    view = memoryview(buf)
+    if first < 0:
+        return addrs, view[:size]
+    keep_addrs = array("Q", addrs[:first // PAGE_SIZE])
+    w = first               # write offset: pages before ``first`` stay where they are
+    for i in range(first // PAGE_SIZE, len(addrs)):
+        off = i * PAGE_SIZE
+        if buf.startswith(_ZERO_PAGE, off):
+            continue
+        if w != off:
+            buf[w:w + PAGE_SIZE] = view[off:off + PAGE_SIZE]
+        keep_addrs.append(addrs[i])
+        w += PAGE_SIZE
+    return keep_addrs, view[:w]
 
 
 # --- helpers ------------------------------------------------------------------------------

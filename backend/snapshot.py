@@ -25,7 +25,7 @@ from ckptsim.model.creds import Cred
 from ckptsim.model.signals import AltStack, SigAction, SigHand, SigInfo, SignalStruct, SigPending, ThreadSignals
 
 from . import kabi, proc, ptrace
-from .memory import ProcessMemory, VmaKind, classify, describe
+from .memory import ProcessMemory, VmaKind, classify, describe, drop_zero_pages
 
 RLIM_INFINITY_U64 = (1 << 64) - 1
 MAX_UNLINKED_CONTENTS = 1 << 30
@@ -95,7 +95,8 @@ class LiveFdTable:
 # VmFlags mnemonics of smaps and Linux's vm_flags bits (include/linux/mm.h)
 _VM_FLAG_BITS = {"rd": 0x1, "wr": 0x2, "ex": 0x4, "sh": 0x8, "mr": 0x10, "mw": 0x20,
                  "me": 0x40, "ms": 0x80, "gd": 0x100, "pf": 0x400, "lo": 0x2000, "io": 0x4000,
-                 "dc": 0x100000, "de": 0x200000, "ac": 0x8000}
+                 "sr": 0x8000, "rr": 0x10000, "dc": 0x20000, "de": 0x40000, "ac": 0x100000,
+                 "nr": 0x200000}
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_GROWSDOWN = 0x1, 0x2, 0x20, 0x100
 
 
@@ -149,10 +150,15 @@ class LiveMM:
             self._memory = ProcessMemory(self.pid)
         addrs = self._memory.pages_to_dump(vma.entry)
         buf = bytearray(min(len(addrs), max_pages) * PAGE)
+        anonymous = vma.file is None
         for i in range(0, len(addrs), max_pages):
             part = addrs[i:i + max_pages]
             view = memoryview(buf)[:len(part) * PAGE]
             self._memory.read_pages(part, out=view)
+            if anonymous:  # an all-zero page reads back as zeros: the model saves none either
+                part, view = drop_zero_pages(part, buf, len(part) * PAGE)
+                if not len(part):
+                    continue
             yield part, view
 
     def close(self) -> None:

@@ -386,12 +386,15 @@ class MM(Shared):
 
     # ---- checkpoint / restore -------------------------------------------------------------
     def present_chunks(self, vma: VMA, max_pages: int = 1024):
-        """Yield (array('Q') addresses, blob) of the VMA's private, non-zero pages in address
-        order (none for shared and vdso VMAs: their contents live elsewhere)."""
+        """Yield (array('Q') addresses, blob) of the VMA's private pages in address order (none
+        for shared and vdso VMAs: their contents live elsewhere). All-zero pages of anonymous
+        mappings are skipped (they read back as zeros); a private file mapping keeps them,
+        since a missing page there would read back the file's data."""
         if not vma.is_private:
             return
-        indexes = nonzero_pages(self.pages, keys_in(self.pages, vma.start >> PAGE_SHIFT,
-                                                    vma.end >> PAGE_SHIFT))
+        indexes = keys_in(self.pages, vma.start >> PAGE_SHIFT, vma.end >> PAGE_SHIFT)
+        if vma.file is None:
+            indexes = nonzero_pages(self.pages, indexes)
         yield from chunked([i << PAGE_SHIFT for i in indexes], [self.pages[i] for i in indexes],
                            max_pages)
 

@@ -154,50 +154,11 @@ def by_name(recs, name):
     return [r for r in recs if r.layout.name == name]
 
 
-ZERO = bytes(4096)
-
-
-def zero_pages(image: bytes) -> list[int]:
-    """Addresses of the all-zero pages the image's page chunks hold."""
-    recs, out = decode_all(image), []
-    for i, r in enumerate(recs):
-        if r.layout is core.PGARR and r["nr_pages"]:
-            n, buf = r["nr_pages"], bytes(recs[i + 1].var)
-            out += [int.from_bytes(buf[8 * k:8 * k + 8], "little") for k in range(n)
-                    if buf[8 * n + 4096 * k:8 * n + 4096 * (k + 1)] == ZERO]
-    return out
-
-
-def without_zero_pages(image: bytes) -> bytes:
-    """The image with its all-zero pages left out, as the model (and backend.memory's
-    dump_vma_pages) leave them out: a missing private page reads as zeros."""
-    from ckptsim.image.codec import ImageWriter
-    recs = decode_all(image)
-    out = io.BytesIO()
-    w = ImageWriter(out)
-    i = 0
-    while i < len(recs):
-        r = recs[i]
-        if r.layout is core.PGARR and r["nr_pages"]:
-            n, buf = r["nr_pages"], bytes(recs[i + 1].var)
-            keep = [k for k in range(n) if buf[8 * n + 4096 * k:8 * n + 4096 * (k + 1)] != ZERO]
-            if keep:
-                w.write(core.PGARR, nr_pages=len(keep))
-                w.write(core.BUFFER, var=b"".join(buf[8 * k:8 * k + 8] for k in keep)
-                        + b"".join(buf[8 * n + 4096 * k:8 * n + 4096 * (k + 1)] for k in keep))
-            i += 2
-            continue
-        w.write(r.layout, r.var, **r.values)
-        i += 1
-    w.finish()
-    return out.getvalue()
-
-
 def test_sleep_image_replays_and_round_trips(sleeper):
     image = live_image(sleeper.pid)
     head = decode_all(image)[0]
     assert head["image_flags"] & core.IMAGE_LIVE and head["arch"] == core.ARCH_X86_64
-    report = replay(without_zero_pages(image), roundtrip=True)
+    report = replay(image, roundtrip=True)
     assert report.live and report.tasks == 1 and not report.problems, report.summary()
     assert report.not_runnable == 1, "a live task must not get a model program"
     assert "/usr/bin/sleep" in report.placeholders or any(
@@ -215,7 +176,7 @@ def test_python_child_with_file_and_pipe_round_trips(py_child):
     (tree,) = by_name(recs, "TREE")
     assert tree.var[0][0] == py_child.pid and tree.var[0][3:5] == (0, 0)  # groups outside
 
-    report = replay(without_zero_pages(image), roundtrip=True)
+    report = replay(image, roundtrip=True)
     assert not report.problems and report.roundtrip == "identical", report.summary()
     assert py_child.data_path in report.placeholders
     assert report.fds == len(by_name(recs, "FILE_DESC")) >= 6 and report.not_runnable == 1
@@ -230,31 +191,24 @@ def test_python_tree_with_thread_child_and_zombie_round_trips(py_tree):
     (tree,) = by_name(decode_all(image), "TREE")
     pids = [e[0] for e in tree.var]
     assert pids[0] == proc.pid and child in pids and zombie in pids and len(pids) == 4
-    report = replay(without_zero_pages(image), roundtrip=True)
+    report = replay(image, roundtrip=True)
     assert not report.problems and report.roundtrip == "identical", report.summary()
     assert report.tasks == 4 and report.zombies == 1 and report.not_runnable == 3
 
 
 def test_python_child_raw_image_round_trips(py_child):
-    """The image exactly as the live backend writes it. Known gap: backend/snapshot.py's
-    LiveMM.present_chunks keeps present pages that hold only zeros (backend.memory's
-    dump_vma_pages drops them); the model never saves an all-zero page, so such an image
-    cannot come back byte for byte. Everything else must."""
+    """The image exactly as the live backend writes it comes back byte for byte: all-zero
+    anonymous pages are left out by both the live backend and the model, and copied-on-write
+    pages of private file mappings are kept by both, zero or not."""
     image = live_image(py_child.pid)
     report = replay(image, roundtrip=True)
     assert not report.problems, report.summary()
-    zeros = zero_pages(image)
-    if zeros:
-        assert report.roundtrip.startswith("DIFFERENT") and "PGARR" in report.roundtrip, report.roundtrip
-        assert replay(without_zero_pages(image), roundtrip=True).roundtrip == "identical"
-        pytest.xfail(f"the live image holds {len(zeros)} all-zero pages (first {zeros[0]:#x}), "
-                     "which the model does not save")
     assert report.roundtrip == "identical", report.summary()
 
 
 def test_cli_replay_of_a_live_image(sleeper, tmp_path, capsys):
     path = tmp_path / "sleep.img"
-    path.write_bytes(without_zero_pages(live_image(sleeper.pid)))
+    path.write_bytes(live_image(sleeper.pid))
     assert cli.main(["replay", str(path), "--roundtrip"]) == 0
     out = capsys.readouterr().out
     assert "not runnable in the model" in out and "roundtrip: identical" in out
