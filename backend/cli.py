@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pid", type=int)
     p.add_argument("-o", "--output", help="image file (default: standard output)")
     p.add_argument("-c", "--container", action="store_true",
-                   help="whole-container checkpoint with leak detection (not supported yet for live trees)")
+                   help="whole-container checkpoint: PID must be a pid-namespace init; "
+                        "fails (EBUSY) if anything is shared with processes outside")
     p.add_argument("--freezer", action="store_true", help="stop the tree with the cgroup freezer")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--leave-running", action="store_true", help="the tree runs on (the default)")

@@ -26,7 +26,7 @@ from ckptsim.kinds import load_all
 from ckptsim.kinds.registry import task_kinds
 from ckptsim.kinds.tasktree import STATE_NUMBERS, TASK, TASK_OBJS, TREE
 
-from . import features, proc, ptrace
+from . import features, leaks, proc, ptrace
 from .memory import MemoryDumpError
 from .snapshot import Gatherer, LiveProcess, Unsupported
 from .sockets import live_kernel
@@ -97,8 +97,7 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
     if flags & ~core.CHECKPOINT_USER_FLAGS:
         raise CheckpointError(errno.EINVAL, f"unknown checkpoint flags {flags & ~core.CHECKPOINT_USER_FLAGS:#x}")
     if not flags & core.CHECKPOINT_SUBTREE:
-        raise CheckpointError(errno.EINVAL, "container checkpoints (leak detection) of live "
-                                            "processes are not supported yet: use a subtree checkpoint")
+        leaks.require_container_init(pid)   # EINVAL unless pid is 1 in its pid namespace
     try:
         features.require_must_haves()
     except features.MissingFeatures as e:
@@ -118,6 +117,9 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
             for p in _tree_order(pid):  # re-read: the tree is stopped now
                 if p not in seized.threads:
                     seized.add(p)
+            if not flags & core.CHECKPOINT_SUBTREE:  # a container: nothing shared with outside
+                leaks.check(list(seized.threads),
+                            lambda line: log.error(errno.EBUSY, ctx.writer.offset, line))
             for p in _tree_order(pid):
                 tids = seized.threads.get(p) or []
                 if not tids:
