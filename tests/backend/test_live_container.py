@@ -169,3 +169,15 @@ def test_a_unix_socket_connected_outside_is_a_leak():
         ours.close()
         child.kill()
         child.wait()
+
+
+def test_a_container_checkpoints_with_the_freezer_too(container):
+    t, init = container()
+    members = proc.subtree(init)
+    before = {p: open(f"/proc/{p}/cgroup").read() for p in members}
+    buf = io.BytesIO()
+    assert checkpoint(init, buf, CONTAINER, freezer=True) > 0
+    (tree,) = [r for r in decode_all(buf.getvalue()) if r.layout.name == "TREE"]
+    assert {e[0] for e in tree.var} == set(members)
+    _running(members)
+    assert {p: open(f"/proc/{p}/cgroup").read() for p in members} == before

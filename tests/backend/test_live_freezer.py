@@ -233,3 +233,20 @@ def test_no_hierarchy_is_a_clear_error(monkeypatch):
     with pytest.raises(freezer.FreezerError) as e:
         freezer.hierarchy()
     assert e.value.errno == errno.ENOSYS and "mounted" in str(e.value)
+
+
+def test_ctrl_c_during_the_dump_releases_everything(tree, version, monkeypatch,
+                                                    check_untraced):
+    from backend import dump
+    before = _cgroups(_tree(tree.pid))
+
+    def interrupted(*args, **kwargs):
+        assert _our_temp_cgroups(), "the tree should be in the temporary cgroup now"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dump.Gatherer, "process", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint(tree.pid, io.BytesIO(), freezer=version)
+    assert_released(before, check_untraced)
+    tree.write(b"after ctrl-c\n")
+    assert tree.readline() == "ok after ctrl-c"
