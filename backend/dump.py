@@ -104,8 +104,9 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
         raise CheckpointError(errno.ENOSYS, str(e)) from None
     if pid <= 0 or not proc.process_exists(pid):
         raise CheckpointError(errno.ESRCH, f"no process {pid}")
-    if pid == os.getpid():
-        raise CheckpointError(errno.EINVAL, "a live process cannot checkpoint itself with this tool")
+    if os.getpid() in proc.subtree(pid):
+        raise CheckpointError(errno.EINVAL, f"the tree of {pid} contains this checkpointer "
+                                            f"({os.getpid()}): it cannot stop itself")
     crid = (time.time_ns() // 1000) & 0x7FFFFFFFFFFFFFFF or 1
     ctx = CheckpointContext(None, None, _Root(), [], sink, log)
     _header(ctx, flags, crid)

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -43,7 +44,11 @@ int main(int argc, char **argv) {
     union sigval v = {.sival_int = 42};
     sigqueue(getpid(), SIGRTMIN + 1, v);                 /* stays pending: blocked */
     pid_t child = fork();
-    if (child == 0) { for (;;) pause(); }
+    if (child == 0) {                       /* dies with its parent: never an orphan */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() == 1) _exit(0);
+        for (;;) pause();
+    }
     printf("READY mem=%p handler=%p child=%d fd=%d pipe_r=%d pipe_w=%d rt=%d\n", (void *)mem,
            (void *)on_usr1, child, fd, pfd[0], pfd[1], SIGRTMIN + 1);
     fflush(stdout);
