@@ -7,6 +7,7 @@ and reaped, fds are closed, probe cgroups are removed). All probes together take
 second.
 
     probe() -> list[Feature]
+    probed() -> list[Feature]                 probe(), once per process (cached)
     require_must_haves(features) -> None      raises MissingFeatures naming what is missing
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ckptsim.errors import CkptsimError
 
 from . import kabi
 
-__all__ = ["Feature", "MissingFeatures", "probe", "require_must_haves", "MUST_HAVE",
+__all__ = ["Feature", "MissingFeatures", "probe", "probed", "require_must_haves", "MUST_HAVE",
            "format_table"]
 
 MUST_HAVE = ("ptrace", "process_vm_readv", "pagemap")
@@ -383,10 +384,28 @@ def probe() -> list[Feature]:
     return out
 
 
+_probed: list = []          # [(the probe function, its result)]: this process's probe
+
+
+def probed() -> list[Feature]:
+    """``probe()``, run once per process: what the kernel offers cannot change while this
+    process runs (a checkpoint calls this every time; probing forks a child). Only a result
+    with every must-have present is kept (a missing one may be transient, a failed fork);
+    a replaced ``probe`` (tests monkeypatch it) is probed anew."""
+    cached = _probed[0] if _probed else None
+    if cached is not None and cached[0] is probe:
+        return list(cached[1])
+    found = probe()
+    if all(f.present for f in found if f.must_have):
+        _probed[:] = [(probe, tuple(found))]
+    return found
+
+
 def require_must_haves(features: list[Feature] | None = None) -> None:
-    """Raise MissingFeatures if a must-have feature is missing (probing now if not given)."""
+    """Raise MissingFeatures if a must-have feature is missing (the process's ``probed()``
+    result if not given)."""
     if features is None:
-        features = probe()
+        features = probed()
     missing = [f for f in features if f.must_have and not f.present]
     if missing:
         raise MissingFeatures(missing)

@@ -148,18 +148,39 @@ class LiveMM:
             return  # kernel-provided or shared: no private pages to save
         if self._memory is None:
             self._memory = ProcessMemory(self.pid)
-        addrs = self._memory.pages_to_dump(vma.entry)
-        buf = bytearray(min(len(addrs), max_pages) * PAGE)
+        memory = self._memory
+        addrs = memory.pages_to_dump(vma.entry)
+        if not len(addrs):
+            return
         anonymous = vma.file is None
-        for i in range(0, len(addrs), max_pages):
-            part = addrs[i:i + max_pages]
-            view = memoryview(buf)[:len(part) * PAGE]
-            self._memory.read_pages(part, out=view)
+        parts = [addrs[i:i + max_pages] for i in range(0, len(addrs), max_pages)]
+
+        def fill(part: array, buf: bytearray):
+            size = len(part) * PAGE
+            memory.read_pages(part, out=memoryview(buf)[:size])
             if anonymous:  # an all-zero page reads back as zeros: the model saves none either
-                part, view = drop_zero_pages(part, buf, len(part) * PAGE)
-                if not len(part):
-                    continue
-            yield part, view
+                return drop_zero_pages(part, buf, size)
+            return part, memoryview(buf)[:size]
+
+        size = len(parts[0]) * PAGE
+        if len(parts) == 1:
+            part, view = fill(parts[0], bytearray(size))
+            if len(part):
+                yield part, view
+            return
+        # Two buffers: a helper thread reads chunk k+1 (process_vm_readv releases the GIL)
+        # while the consumer writes chunk k; chunk k's buffer is refilled only once the
+        # consumer has asked for the chunk after it.
+        from concurrent.futures import ThreadPoolExecutor
+        bufs = (bytearray(size), bytearray(size))
+        with ThreadPoolExecutor(1, thread_name_prefix=f"ckptsim-read-{self.pid}") as reader:
+            pending = reader.submit(fill, parts[0], bufs[0])
+            for k in range(len(parts)):
+                part, view = pending.result()
+                if k + 1 < len(parts):
+                    pending = reader.submit(fill, parts[k + 1], bufs[(k + 1) % 2])
+                if len(part):
+                    yield part, view
 
     def close(self) -> None:
         if self._memory is not None:

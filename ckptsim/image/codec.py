@@ -10,7 +10,10 @@ and the record type, and it never allocates more than the input it was given.
 """
 from __future__ import annotations
 
+import os
+import queue
 import struct
+import threading
 import zlib
 from array import array
 from typing import Iterator
@@ -45,8 +48,83 @@ def _encode_var(lay: Layout, var) -> bytes | memoryview:
     return b"".join(pack(*item) for item in items)
 
 
+# Parts of at least this many bytes (page data) are checksummed on a helper thread while the
+# writer's thread writes them: zlib.crc32 and a file's write both release the GIL, so on two
+# cores the checksum costs (almost) no extra time. Smaller parts are checksummed inline.
+_PARALLEL_CRC_MIN = 64 * 1024
+
+
+class _Checksummer:
+    """One helper thread per process computing ``zlib.crc32(data, crc)`` for a caller that
+    waits for the result before going on (so the caller's buffer is never read after its
+    write returned). One job at a time: a caller that finds it busy (another writer, in
+    another thread) checksums inline. Re-created in a forked child (threads do not fork)."""
+
+    _instance: "_Checksummer | None" = None
+    _make = threading.Lock()
+
+    def __init__(self):
+        self.pid = os.getpid()
+        self.busy = threading.Lock()
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.results: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="ckptsim-crc32", daemon=True).start()
+
+    def _run(self) -> None:
+        jobs, results = self.jobs, self.results
+        while True:
+            data, crc = jobs.get()
+            try:
+                results.put(zlib.crc32(data, crc))
+            except BaseException as e:      # handed to the waiting caller
+                results.put(e)
+            del data
+
+    @classmethod
+    def get(cls) -> "_Checksummer | None":
+        inst = cls._instance
+        if inst is None or inst.pid != os.getpid():
+            with cls._make:
+                inst = cls._instance
+                if inst is None or inst.pid != os.getpid():
+                    try:
+                        inst = cls._instance = cls()
+                    except RuntimeError:    # no thread can be started (interpreter exit)
+                        return None
+        return inst
+
+    def write_and_crc(self, sink, chunk, crc: int) -> int:
+        """``sink.write(chunk)`` here while the helper checksums ``chunk``; the new crc."""
+        if not self.busy.acquire(blocking=False):
+            sink.write(chunk)
+            return zlib.crc32(chunk, crc)
+        self.jobs.put((chunk, crc))
+        try:
+            sink.write(chunk)
+        finally:
+            try:
+                result = self.results.get()     # always: the helper is done with ``chunk``
+            except BaseException:               # interrupted (Ctrl-C) while waiting: the
+                self._retire()                  # late result must not reach another caller
+                raise
+            self.busy.release()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _retire(self) -> None:
+        """Never use this helper again (``busy`` stays held); the next caller makes a new one."""
+        with _Checksummer._make:
+            if _Checksummer._instance is self:
+                _Checksummer._instance = None
+
+
 class ImageWriter:
-    """Writes records to a binary sink (anything with ``write``), keeping count and checksum."""
+    """Writes records to a binary sink (anything with ``write``), keeping count and checksum.
+
+    Large parts (page data) are checksummed on a helper thread while they are written; every
+    call returns only once its bytes are both written and checksummed, so callers may reuse
+    their buffers as soon as it returns."""
 
     def __init__(self, sink):
         self.sink = sink
@@ -56,10 +134,16 @@ class ImageWriter:
 
     def _emit(self, *chunks) -> None:
         for chunk in chunks:
-            if len(chunk):
+            n = len(chunk)
+            if not n:
+                continue
+            helper = _Checksummer.get() if n >= _PARALLEL_CRC_MIN else None
+            if helper is not None:
+                self.crc = helper.write_and_crc(self.sink, chunk, self.crc)
+            else:
                 self.sink.write(chunk)
                 self.crc = zlib.crc32(chunk, self.crc)
-                self.offset += len(chunk)
+            self.offset += n
 
     def write(self, lay: Layout, var=None, **fields) -> None:
         try:
