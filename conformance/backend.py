@@ -22,6 +22,9 @@ class CheckpointFailed(Exception):
 
 class Backend(ABC):
     name: str = "?"
+    # False: the backend checkpoints but cannot restart yet; the runner then only checks the
+    # checkpoint and the image, and never counts a scenario as passed (conformance/runner.py).
+    can_restart: bool = True
 
     def unsupported(self, scenario: Scenario) -> str | None:
         """Why this backend cannot run ``scenario``, or None when it can."""
