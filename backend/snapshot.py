@@ -16,6 +16,7 @@ import fcntl
 import itertools
 import os
 import struct
+import threading
 from array import array
 
 from ckptsim.errors import CkptsimError
@@ -121,6 +122,30 @@ class LiveVMA:
         return bool(self.flags & MAP_SHARED)
 
 
+class _ChunkBuffers:
+    """The two page buffers of LiveMM.present_chunks, kept for the next VMA and the next
+    process: fresh memory costs a page fault per page (about 3 ms per 4 MiB here), which
+    per VMA would add up. Buffers of ``size`` bytes; one user at a time (a concurrent one
+    gets fresh buffers, which are then dropped). At most two are kept."""
+
+    _lock = threading.Lock()
+    _kept: list[bytearray] = []
+
+    @classmethod
+    def take(cls, size: int) -> list[bytearray]:
+        with cls._lock:
+            bufs, cls._kept = [b for b in cls._kept if len(b) == size], []
+        while len(bufs) < 2:
+            bufs.append(bytearray(size))
+        return bufs
+
+    @classmethod
+    def give_back(cls, bufs: list[bytearray]) -> None:
+        with cls._lock:
+            if not cls._kept:
+                cls._kept = bufs[:2]
+
+
 class LiveMM:
     """The address space (MM's attributes); pages are read in chunks as the image is written."""
 
@@ -162,25 +187,31 @@ class LiveMM:
                 return drop_zero_pages(part, buf, size)
             return part, memoryview(buf)[:size]
 
-        size = len(parts[0]) * PAGE
-        if len(parts) == 1:
-            part, view = fill(parts[0], bytearray(size))
-            if len(part):
-                yield part, view
-            return
-        # Two buffers: a helper thread reads chunk k+1 (process_vm_readv releases the GIL)
-        # while the consumer writes chunk k; chunk k's buffer is refilled only once the
-        # consumer has asked for the chunk after it.
-        from concurrent.futures import ThreadPoolExecutor
-        bufs = (bytearray(size), bytearray(size))
-        with ThreadPoolExecutor(1, thread_name_prefix=f"ckptsim-read-{self.pid}") as reader:
-            pending = reader.submit(fill, parts[0], bufs[0])
-            for k in range(len(parts)):
-                part, view = pending.result()
-                if k + 1 < len(parts):
-                    pending = reader.submit(fill, parts[k + 1], bufs[(k + 1) % 2])
+        bufs = _ChunkBuffers.take(max_pages * PAGE)
+        try:
+            if len(parts) == 1:
+                part, view = fill(parts[0], bufs[0])
                 if len(part):
                     yield part, view
+                return
+            # Two buffers: a helper thread reads chunk k+1 (process_vm_readv releases the
+            # GIL) while the consumer writes chunk k; chunk k's buffer is refilled only once
+            # the consumer has asked for the chunk after it. A read the helper has not
+            # started when it is needed is done here (never wait for an idle helper).
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(1, thread_name_prefix=f"ckptsim-read-{self.pid}") as reader:
+                pending = reader.submit(fill, parts[0], bufs[0])
+                for k in range(len(parts)):
+                    if pending.cancel():    # not started (no core free): read it here
+                        part, view = fill(parts[k], bufs[k % 2])
+                    else:
+                        part, view = pending.result()
+                    if k + 1 < len(parts):
+                        pending = reader.submit(fill, parts[k + 1], bufs[(k + 1) % 2])
+                    if len(part):
+                        yield part, view
+        finally:
+            _ChunkBuffers.give_back(bufs)
 
     def close(self) -> None:
         if self._memory is not None:

@@ -55,10 +55,14 @@ _PARALLEL_CRC_MIN = 64 * 1024
 
 
 class _Checksummer:
-    """One helper thread per process computing ``zlib.crc32(data, crc)`` for a caller that
-    waits for the result before going on (so the caller's buffer is never read after its
-    write returned). One job at a time: a caller that finds it busy (another writer, in
-    another thread) checksums inline. Re-created in a forked child (threads do not fork)."""
+    """One helper thread per process computing ``zlib.crc32(data, crc)`` while the caller
+    writes ``data``. The caller never returns before the helper is done with ``data`` (so
+    its buffer may be reused at once), and never waits for a helper that has not started:
+    each job has a claim lock, and when the write is done first and the helper has not
+    claimed the job yet (a loaded machine: no core free for it), the caller claims it and
+    checksums inline, so the worst case is the serial cost. One caller at a time: one that
+    finds it busy (another writer, in another thread) checksums inline. Re-created in a
+    forked child (threads do not fork)."""
 
     _instance: "_Checksummer | None" = None
     _make = threading.Lock()
@@ -73,11 +77,12 @@ class _Checksummer:
     def _run(self) -> None:
         jobs, results = self.jobs, self.results
         while True:
-            data, crc = jobs.get()
-            try:
-                results.put(zlib.crc32(data, crc))
-            except BaseException as e:      # handed to the waiting caller
-                results.put(e)
+            data, crc, claim = jobs.get()
+            if claim.acquire(blocking=False):   # else the caller took it back
+                try:
+                    results.put(zlib.crc32(data, crc))
+                except BaseException as e:      # handed to the waiting caller
+                    results.put(e)
             del data
 
     @classmethod
@@ -94,20 +99,28 @@ class _Checksummer:
         return inst
 
     def write_and_crc(self, sink, chunk, crc: int) -> int:
-        """``sink.write(chunk)`` here while the helper checksums ``chunk``; the new crc."""
+        """``sink.write(chunk)``, and ``zlib.crc32(chunk, crc)`` (returned) computed on the
+        helper meanwhile when it gets to it in time."""
         if not self.busy.acquire(blocking=False):
             sink.write(chunk)
             return zlib.crc32(chunk, crc)
-        self.jobs.put((chunk, crc))
+        claim = threading.Lock()
+        self.jobs.put((chunk, crc, claim))
         try:
             sink.write(chunk)
         finally:
-            try:
-                result = self.results.get()     # always: the helper is done with ``chunk``
-            except BaseException:               # interrupted (Ctrl-C) while waiting: the
-                self._retire()                  # late result must not reach another caller
-                raise
-            self.busy.release()
+            if claim.acquire(blocking=False):   # not started: the helper will skip it
+                self.busy.release()
+                result = None
+            else:
+                try:
+                    result = self.results.get()     # the helper is done with ``chunk``
+                except BaseException:               # interrupted (Ctrl-C) while waiting: the
+                    self._retire()                  # late result must reach no other caller
+                    raise
+                self.busy.release()
+        if result is None:
+            return zlib.crc32(chunk, crc)
         if isinstance(result, BaseException):
             raise result
         return result

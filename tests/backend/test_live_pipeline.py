@@ -1,0 +1,278 @@
+"""The overlapped page path of the live checkpoint: ImageWriter's checksum helper thread,
+LiveMM.present_chunks' read-ahead thread, and the per-process feature probe cache."""
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import subprocess
+import sys
+import threading
+import zlib
+from array import array
+
+import pytest
+
+from backend import features, proc
+from backend.features import Feature, MissingFeatures
+from backend.snapshot import LiveMM, LiveVMA
+from ckptsim.image import codec, core
+from ckptsim.image.codec import ImageReader, ImageWriter
+from ckptsim.kinds import load_all
+
+PAGE = 4096
+
+
+def _pages(n: int, seed: int) -> bytes:
+    """n pages of non-zero bytes that differ from page to page."""
+    page = bytes((i * 7 + seed) % 251 + 1 for i in range(PAGE))
+    return b"".join(page[k % 97:] + page[:k % 97] for k in range(n))
+
+
+# --- ImageWriter: the checksum helper ------------------------------------------------------
+
+def _tail_checksum_ok(image: bytes) -> bool:
+    """The tail's checksum is the CRC-32 of every byte before the tail."""
+    tail = len(image) - core.TAIL_SIZE
+    checksum = core.TAIL.struct.unpack_from(image, tail + 8)[2]
+    return checksum == zlib.crc32(image[:tail])
+
+
+def _records(image: bytes) -> list:
+    """Every record, with framing, objrefs, tail count and checksum checked."""
+    reader = ImageReader(image)
+    recs = list(reader.records())
+    reader.finish()
+    return recs
+
+
+def _image(data: bytes, sink) -> ImageWriter:
+    load_all()
+    w = ImageWriter(sink)
+    w.write(core.STRING, var="before")
+    n = len(data) // PAGE
+    w.write_pages(array("Q", range(0, n * PAGE, PAGE)), data)
+    w.end_pages()
+    w.finish()
+    return w
+
+
+def test_large_parts_give_the_serial_checksum_and_bytes():
+    data = _pages(2500, 3)                      # three chunks, the last one partial
+    out = io.BytesIO()
+    w = _image(data, out)
+    image = out.getvalue()
+    assert _tail_checksum_ok(image)             # what a serial writer computes
+    recs = [r for r in _records(image) if r.layout.name == "BUFFER"]
+    assert len(recs) == 3
+    got = b"".join(bytes(r.var[len(r.var) // (8 + PAGE) * 8:]) for r in recs)
+    assert got == data
+
+
+class _SlowSink(io.BytesIO):
+    """A write that lets the helper thread claim its checksum job first."""
+
+    def write(self, b):
+        threading.Event().wait(0.01)
+        return super().write(b)
+
+
+class _FailingSink(io.BytesIO):
+    def __init__(self, fail_after: int):
+        super().__init__()
+        self.left = fail_after
+
+    def write(self, b):
+        if len(b) >= codec._PARALLEL_CRC_MIN:
+            self.left -= 1
+            if self.left < 0:
+                raise OSError(28, "No space left on device")
+        return super().write(b)
+
+
+def test_a_slow_sink_still_gets_the_right_checksum():
+    data = _pages(3000, 5)
+    out = _SlowSink()
+    w = _image(data, out)
+    image = out.getvalue()
+    assert _tail_checksum_ok(image)
+
+
+def test_a_failing_write_raises_and_leaves_the_helper_usable():
+    data = _pages(2048, 7)
+    with pytest.raises(OSError, match="No space left"):
+        _image(data, _FailingSink(fail_after=1))
+    # the helper holds no stale result: the next image is right
+    out = io.BytesIO()
+    w = _image(data, out)
+    image = out.getvalue()
+    assert _tail_checksum_ok(image)
+    _records(image)
+
+
+def test_writers_in_several_threads_each_get_their_own_checksum():
+    datas = [_pages(1100, s) for s in (11, 13, 17, 19)]
+    results: dict[int, tuple[int, bytes]] = {}
+    errors = []
+
+    def run(i):
+        try:
+            out = io.BytesIO()
+            w = _image(datas[i], out)
+            results[i] = (w.crc, out.getvalue())
+        except BaseException as e:       # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(datas))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    for i, (crc, image) in results.items():
+        assert crc == zlib.crc32(image) and _tail_checksum_ok(image), i
+    assert len(results) == len(datas)
+
+
+def test_a_forked_child_makes_its_own_helper():
+    codec._Checksummer.get()                    # the parent's helper thread exists
+    data = _pages(1500, 23)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                # the child: report its crc, always exit
+        code = 1
+        try:
+            os.close(r)
+            out = io.BytesIO()
+            writer = _image(data, out)
+            image = out.getvalue()
+            ok = writer.crc == zlib.crc32(image) and _tail_checksum_ok(image)
+            os.write(w, b"ok" if ok else b"bad")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            got = f.read()
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert got == b"ok" and os.waitstatus_to_exitcode(status) == 0
+
+
+# --- LiveMM.present_chunks: read-ahead --------------------------------------------------------
+
+TARGET = r"""
+import mmap, sys
+n = int(sys.argv[1])
+m = mmap.mmap(-1, n * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+page = bytes((i * 7 + 1) % 251 + 1 for i in range(4096))
+zero = {int(z) for z in sys.argv[2].split(",")}
+for k in range(n):
+    if k in zero:
+        m[k * 4096:(k + 1) * 4096] = bytes(4096)            # written, but all zeros
+    else:
+        m[k * 4096:(k + 1) * 4096] = k.to_bytes(4, "little") + page[4:]
+import ctypes
+sys.stdout.write("%d\n" % ctypes.addressof(ctypes.c_char.from_buffer(m)))
+sys.stdout.flush()
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def target(request):
+    n = 2600                                    # three chunks of 1024 pages
+    zero = [0, 1023, 1024, 1500, 2047, 2599]    # at and across the chunk edges
+    p = subprocess.Popen([sys.executable, "-c", TARGET, str(n), ",".join(map(str, zero))],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def end():
+        p.stdin.close()
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        p.stdout.close()
+    request.addfinalizer(end)
+    line = p.stdout.readline()
+    assert line, f"target exited with {p.poll()}"
+    return p.pid, int(line), n, set(zero)
+
+
+def _block_vma(pid: int, start: int) -> LiveVMA:
+    entry = next(e for e in proc.read_smaps(pid) if e.mapping.start <= start < e.mapping.end)
+    return LiveVMA(entry, None)
+
+
+@pytest.mark.parametrize("max_pages", [1024, 333])
+def test_present_chunks_reads_ahead_in_order_and_drops_zero_pages(target, max_pages):
+    pid, start, n, zero = target
+    vma = _block_vma(pid, start)
+    mm = LiveMM(pid, proc.read_stat(pid), [vma], None)
+    page = bytes((i * 7 + 1) % 251 + 1 for i in range(PAGE))
+    addrs, seen = [], 0
+    try:
+        for part, view in mm.present_chunks(vma, max_pages):
+            assert 0 < len(part) <= max_pages and len(view) == len(part) * PAGE
+            held = bytes(view)
+            threading.Event().wait(0.02)    # the reader runs meanwhile: not into this chunk
+            assert bytes(view) == held, "a chunk changed before the next one was asked for"
+            for i, a in enumerate(part):
+                if not start <= a < start + n * PAGE:
+                    continue
+                k = (a - start) // PAGE
+                assert bytes(view[i * PAGE:(i + 1) * PAGE]) == k.to_bytes(4, "little") + page[4:], k
+                addrs.append(a)
+            seen += 1
+    finally:
+        mm.close()
+    assert addrs == [start + k * PAGE for k in range(n) if k not in zero]
+    assert seen >= -(-(n - len(zero)) // max_pages)
+
+
+def test_present_chunks_stopped_early_leaves_no_reader_thread(target):
+    pid, start, n, zero = target
+    vma = _block_vma(pid, start)
+    mm = LiveMM(pid, proc.read_stat(pid), [vma], None)
+    before = {t.name for t in threading.enumerate()}
+    try:
+        chunks = mm.present_chunks(vma, 512)
+        next(chunks)
+        assert any(t.name.startswith(f"ckptsim-read-{pid}") for t in threading.enumerate())
+        chunks.close()
+    finally:
+        mm.close()
+    assert not any(t.name.startswith("ckptsim-read-") for t in threading.enumerate()
+                   if t.name not in before)
+
+
+# --- features: one probe per process ----------------------------------------------------------
+
+def _feats(missing: str = "") -> list[Feature]:
+    return [Feature(n, n != missing, "ok", n in features.MUST_HAVE, features.DISABLES[n])
+            for n in features.DISABLES]
+
+
+def test_require_must_haves_probes_once_per_process(monkeypatch):
+    calls = []
+    monkeypatch.setattr(features, "probe", lambda: calls.append(1) or _feats())
+    features.require_must_haves()
+    features.require_must_haves()
+    assert len(calls) == 1
+    assert [f.name for f in features.probed()] == list(features.DISABLES)
+    assert len(calls) == 1
+
+
+def test_a_missing_must_have_is_probed_again(monkeypatch):
+    calls = []
+    monkeypatch.setattr(features, "probe", lambda: calls.append(1) or _feats("ptrace"))
+    for _ in range(2):
+        with pytest.raises(MissingFeatures, match="ptrace"):
+            features.require_must_haves()
+    assert len(calls) == 2
+    # a probe replaced again (a test's monkeypatch) is not answered from the old cache
+    monkeypatch.setattr(features, "probe", lambda: calls.append(1) or _feats())
+    features.require_must_haves()
+    assert len(calls) == 3
