@@ -15,6 +15,7 @@ import errno
 import fcntl
 import itertools
 import os
+import queue
 import struct
 import threading
 from array import array
@@ -146,6 +147,58 @@ class _ChunkBuffers:
                 cls._kept = bufs[:2]
 
 
+class _ReadAhead:
+    """A helper thread running one job at a time (``submit``, then ``result``). A job it has
+    not started when its result is wanted is claimed back and run by the caller: nobody
+    waits for an idle helper (a loaded machine has no core free for it). ``close`` waits
+    for (or claims back) the pending job, so no buffer is used after it returns."""
+
+    def __init__(self, name: str):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.results: queue.SimpleQueue = queue.SimpleQueue()
+        self.pending = None
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            fn, args, claim = job
+            if claim.acquire(blocking=False):   # else the caller took it back
+                try:
+                    self.results.put((True, fn(*args)))
+                except BaseException as e:      # raised by result()
+                    self.results.put((False, e))
+            del job, fn, args
+
+    def submit(self, fn, *args) -> None:
+        self.pending = (fn, args, threading.Lock())
+        self.jobs.put(self.pending)
+
+    def result(self):
+        fn, args, claim = self.pending
+        self.pending = None
+        if claim.acquire(blocking=False):
+            return fn(*args)
+        ok, value = self.results.get()
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        try:
+            if self.pending is not None:
+                fn, args, claim = self.pending
+                self.pending = None
+                if not claim.acquire(blocking=False):
+                    self.results.get()          # its outcome no longer matters
+        finally:
+            self.jobs.put(None)
+            self.thread.join()
+
+
 class LiveMM:
     """The address space (MM's attributes); pages are read in chunks as the image is written."""
 
@@ -198,18 +251,18 @@ class LiveMM:
             # GIL) while the consumer writes chunk k; chunk k's buffer is refilled only once
             # the consumer has asked for the chunk after it. A read the helper has not
             # started when it is needed is done here (never wait for an idle helper).
-            from concurrent.futures import ThreadPoolExecutor
-            with ThreadPoolExecutor(1, thread_name_prefix=f"ckptsim-read-{self.pid}") as reader:
-                pending = reader.submit(fill, parts[0], bufs[0])
+            reader = _ReadAhead(f"ckptsim-read-{self.pid}")
+            try:
+                part, view = fill(parts[0], bufs[0])
                 for k in range(len(parts)):
-                    if pending.cancel():    # not started (no core free): read it here
-                        part, view = fill(parts[k], bufs[k % 2])
-                    else:
-                        part, view = pending.result()
+                    if k:
+                        part, view = reader.result()
                     if k + 1 < len(parts):
-                        pending = reader.submit(fill, parts[k + 1], bufs[(k + 1) % 2])
+                        reader.submit(fill, parts[k + 1], bufs[(k + 1) % 2])
                     if len(part):
                         yield part, view
+            finally:
+                reader.close()
         finally:
             _ChunkBuffers.give_back(bufs)
 
