@@ -52,17 +52,52 @@ def _encode_var(lay: Layout, var) -> bytes | memoryview:
 # writer's thread writes them: zlib.crc32 and a file's write both release the GIL, so on two
 # cores the checksum costs (almost) no extra time. Smaller parts are checksummed inline.
 _PARALLEL_CRC_MIN = 64 * 1024
+_PIECE = 1 << 20            # a large part is checksummed in pieces of this size, combined
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a * b modulo the CRC-32 polynomial, bit-reflected (zlib's multmodp)."""
+    m = 1 << 31
+    p = 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ 0xEDB88320 if b & 1 else b >> 1
+
+
+_X2N = [1 << 30]            # x^(2^n) modulo the polynomial, n = 0..31
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+_SHIFT: dict[int, int] = {}
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """zlib's crc32_combine: the CRC-32 of A + B from crc32(A), crc32(B) and len(B)."""
+    op = _SHIFT.get(len2)
+    if op is None:
+        op, n, k = 1 << 31, len2, 3         # x^(8 * len2)
+        while n:
+            if n & 1:
+                op = _multmodp(_X2N[k & 31], op)
+            n >>= 1
+            k += 1
+        if len(_SHIFT) < 64:
+            _SHIFT[len2] = op
+    return _multmodp(op, crc1) ^ crc2
 
 
 class _Checksummer:
-    """One helper thread per process computing ``zlib.crc32(data, crc)`` while the caller
-    writes ``data``. The caller never returns before the helper is done with ``data`` (so
-    its buffer may be reused at once), and never waits for a helper that has not started:
-    each job has a claim lock, and when the write is done first and the helper has not
-    claimed the job yet (a loaded machine: no core free for it), the caller claims it and
-    checksums inline, so the worst case is the serial cost. One caller at a time: one that
-    finds it busy (another writer, in another thread) checksums inline. Re-created in a
-    forked child (threads do not fork)."""
+    """One helper thread per process checksumming a part while the caller writes it. The part
+    is cut into 1 MiB pieces: the helper takes them from the front, and the caller, once its
+    write is done, takes the ones the helper has not claimed yet from the back (each piece has
+    a claim lock), so nobody waits for a helper that has no core free; the pieces' CRCs are
+    combined (crc32_combine). The caller never returns before the helper is done with the
+    part, so its buffer may be reused at once. One caller at a time: one that finds it busy
+    (another writer, in another thread) checksums inline. Re-created in a forked child
+    (threads do not fork)."""
 
     _instance: "_Checksummer | None" = None
     _make = threading.Lock()
@@ -77,13 +112,13 @@ class _Checksummer:
     def _run(self) -> None:
         jobs, results = self.jobs, self.results
         while True:
-            data, crc, claim = jobs.get()
-            if claim.acquire(blocking=False):   # else the caller took it back
+            piece, i, claim = jobs.get()
+            if claim.acquire(blocking=False):   # else the caller took it
                 try:
-                    results.put(zlib.crc32(data, crc))
+                    results.put((i, zlib.crc32(piece)))
                 except BaseException as e:      # handed to the waiting caller
-                    results.put(e)
-            del data
+                    results.put((i, e))
+            del piece
 
     @classmethod
     def get(cls) -> "_Checksummer | None":
@@ -99,31 +134,40 @@ class _Checksummer:
         return inst
 
     def write_and_crc(self, sink, chunk, crc: int) -> int:
-        """``sink.write(chunk)``, and ``zlib.crc32(chunk, crc)`` (returned) computed on the
-        helper meanwhile when it gets to it in time."""
+        """``sink.write(chunk)``; returns ``zlib.crc32(chunk, crc)``, computed meanwhile."""
         if not self.busy.acquire(blocking=False):
             sink.write(chunk)
             return zlib.crc32(chunk, crc)
-        claim = threading.Lock()
-        self.jobs.put((chunk, crc, claim))
+        view = memoryview(chunk)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        pieces = [view[i:i + _PIECE] for i in range(0, len(view), _PIECE)]
+        claims = [threading.Lock() for _ in pieces]
+        for i, piece in enumerate(pieces):
+            self.jobs.put((piece, i, claims[i]))
+        crcs: list = [None] * len(pieces)
+        helper = 0                              # pieces the helper claimed
         try:
             sink.write(chunk)
         finally:
-            if claim.acquire(blocking=False):   # not started: the helper will skip it
-                self.busy.release()
-                result = None
-            else:
-                try:
-                    result = self.results.get()     # the helper is done with ``chunk``
-                except BaseException:               # interrupted (Ctrl-C) while waiting: the
-                    self._retire()                  # late result must reach no other caller
-                    raise
-                self.busy.release()
-        if result is None:
-            return zlib.crc32(chunk, crc)
-        if isinstance(result, BaseException):
-            raise result
-        return result
+            for i in range(len(pieces) - 1, -1, -1):
+                if claims[i].acquire(blocking=False):
+                    crcs[i] = zlib.crc32(pieces[i])     # not started: ours
+                else:
+                    helper += 1
+            try:
+                for _ in range(helper):         # the helper is done with ``chunk`` after
+                    i, value = self.results.get()
+                    crcs[i] = value
+            except BaseException:               # interrupted (Ctrl-C) while waiting: the
+                self._retire()                  # late results must reach no other caller
+                raise
+            self.busy.release()
+        for i, value in enumerate(crcs):
+            if isinstance(value, BaseException):
+                raise value
+            crc = crc32_combine(crc, value, len(pieces[i]))
+        return crc
 
     def _retire(self) -> None:
         """Never use this helper again (``busy`` stays held); the next caller makes a new one."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -67,6 +68,22 @@ def test_large_parts_give_the_serial_checksum_and_bytes():
     assert len(recs) == 3
     got = b"".join(bytes(r.var[len(r.var) // (8 + PAGE) * 8:]) for r in recs)
     assert got == data
+
+
+def test_crc32_combine_is_zlibs():
+    rnd = random.Random(4)
+    for _ in range(300):
+        a = rnd.randbytes(rnd.randrange(0, 5000))
+        b = rnd.randbytes(rnd.choice([0, 1, 7, rnd.randrange(0, 5000)]))
+        assert codec.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+
+
+def test_a_part_of_odd_size_is_checksummed_in_pieces_like_zlib():
+    data = _pages(700, 29)[:(700 * PAGE) - 8]       # pieces of 1 MiB and an odd tail
+    h = codec._Checksummer.get()
+    out = io.BytesIO()
+    assert h.write_and_crc(out, data, 12345) == zlib.crc32(data, 12345)
+    assert out.getvalue() == data
 
 
 class _SlowSink(io.BytesIO):
