@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno as _errno
 from array import array
 
-from ..errors import CkptsimError, ImageError, ModelError
+from ..errors import CkptsimError, ImageError
 from ..image import core
 from ..image.codec import ImageReader, ImageWriter
 from ..image.schema import Layout, Record
@@ -208,10 +208,3 @@ class RestartContext:
 
     def image_error(self, message: str) -> ImageError:
         return ImageError(self.reader.pos, None, message)
-
-
-def as_image_error(reader: ImageReader, exc: Exception) -> ImageError:
-    """A model error raised while applying image contents means the image is inconsistent."""
-    if isinstance(exc, ModelError):
-        return ImageError(reader.pos, None, f"inconsistent image: {exc}")
-    return ImageError(reader.pos, None, f"inconsistent image: {type(exc).__name__}: {exc}")
