@@ -697,3 +697,52 @@ TCP_LISTEN = 10
 
 SO_PEEK_OFF = 42
 KDEV_MINORBITS = 20          # the kernel's dev_t (s_dev, udiag_vfs_dev): major << 20 | minor
+
+# --------------------------------------------------------------------------------------------
+# backend/restore: syscalls injected into restored tasks, recvmsg with SCM_RIGHTS, mmap flags
+# --------------------------------------------------------------------------------------------
+SYS_lseek = 8
+SYS_sendmsg = 46
+SYS_recvmsg = 47
+SYS_setsid = 112
+SYS_setpgid = 109
+SYS_setresuid = 117
+SYS_setresgid = 119
+SYS_setgroups = 116
+SYS_capset = 126
+SYS_fchdir = 81
+SYS_chroot = 161
+SYS_dup3 = 292
+SYS_openat = 257
+
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+TASK_SIZE_X86_64 = (1 << 47) - 4096      # the highest user address + 1 (4-level paging)
+O_CLOEXEC = 0o2000000
+F_GETFL, F_SETFL, F_SETFD, F_SETPIPE_SZ = 3, 4, 2, 1031
+FD_CLOEXEC = 1
+SOL_SOCKET = 1
+SCM_RIGHTS = 1
+
+
+class msghdr(ctypes.Structure):
+    _fields_ = [("msg_name", c_u64), ("msg_namelen", c_u32), ("pad0", c_u32),
+                ("msg_iov", c_u64), ("msg_iovlen", c_u64), ("msg_control", c_u64),
+                ("msg_controllen", c_u64), ("msg_flags", c_u32), ("pad1", c_u32)]
+
+
+assert ctypes.sizeof(msghdr) == 56
+CMSG_HDR_SIZE = 16           # struct cmsghdr: cmsg_len (size_t), cmsg_level, cmsg_type (int)
+
+
+class user_cap_header(ctypes.Structure):
+    _fields_ = [("version", c_u32), ("pid", ctypes.c_int32)]
+
+
+class user_cap_data(ctypes.Structure):
+    _fields_ = [("effective", c_u32), ("permitted", c_u32), ("inheritable", c_u32)]
+
+
+LINUX_CAPABILITY_VERSION_3 = 0x20080522

@@ -241,7 +241,7 @@ def restart_tasks(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
 
 
 def restart_job(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
-                restore_fs: bool = False, pidns: bool | None = None):
+                restore_fs: bool = False, pidns: bool | None = None, page_sink=None):
     """``restart_tasks``, also returning the finished restart's context: its ``header``,
     ``live`` (a live image) and ``placeholders`` (paths created for a live image, or absent)."""
     load_all()
@@ -254,6 +254,7 @@ def restart_job(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
     data = _read_image(kernel, caller, fd)
     reader = ImageReader(data)
     job = RestoreJob(kernel, caller, reader, log, flags, restore_fs, pidns)
+    job.ctx.page_sink = page_sink
     try:
         return job.run(), job.ctx
     except (ImageError, RestartError) as e:

@@ -149,6 +149,9 @@ class RestartContext:
         self._loading: list[int] = []
         self.tasks_by_vpid: dict[int, object] = {}
         self.header: Record | None = None
+        # Set by a live restore (backend/restore): takes page chunks instead of the model's mm
+        # (.private_pages(vma, addrs, data), .shmem_pages(seg, offsets, data)).
+        self.page_sink = None
 
     # -- records --------------------------------------------------------------------------
     def _objrefs(self) -> None:

@@ -126,7 +126,11 @@ def _restore_vma(ctx, mm: MM, rec) -> None:
     except OSError as e:
         ctx.fail(errno.EINVAL, f"VMA {start:#x}-{end:#x}: {e}")
     if vtype in (VMA_ANON, VMA_FILE):
+        sink = ctx.page_sink
         for addrs, data in ctx.read_pages():
+            if sink is not None:      # a live restore writes pages itself, straight from the image
+                sink.private_pages(vma, addrs, data)
+                continue
             try:
                 mm.install_pages(addrs, data)
             except (OSError, ValueError) as e:
@@ -166,7 +170,12 @@ def load_shmem(ctx) -> Shmem:
     seg = Shmem(rec["size"])
     ctx.bind(seg)
     total = 0
+    sink = ctx.page_sink
     for offsets, data in ctx.read_pages():
+        if sink is not None:
+            sink.shmem_pages(seg, offsets, data)
+            total += len(offsets)
+            continue
         try:
             seg.install_pages(offsets, data)
         except ValueError as e:
