@@ -347,6 +347,24 @@ class LiveShmem:
             else:
                 merged.append((a, b))
         self._ranges, self._size = merged, size
+        self._ranges = self._without_zero_pages()
+
+    def _without_zero_pages(self) -> list[tuple[int, int]]:
+        """The ranges without their all-zero pages, found by reading them once: a missing
+        page of a segment reads as zeros, and the model saves none (save_shmem), so a replay
+        of the image gives back the same SHMEM record."""
+        kept: list[tuple[int, int]] = []
+        for part, offsets, nonzero in self._read_chunks(1024, drop_zero=True):
+            if len(nonzero) == len(offsets):     # the usual case: no zero page in this chunk
+                runs = part
+            else:
+                runs = [(off, off + PAGE) for off in nonzero]
+            for a, b in runs:
+                if kept and kept[-1][1] == a:
+                    kept[-1] = (kept[-1][0], b)
+                else:
+                    kept.append((a, b))
+        return kept
 
     @property
     def size(self) -> int:
@@ -365,6 +383,12 @@ class LiveShmem:
         the contents are only valid until the next chunk is asked for."""
         if self._ranges is None:
             self._scan()
+        for _, offsets, out in self._read_chunks(max_pages):
+            yield offsets, out
+
+    def _read_chunks(self, max_pages: int, drop_zero: bool = False):
+        """(ranges, offsets, contents) per chunk; ``drop_zero``: offsets and contents without
+        the all-zero pages (the ranges stay as read)."""
         if not self._ranges:
             return
         buf = bytearray(max_pages * PAGE)
@@ -381,7 +405,11 @@ class LiveShmem:
                     self._pread(fd, part, out)
                 else:
                     self._read_mapped(part, out, memories)
-                yield offsets, out
+                if drop_zero:
+                    nonzero, out = drop_zero_pages(offsets, buf, len(out))
+                    yield part, offsets, nonzero
+                else:
+                    yield part, offsets, out
         finally:
             if fd is not None:
                 os.close(fd)
@@ -642,10 +670,26 @@ class Gatherer:
         key = (m.dev, m.inode, m.path)
         file = self.mapped.get(key)
         if file is None:
-            if m.deleted:
-                raise Unsupported(f"task {pid}: mapping {describe(m)} of a deleted file")
-            file = self.mapped[key] = LiveFile("regular", os.O_RDONLY, 0, m.path)
+            inode = self._unlinked_mapped(pid, m) if m.deleted else None
+            file = self.mapped[key] = LiveFile("regular", os.O_RDONLY, 0, m.path, inode=inode)
         return file
+
+    def _unlinked_mapped(self, pid: int, m) -> LiveInode:
+        """The contents of a mapped file that was unlinked, read once through
+        /proc/PID/map_files (the whole file: other mappings may show other parts). Pages of a
+        shared mapping written through it are in the file; a private mapping's copied pages
+        are saved with the mapping."""
+        path = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
+        try:
+            with open(path, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                data = f.read(MAX_UNLINKED_CONTENTS + 1)
+        except OSError as e:
+            raise Unsupported(f"task {pid}: mapping {describe(m)} of a deleted file: its "
+                              f"contents cannot be read through {path}: {e.strerror}") from None
+        if len(data) > MAX_UNLINKED_CONTENTS:
+            raise Unsupported(f"task {pid}: mapping {describe(m)}: deleted file larger than 1 GiB")
+        return LiveInode(m.inode, "reg", mode & 0o7777, data)
 
     def _mm(self, pid: int, stat: proc.Stat) -> LiveMM:
         vmas = []

@@ -495,6 +495,10 @@ class UnixSockets:
         if state is None or d.type not in SOCK_TYPE_NAMES:
             raise _unsupported(f"unix socket:[{d.ino}]: type {d.type} in state {d.state} is not "
                                "supported yet")
+        if d.type == SOCK_DGRAM and state == SockState.CONNECTED and d.peer is None:
+            # Linux marks a datagram socket ESTABLISHED when another one connects to it
+            # (unix_dgram_connect sets both); only the connecting one has a peer.
+            state = SockState.UNCONNECTED
         sock = self.socks[d.ino] = LiveUnixSocket(self, d.ino, d.type)
         sock.state = state
         sock.address = _address(d.name)

@@ -8,8 +8,9 @@ Live images (IMAGE_LIVE, written by ``backend/dump.py``) replay too:
 
 - they hold no file-system snapshot: every path they name (files by FILE_NAME, mapped files,
   the executable, root and cwd) is created in the fresh model as a placeholder (directories;
-  empty regular files, since a live image holds the contents of unlinked files only; FIFOs),
-  so the objects restore on top; the summary counts them;
+  empty regular files, since a live image holds the contents of unlinked files only; FIFOs;
+  the directories of a path a unix socket is bound to, the socket inode being made by the
+  bind itself), so the objects restore on top; the summary counts them;
 - their tasks carry x86-64 registers and XSAVE state (kinds/cpu_x86.py) instead of a model
   CPU: they are restored with no model program, so they never run in the model;
 - their tree holds real pids and 0 for a process group or session outside the tree: the tree

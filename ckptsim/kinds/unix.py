@@ -22,16 +22,21 @@ Names: an abstract name is re-registered on restore (EADDRINUSE if a live socket
 kernel holds it). A path name reuses the socket inode at that path if nobody is bound to it,
 creates it if the path is free, and fails with EADDRINUSE otherwise; a name whose inode was
 unlinked is restored as a name only (getsockname works, nobody can connect), as on Linux.
+A live image replayed into a fresh model (no file-system snapshot) gets the missing directories
+of a socket path as placeholders first (files.lookup_or_placeholder).
 """
 from __future__ import annotations
 
 import errno
+import posixpath
 
 from ..image.schema import ENUMS, layout
 from ..image.types import ObjType
 from ..model.unix import (AF_UNIX, SHUTDOWN_MASK, SOCK_STREAM,
                           SOCK_TYPE_NAMES, Segment, SocketInode, SockState, UnixSocket,
                           abstract_names, bind_absolute, filesystem)
+from ..model.vfs import KIND_DIR
+from .files import lookup_or_placeholder
 from .registry import Kind, register
 
 ENUMS["sock_family"] = {AF_UNIX: "AF_UNIX"}
@@ -151,6 +156,8 @@ def _restore_name(ctx, sock: UnixSocket, flags: int) -> None:
         ctx.fail(errno.EINVAL, f"socket path {path!r} is not absolute")
     inode = filesystem(kernel).lookup(path)
     if inode is None:
+        if getattr(ctx, "placeholders", None) is not None:   # a live image replayed
+            lookup_or_placeholder(ctx, posixpath.dirname(path), KIND_DIR)
         bind_absolute(kernel, sock, path)
     elif isinstance(inode, SocketInode) and (inode.bound is None
                                              or inode.bound.state == SockState.CLOSED):
