@@ -21,8 +21,11 @@ Public API (tids are kernel thread ids; a process's leader tid is its pid):
                                                        queue order: private or shared queue
     syscall_state(regs) -> SyscallState | None         the syscall a stopped thread sits in
     inject_syscall(tid, nr, *args, check=True) -> int  run one syscall inside a stopped thread
+    inject_syscalls(tid, calls, check=True) -> list    several, state saved/restored once
     stack_scratch(tid, size)                           context manager: scratch memory below
                                                        the thread's red zone, bytes restored
+    find_syscall_insn(tid) / read_memory(tid, addr, size)
+(the injection functions live in backend/ptrace_inject.py and are importable from here too).
 
 Errors are PtraceError (an OSError with .errno, and a one-line message naming the tid);
 ThreadGone (errno ESRCH) when a thread exited under us.
@@ -74,7 +77,8 @@ __all__ = [
     "seize", "interrupt_and_wait", "wait_stop", "detach", "release", "seized",
     "get_regs", "set_regs", "get_fs_gs_base", "get_xstate", "set_xstate", "get_fpregs",
     "get_sigmask", "set_sigmask", "get_siginfo", "peek_siginfo", "syscall_state",
-    "inject_syscall", "find_syscall_insn", "stack_scratch", "list_threads",
+    "inject_syscall", "inject_syscalls", "find_syscall_insn", "stack_scratch", "read_memory",
+    "list_threads",
 ]
 
 DEFAULT_OPTIONS = kabi.PTRACE_O_TRACESYSGOOD | kabi.PTRACE_O_TRACEEXIT
@@ -82,6 +86,7 @@ DEFAULT_TIMEOUT = 10.0
 _U64 = (1 << 64) - 1
 _ALL_SIGNALS = _U64
 _SYSCALL_STOP = signal.SIGTRAP | 0x80
+_FIRST_RECHECK, _LAST_RECHECK = 0.0002, 0.005   # seconds between re-checks of a slow stop
 # Signals that would kill the tracer mid-way; blocked while we restore tracees.
 _SHIELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
 
@@ -190,23 +195,70 @@ def _decode(tid: int, status: int) -> Stop:
     return Stop(tid, "signal", sig)
 
 
+def _try_wait(tid: int) -> int | None:
+    """waitpid(tid, __WALL | WNOHANG): the status, or None while nothing is reported."""
+    try:
+        wpid, status = os.waitpid(tid, kabi.WALL | os.WNOHANG)
+    except ChildProcessError:
+        raise ThreadGone(tid, f"tid {tid} is gone (or not traced by this process)") from None
+    return status if wpid else None
+
+
+def _timed_out(tid: int, timeout: float) -> PtraceError:
+    return PtraceError(errno.ETIMEDOUT, f"tid {tid} did not stop within {timeout:g} s "
+                                        f"({_describe(tid)})")
+
+
 def _waitpid(tid: int, timeout: float) -> int:
     """waitpid(tid, __WALL) with a timeout (a thread in uninterruptible sleep, or a vfork
-    parent waiting for its child, does not stop until that ends)."""
+    parent waiting for its child, does not stop until that ends; a killed group leader is
+    not reported while its traced sub-threads are unreaped zombies).
+
+    waitpid itself has no timeout, so the wait sleeps in sigtimedwait for the SIGCHLD that
+    the kernel sends the tracer thread on every ptrace stop and exit of its tracees: it
+    wakes as soon as the stop happens (no sleep granularity per wait). SIGCHLD is blocked in
+    this thread meanwhile, so that it is queued rather than discarded. This is used only
+    when SIGCHLD is SIG_DFL (it would be discarded anyway) and not already blocked here (a
+    caller that collects it with sigwait/signalfd keeps it). A SIGCHLD taken by another
+    thread, or not sent (SIGCHLD ignored), costs at most the current re-check interval:
+    0.2 ms doubling to 5 ms, as the plain sleeping poll used otherwise."""
+    status = _try_wait(tid)
+    if status is not None:
+        return status
     deadline = time.monotonic() + timeout
-    delay = 0.0001
+    if signal.getsignal(signal.SIGCHLD) is signal.SIG_DFL:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        if signal.SIGCHLD not in old:
+            try:
+                return _wait_woken_by_sigchld(tid, deadline, timeout)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return _wait_polling(tid, deadline, timeout)
+
+
+def _wait_woken_by_sigchld(tid: int, deadline: float, timeout: float) -> int:
+    recheck = _FIRST_RECHECK
     while True:
-        try:
-            wpid, status = os.waitpid(tid, kabi.WALL | os.WNOHANG)
-        except ChildProcessError:
-            raise ThreadGone(tid, f"tid {tid} is gone (or not traced by this process)") from None
-        if wpid:
+        status = _try_wait(tid)
+        if status is not None:
+            return status
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _timed_out(tid, timeout)
+        if signal.sigtimedwait((signal.SIGCHLD,), min(left, recheck)) is None:
+            recheck = min(recheck * 2, _LAST_RECHECK)   # missed or never sent: poll slower
+
+
+def _wait_polling(tid: int, deadline: float, timeout: float) -> int:
+    delay = _FIRST_RECHECK
+    while True:
+        status = _try_wait(tid)
+        if status is not None:
             return status
         if time.monotonic() > deadline:
-            raise PtraceError(errno.ETIMEDOUT, f"tid {tid} did not stop within {timeout:g} s "
-                                               f"({_describe(tid)})")
+            raise _timed_out(tid, timeout)
         time.sleep(delay)
-        delay = min(delay * 2, 0.005)
+        delay = min(delay * 2, _LAST_RECHECK)
 
 
 def wait_stop(tid: int, timeout: float = DEFAULT_TIMEOUT, *, deliver: bool = True) -> Stop:
@@ -512,203 +564,16 @@ def syscall_state(regs: kabi.user_regs_struct) -> SyscallState | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Syscall injection
+# Syscall injection: backend/ptrace_inject.py, importable from here too (loaded on first use,
+# since it is built on this module)
 # --------------------------------------------------------------------------------------------
-_insn_cache: dict[int, int] = {}
+_INJECTION_NAMES = frozenset({"inject_syscall", "inject_syscalls", "find_syscall_insn",
+                              "stack_scratch", "read_memory", "_read_mem", "_write_mem",
+                              "_resume_to_event_stop", "_abort_injection", "_insn_cache"})
 
 
-def read_memory(tid: int, addr: int, size: int) -> bytes:
-    """``size`` bytes of the tracee's memory at ``addr`` (through /proc/TID/mem: it also reads
-    pages the tracee may not, such as the out-buffers of injected syscalls on its stack)."""
-    return _read_mem(tid, addr, size)
-
-
-def _read_mem(tid: int, addr: int, size: int) -> bytes:
-    fd = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.pread(fd, size, addr)
-    finally:
-        os.close(fd)
-
-
-def _write_mem(tid: int, addr: int, data: bytes) -> None:
-    fd = os.open(f"/proc/{tid}/mem", os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        if os.pwrite(fd, data, addr) != len(data):
-            raise PtraceError(errno.EIO, f"tid {tid}: short write at {addr:#x}")
-    finally:
-        os.close(fd)
-
-
-def find_syscall_insn(tid: int) -> int:
-    """The address of a `syscall` instruction (0f 05) in an executable mapping of ``tid``:
-    the [vdso] first (its clock_gettime fallbacks have one), else any r-x mapping. The bytes
-    need not be an instruction boundary of the mapping's code: the CPU decodes from rip."""
-    addr = _insn_cache.get(tid)
-    if addr is not None:
-        with contextlib.suppress(OSError):
-            if _read_mem(tid, addr, 2) == b"\x0f\x05":
-                return addr
-    try:
-        with open(f"/proc/{tid}/maps") as f:
-            lines = f.read().splitlines()
-    except (FileNotFoundError, ProcessLookupError):
-        raise ThreadGone(tid, f"tid {tid} is gone") from None
-    exe = []
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) < 5 or "x" not in parts[1] or parts[1][0] != "r":
-            continue
-        start, end = (int(x, 16) for x in parts[0].split("-"))
-        name = parts[5] if len(parts) > 5 else ""
-        if name == "[vsyscall]":
-            continue                                  # emulated: not executable for us
-        exe.append((name != "[vdso]", start, end))
-    for _, start, end in sorted(exe):
-        with contextlib.suppress(OSError):
-            data = _read_mem(tid, start, min(end - start, 1 << 20))
-            i = data.find(b"\x0f\x05")
-            if i >= 0:
-                _insn_cache[tid] = start + i
-                return start + i
-    raise PtraceError(errno.ENOEXEC, f"tid {tid}: no syscall instruction in any executable "
-                                     "mapping")
-
-
-def _resume_to_event_stop(tid: int, timeout: float) -> Stop:
-    """From a syscall stop, go back to a PTRACE_EVENT_STOP trap in the signal path: the
-    interrupt sets TIF_SIGPENDING, so on the way out the kernel enters get_signal(), traps,
-    and - once resumed for good - runs its syscall-restart logic on the registers we put back."""
-    _ptrace(kabi.PTRACE_INTERRUPT, tid)
-    _ptrace(kabi.PTRACE_CONT, tid, 0, 0)
-    return wait_stop(tid, timeout)
-
-
-def inject_syscall(tid: int, nr: int, *args: int, check: bool = True,
-                   timeout: float = DEFAULT_TIMEOUT, _attempts: int = 5) -> int:
-    """Run syscall ``nr`` with ``args`` (at most 6 ints) inside the stopped thread ``tid`` and
-    return its result (a negative -errno, or with ``check`` an OSError naming tid and nr).
-
-    ``tid`` must be in an interrupt or group stop (what seized() gives). How: save the regs
-    and the signal mask; block every signal (PTRACE_SETSIGMASK) so that nothing is dequeued
-    meanwhile; point rip at a `syscall` instruction (find_syscall_insn), rax = nr,
-    orig_rax = -1 (so the kernel's restart logic leaves these registers alone), args in rdi,
-    rsi, rdx, r10, r8, r9; PTRACE_SYSCALL to the entry stop and again to the exit stop; read
-    rax. Then put back the exact saved registers and mask, and PTRACE_INTERRUPT + PTRACE_CONT
-    so the thread traps again in the signal path with those registers: the stop it is in
-    afterwards is the same kind as before, and a thread that was inside an interrupted
-    syscall (orig_rax = nr, rax = -ERESTART*, rip past the syscall) is restarted by the
-    kernel after detach exactly as if nothing had happened. A group-stopped thread reports
-    its group stop again.
-
-    Exception: a thread stopped inside a mask-swapping syscall (sigsuspend, ppoll...) keeps
-    its mask untouched (setting it would drop the saved mask); resuming it restores the
-    saved mask early, which is harmless since the syscall is restarted and swaps again. If a
-    signal becomes deliverable during such an injection, it is delivered first (as the
-    kernel would have) and the injection retried from the new stop.
-
-    Don't inject syscalls that change the blocked mask (use set_sigmask), that block, or
-    that use the restart block (nanosleep, poll with a timeout, futex waits)."""
-    if len(args) > 6:
-        raise TypeError(f"inject_syscall: at most 6 arguments, got {len(args)}")
-    si = kabi.siginfo_t.from_buffer_copy(get_siginfo(tid))
-    if (si.si_code >> 8) != kabi.PTRACE_EVENT_STOP:
-        raise PtraceError(errno.EINVAL, f"tid {tid}: can inject a syscall only in an interrupt "
-                                        f"or group stop (si_code {si.si_code:#x})")
-    with _shielded():
-        saved = get_regs(tid)
-        state = syscall_state(saved)
-        swapping = state is not None and state.nr in kabi.MASK_SWAPPING_SYSCALLS
-        saved_mask = None if swapping else get_sigmask(tid)
-        regs = saved.copy()
-        regs.rip = find_syscall_insn(tid)
-        regs.rax = nr & _U64
-        regs.orig_rax = _U64                     # -1: not in a syscall, nothing to restart
-        for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
-            setattr(regs, name, int(value) & _U64)
-        if saved_mask is not None:
-            set_sigmask(tid, _ALL_SIGNALS)
-        phase = "before"
-        try:
-            set_regs(tid, regs)
-            # 1. to the syscall-entry stop (a group stop met meanwhile is passed through)
-            while True:
-                _ptrace(kabi.PTRACE_SYSCALL, tid)
-                phase = "running"
-                stop = wait_stop(tid, timeout, deliver=False)
-                if stop.kind == "syscall":
-                    break
-                phase = "before"
-                if stop.kind == "signal":        # only possible with swapping: see the doc
-                    set_regs(tid, saved)
-                    _ptrace(kabi.PTRACE_INTERRUPT, tid)
-                    _ptrace(kabi.PTRACE_CONT, tid, 0, stop.signal)
-                    wait_stop(tid, timeout)
-                    if _attempts <= 1:
-                        raise PtraceError(errno.EAGAIN, f"tid {tid}: signals kept arriving "
-                                                        f"during syscall {nr} injection")
-                    phase = "done"
-                    return inject_syscall(tid, nr, *args, check=check, timeout=timeout,
-                                          _attempts=_attempts - 1)
-                if stop.kind not in ("interrupt", "group"):
-                    raise PtraceError(errno.EINVAL, f"tid {tid}: unexpected {stop.kind} stop "
-                                                    f"while injecting syscall {nr}")
-            phase = "entry"
-            # 2. to the syscall-exit stop
-            _ptrace(kabi.PTRACE_SYSCALL, tid)
-            phase = "running"
-            stop = wait_stop(tid, timeout, deliver=False)
-            if stop.kind != "syscall":
-                raise PtraceError(errno.EINVAL, f"tid {tid}: {stop.kind} stop instead of the "
-                                                f"exit of injected syscall {nr}")
-            phase = "exit"
-            result = signed(get_regs(tid).rax)
-            # 3. back to the saved state, in a PTRACE_EVENT_STOP trap
-            set_regs(tid, saved)
-            if saved_mask is not None:
-                set_sigmask(tid, saved_mask)
-            _resume_to_event_stop(tid, timeout)
-            phase = "done"
-        finally:
-            if phase != "done":
-                _abort_injection(tid, phase, saved, saved_mask, timeout)
-    if check and -kabi.MAX_ERRNO <= result < 0:
-        raise PtraceError(-result, f"tid {tid}: injected syscall {nr} failed: "
-                                   f"{os.strerror(-result)}")
-    return result
-
-
-def _abort_injection(tid: int, phase: str, saved, saved_mask, timeout: float) -> None:
-    """Best effort to put a thread whose injection failed half-way back as it was."""
-    with contextlib.suppress(PtraceError):
-        if phase == "running":                       # resumed, stop not collected
-            stop = wait_stop(tid, timeout, deliver=False)
-            phase = "entry" if stop.kind == "syscall" else "before"
-        if phase == "entry":                         # skip the syscall: orig_rax = -1
-            regs = get_regs(tid)
-            regs.orig_rax = _U64
-            set_regs(tid, regs)
-            _ptrace(kabi.PTRACE_SYSCALL, tid)
-            wait_stop(tid, timeout, deliver=False)
-            phase = "exit"
-        set_regs(tid, saved)
-        if saved_mask is not None:
-            set_sigmask(tid, saved_mask)
-        if phase == "exit":
-            _resume_to_event_stop(tid, timeout)
-
-
-@contextlib.contextmanager
-def stack_scratch(tid: int, size: int) -> Iterator[int]:
-    """Yield the address of ``size`` bytes of scratch memory in the stopped thread's stack,
-    below its 128-byte red zone (16-byte aligned), for injected syscalls' in/out buffers.
-    The original bytes are written back on exit."""
-    rsp = get_regs(tid).rsp
-    addr = (rsp - 128 - size - 64) & ~0xF
-    original = _read_mem(tid, addr, size)
-    if len(original) != size:
-        raise PtraceError(errno.EFAULT, f"tid {tid}: stack below {rsp:#x} is not readable")
-    try:
-        yield addr
-    finally:
-        _write_mem(tid, addr, original)
+def __getattr__(name: str):
+    if name in _INJECTION_NAMES:
+        from backend import ptrace_inject
+        return getattr(ptrace_inject, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

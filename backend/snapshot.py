@@ -513,15 +513,27 @@ def _cred(status: proc.Status, securebits: int) -> Cred:
 
 
 def _handlers(tid: int) -> SigHand:
-    """Every signal's action, read inside the task with injected rt_sigaction calls."""
-    actions = []
-    with ptrace.stack_scratch(tid, kabi.KERNEL_SIGACTION_SIZE) as addr:
-        for sig in range(1, 65):
-            ptrace.inject_syscall(tid, kabi.SYS_rt_sigaction, sig, 0, addr, 8)
-            raw = ptrace.read_memory(tid, addr, kabi.KERNEL_SIGACTION_SIZE)
-            handler, flags, restorer, mask = struct.unpack("<QQQQ", raw)
-            actions.append(SigAction(handler, flags, mask, restorer))
-    return SigHand(actions)
+    """Every signal's action, read inside the task: 64 rt_sigaction calls injected as one
+    batch, each writing its own slot of one scratch area that is read back at once. All 64
+    are read: a SIG_DFL action, which /proc's SigCgt/SigIgn do not show, may still hold
+    flags, a mask and a restorer (sigaction(SIG_DFL) with flags; SA_RESETHAND after it
+    fired), and the image keeps them."""
+    size = kabi.KERNEL_SIGACTION_SIZE
+    try:
+        with ptrace.stack_scratch(tid, size * 64) as addr:
+            ptrace.inject_syscalls(tid, [(kabi.SYS_rt_sigaction, sig, 0, addr + (sig - 1) * size, 8)
+                                         for sig in range(1, 65)])
+            raw = ptrace.read_memory(tid, addr, size * 64)
+    except ptrace.PtraceError as e:
+        if e.errno != errno.EFAULT:
+            raise
+        raw = b""           # not 2 KiB of stack below rsp (a small altstack): one slot
+        with ptrace.stack_scratch(tid, size) as addr:
+            for sig in range(1, 65):
+                ptrace.inject_syscall(tid, kabi.SYS_rt_sigaction, sig, 0, addr, 8)
+                raw += ptrace.read_memory(tid, addr, size)
+    return SigHand([SigAction(handler, flags, mask, restorer)
+                    for handler, flags, restorer, mask in struct.iter_unpack("<QQQQ", raw)])
 
 
 def _altstack(tid: int) -> AltStack:
