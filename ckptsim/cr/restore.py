@@ -81,6 +81,7 @@ class RestoreJob:
         entries = rec.var
         if rec["nr_tasks"] != len(entries) or not entries:
             raise ctx.image_error(f"TREE says {rec['nr_tasks']} tasks, holds {len(entries)}")
+        ctx.tree_entries = entries  # the live restore (backend/restore) builds its tree from it
         nested = []
         if any(e[5] for e in entries):
             nested = [n for (n,) in ctx.read(TREE_NESTED).var]

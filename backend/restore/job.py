@@ -1,0 +1,291 @@
+"""Restart a live image into real processes: the steps, in order, and the clean-up on failure.
+
+  1. the image is restored into a fresh model (``ckptsim.cr.api.restart_job``: every record is
+     checked there, by the same kind modules the checkpoint wrote it with); page chunks go to a
+     PageSink instead of the model (memoryviews of the mmap'd image, written later in bulk);
+  2. the caller may set every credential the image asks for (else EPERM, before anything runs);
+  3. the tree: the seed and then every process by clone3 with its pid (tree.py), sessions and
+     groups joined, zombies made to exit with their status;
+  4. each process: its address space (memory.py), fds, cwd/root/umask (files.py), rlimits and
+     signal handlers; then its other threads (clone3 with CLONE_THREAD and their tids);
+  5. each thread: name, altstack, credentials, pending signals; the trampoline goes; registers,
+     XSAVE state and the signal mask last (task.py);
+  6. detach (``frozen``: each process is sent SIGSTOP first, so it stays stopped).
+
+Any failure kills every process this restart created (stubs are traced with
+PTRACE_O_EXITKILL too, so even a killed restorer leaves nothing behind) and raises
+RestoreError naming the step and the object.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+from backend import kabi
+from backend.ptrace import PtraceError
+from ckptsim.errors import CkptsimError
+from ckptsim.image import core
+from ckptsim.image.codec import ImageReader
+from .files import FileFactory, restore_fdtable, restore_fs_context
+from .memory import PageSink, SharedSegments, free_spot, restore_mm, stub_maps
+from .stub import PAGE, Stub, StubError, Watchdog
+from .task import (check_creds, queue_pending, restore_creds, restore_handlers,
+                   restore_rlimits, restore_thread_basics, set_cpu)
+from .transport import Transport
+from .tree import THREAD_FLAGS, become_reaper, clone_child, map_trampoline, set_options, \
+    spawn_seed
+
+
+class RestoreError(CkptsimError, OSError):
+    def __init__(self, err: int, message: str):
+        OSError.__init__(self, err, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class Restored:
+    """What a successful restart made: ``pids`` maps image pids (and tids) to the pids this
+    process sees; ``root`` is the image root's; ``reaper`` the new namespace's init that the
+    restart added (None when the root is that init, or without a new namespace)."""
+    root: int
+    pids: dict[int, int]
+    reaper: int | None
+    new_pidns: bool
+    frozen: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    pages: int = 0
+
+    @property
+    def child(self) -> int:
+        """The process of this restart that is this process's child (to wait for)."""
+        return self.reaper if self.reaper is not None else self.root
+
+
+def restart_image(data, *, pidns: bool = True, frozen: bool = False, log=None,
+                  timeout: float = 120.0) -> Restored:
+    """Restart the live image ``data`` (a writable buffer: an mmap with ACCESS_COPY or a
+    bytearray, since pages are handed to process_vm_writev without a copy)."""
+    from ckptsim.cr.api import restart_job
+    from ckptsim.model.kernel import Kernel
+
+    t0 = time.perf_counter()
+    header = ImageReader(data).expect(core.HEADER)
+    if not header["image_flags"] & core.IMAGE_LIVE:
+        raise RestoreError(errno.EINVAL, "this is a model image: run it with `ckptsim replay`"
+                                         " (only live images restart into real processes)")
+    if header["arch"] != core.ARCH_X86_64:
+        raise RestoreError(errno.EINVAL, f"image architecture {header['arch']} is not x86-64")
+    kernel, sink = Kernel(0), PageSink()
+    tasks, rctx = restart_job(kernel, kernel.init, 0, data, core.RESTART_FROZEN,
+                              restore_fs=True, page_sink=sink)
+    job = _Job(kernel, rctx, sink, log)
+    job.timings["decode"] = time.perf_counter() - t0
+    try:
+        check_creds([t.cred for t in tasks if t.state != "zombie"])
+        return job.run(pidns, frozen, timeout)
+    except (StubError, PtraceError, OSError) as e:
+        job.abort()
+        if isinstance(e, RestoreError):
+            raise
+        raise RestoreError(getattr(e, "errno", None) or errno.EIO, f"restart failed: {e}") \
+            from None
+    except BaseException:
+        job.abort()                    # a bug or Ctrl-C: still leave nothing behind
+        raise
+    finally:
+        job.close()
+
+
+class _Job:
+    def __init__(self, kernel, rctx, sink: PageSink, log):
+        self.kernel, self.rctx, self.sink, self.log = kernel, rctx, sink, log
+        self.entries = list(rctx.tree_entries)
+        self.by_vpid = rctx.tasks_by_vpid
+        self.stubs: dict[int, Stub] = {}
+        self.created: list[int] = []         # pids/tids this restart made, to kill on failure
+        self.factory = FileFactory(kernel)
+        self.segments = SharedSegments(sink)
+        self.transport: Transport | None = None
+        self.watchdog: Watchdog | None = None
+        self.timings: dict[str, float] = {}
+
+    def _log(self, message: str) -> None:
+        if self.log is not None:
+            self.log(message)
+
+    # -- the steps -------------------------------------------------------------------------
+    def run(self, pidns: bool, frozen: bool, timeout: float) -> Restored:
+        t0 = time.perf_counter()
+        if any(e[5] for e in self.entries):
+            raise RestoreError(errno.EOPNOTSUPP, "the image holds nested pid namespaces: not "
+                                                 "restorable live yet")
+        root_vpid = self.entries[0][0]
+        root = self.by_vpid[root_vpid]
+        exe = root.mm.exe_file.path if root.mm.exe_file is not None else None
+        if exe is None:
+            raise RestoreError(errno.EINVAL, f"task {root_vpid} has no executable in the image")
+        max_fd = max([fd for t in self.by_vpid.values() if t.state != "zombie"
+                      for fd in t.files.fds] + [2])
+        self.transport = Transport(max_fd + 1)
+        self.watchdog = Watchdog(timeout)
+        use_reaper = pidns and root_vpid != 1
+        seed_pid = spawn_seed(exe, 1 if pidns else root_vpid, pidns)
+        self._created(seed_pid)
+        self.transport.seed_spawned()
+        seed = Stub.adopt(seed_pid)
+        set_options(seed_pid)
+        busy = [(v.start, v.end) for t in self.by_vpid.values() if t.state != "zombie"
+                for v in t.mm.vmas] + [(s, e) for s, e, _ in stub_maps(seed_pid)]
+        map_trampoline(seed, free_spot(PAGE, busy, below=0x7e0000000000))
+        self.timings["seed"] = time.perf_counter() - t0
+        # 3. the tree
+        if use_reaper:
+            root_stub = clone_child(seed, root_vpid, what=f"clone3 of the root {root_vpid}")
+            self._created(root_stub.pid)
+        else:
+            root_stub = seed
+        self.stubs[root_vpid] = root_stub
+        pgid_of = {root_vpid: self._join_groups(root_stub, self.entries[0], None)}
+        for vpid, vppid, vtgid, vpgid, vsid, _ in self.entries[1:]:
+            if vtgid != vpid:
+                continue
+            task = self.by_vpid[vpid]
+            parent = self.stubs[vppid]
+            stub = clone_child(parent, vpid, exit_signal=max(task.exit_signal, 0),
+                               what=f"clone3 of {vpid} in {vppid}")
+            self._created(stub.pid)
+            self.stubs[vpid] = stub
+            pgid_of[vpid] = self._join_groups(stub, (vpid, vppid, vtgid, vpgid, vsid, 0),
+                                              pgid_of[vppid])
+        for vpid, stub in list(self.stubs.items()):
+            if self.by_vpid[vpid].state == "zombie":
+                _make_zombie(stub, self.by_vpid[vpid].exit_code, vpid)
+                del self.stubs[vpid]
+        self.timings["tree"] = time.perf_counter() - t0
+        # 4. each process
+        threads: dict[int, list[tuple[int, Stub]]] = {}
+        for vpid, stub in self.stubs.items():
+            task = self.by_vpid[vpid]
+            restore_mm(stub, task.mm, self.sink, self.segments, self.transport,
+                       self.factory.open_path,
+                       task.mm.exe_file.path if task.mm.exe_file is not None else None, exe)
+            restore_fdtable(stub, task.files, self.factory, self.transport)
+            restore_fs_context(stub, task.fs, self.factory, self.transport)
+            restore_rlimits(stub.pid, task.signal.rlimits)
+            restore_handlers(stub, task.sighand)
+            group = [(vpid, stub)]
+            for tid, _, vtgid, *_ in self.entries:
+                if vtgid == vpid and tid != vpid:
+                    t_stub = clone_child(stub, tid, THREAD_FLAGS, 0, what=f"clone3 of thread {tid}")
+                    self._created(t_stub.tid)
+                    group.append((tid, t_stub))
+            threads[vpid] = group
+            stub.syscall(kabi.SYS_close, self.transport.fd, what="close of the transport")
+        self.timings["processes"] = time.perf_counter() - t0
+        # 5. each thread, then the registers
+        for vpid, group in threads.items():
+            for tid, stub in group:
+                task = self.by_vpid[tid]
+                restore_thread_basics(stub, task)
+                if not _is_caller(task.cred):
+                    restore_creds(stub, task.cred)
+                queue_pending(stub, task, leader=tid == vpid)
+            leader = group[0][1]
+            leader.syscall(kabi.SYS_munmap, leader.tramp, PAGE, what="munmap of the trampoline")
+            for tid, stub in group:
+                set_cpu(stub, self.by_vpid[tid])
+        if use_reaper:
+            become_reaper(seed, (seed.tramp, seed.tramp + PAGE), root_vpid)
+        self.timings["tasks"] = time.perf_counter() - t0
+        # 6. let go
+        self.watchdog.disarm()
+        for vpid, group in threads.items():
+            if frozen:
+                os.kill(group[0][1].pid, signal.SIGSTOP)
+            for _, stub in group:
+                stub.detach()
+        if use_reaper:
+            seed.detach()
+        self.timings["total"] = time.perf_counter() - t0
+        pids = {vpid: stub.tid for group in threads.values() for vpid, stub in group}
+        return Restored(root=root_stub.pid, pids=pids,
+                        reaper=seed_pid if use_reaper else None, new_pidns=pidns,
+                        frozen=frozen, timings=dict(self.timings), pages=self.sink.pages)
+
+    def _join_groups(self, stub: Stub, entry, inherited: int | None) -> int | None:
+        """setsid/setpgid as the image says; returns the stub's pgid (image numbers; None:
+        a group outside the tree)."""
+        vpid, _, _, vpgid, vsid, _ = entry
+        pgid = inherited
+        if vsid == vpid:
+            stub.syscall(kabi.SYS_setsid, what=f"setsid in {vpid}")
+            pgid = vpid
+        if vpgid == vpid and pgid != vpid:
+            stub.syscall(kabi.SYS_setpgid, 0, 0, what=f"setpgid(0, 0) in {vpid}")
+            pgid = vpid
+        elif vpgid not in (0, pgid) and vpgid != vpid:
+            stub.syscall(kabi.SYS_setpgid, 0, vpgid, what=f"setpgid(0, {vpgid}) in {vpid}")
+            pgid = vpgid
+        return pgid
+
+    def _created(self, pid: int) -> None:
+        self.created.append(pid)
+        if self.watchdog is not None:
+            self.watchdog.pids.append(pid)
+
+    # -- failure and the end ---------------------------------------------------------------
+    def abort(self) -> None:
+        """Kill and reap everything this restart made."""
+        for pid in reversed(self.created):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in reversed(self.created):
+            try:
+                os.waitpid(pid, kabi.WALL)
+            except ChildProcessError:
+                pass
+
+    def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.disarm()
+        if self.transport is not None:
+            self.transport.close()
+        self.factory.close()
+        self.segments.close()
+
+
+def _is_caller(cred) -> bool:
+    return (cred.uid, cred.euid, cred.suid, cred.gid, cred.egid, cred.sgid) == \
+        (os.getuid(), os.geteuid(), os.getuid(), os.getgid(), os.getegid(), os.getgid()) \
+        and tuple(cred.groups) == tuple(sorted(os.getgroups()))
+
+
+def _make_zombie(stub: Stub, exit_code: int, vpid: int) -> None:
+    """Make the stub exit with wait status ``exit_code``; it stays a zombie for its parent."""
+    sig = exit_code & 0x7F
+    if sig:
+        stub.syscall(kabi.SYS_rt_sigaction, sig, 0, 0, 8, check=False)  # (default already)
+        regs = stub._regs
+        regs.rip, regs.rax, regs.orig_rax = stub.tramp, kabi.SYS_kill, (1 << 64) - 1
+        regs.rdi, regs.rsi = vpid, sig
+    else:
+        regs = stub._regs
+        regs.rip, regs.rax, regs.orig_rax = stub.tramp, kabi.SYS_exit_group, (1 << 64) - 1
+        regs.rdi = (exit_code >> 8) & 0xFF
+    stub.set_final_regs(regs)
+    from backend.ptrace import _ptrace
+    deliver = 0
+    while True:
+        _ptrace(kabi.PTRACE_CONT, stub.tid, 0, deliver)
+        _, status = os.waitpid(stub.tid, kabi.WALL)
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            return
+        deliver = os.WSTOPSIG(status) if os.WSTOPSIG(status) == sig else 0

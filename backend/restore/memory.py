@@ -1,0 +1,287 @@
+"""Restoring an address space into a stub: VMAs, pages, vdso, and the mm fields.
+
+Order, per process (the leader stub; its threads are created afterwards and share it):
+  1. everything the stub had is unmapped except the trampoline and its special mappings;
+  2. ``[vvar]``, ``[vvar_vclock]`` and ``[vdso]`` are moved (mremap) to the image's addresses,
+     by way of a free spot so that no move lands on another (their sizes must match the
+     image's: a different vdso layout is refused, since saved code calls into it);
+  3. every VMA is mapped at its address (MAP_FIXED_NOREPLACE: an overlap is an error, never a
+     silent replacement) with its backing: anonymous, a file the restorer opened (handed over
+     by the transport), or a shared anonymous segment (the restorer's own shared mapping,
+     reopened through /proc/self/map_files so that every task maps the same segment);
+  4. private pages are written in bulk with process_vm_writev, one call per image chunk
+     (up to 1024 pages), straight from the mmap'd image (VMAs that are not writable get
+     PROT_WRITE for this and their own protection back afterwards);
+  5. the mm fields (code, data, brk, stack, arguments and environment) with PR_SET_MM_MAP,
+     and the executable link when it differs from the stub's.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from array import array
+from operator import sub
+
+from backend import kabi
+from ckptsim.kinds.memory import SPECIAL_MAPPINGS
+from ckptsim.model.mm_pages import VM_GROWSDOWN, VM_MAYSHARE, VM_SHARED
+from .stub import PAGE, Stub, StubError
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_process_vm_writev = _libc.process_vm_writev
+_process_vm_writev.restype = ctypes.c_ssize_t
+_MOVABLE_SPECIALS = ("[vvar]", "[vvar_vclock]", "[vdso]")
+VM_MAYWRITE = 0x20
+
+
+class PageSink:
+    """Collects the image's page chunks as the model restore meets them (memoryviews into
+    the mmap'd image: nothing is copied): private chunks per VMA, segment chunks per Shmem."""
+
+    def __init__(self):
+        self.private: dict[int, list[tuple[array, memoryview]]] = {}
+        self.shmem: dict[int, list[tuple[array, memoryview]]] = {}
+        self.pages = 0
+
+    def private_pages(self, vma, addrs: array, data: memoryview) -> None:
+        if addrs and (addrs[0] < vma.start or addrs[-1] >= vma.end):
+            raise StubError(errno.EINVAL, f"page chunk {addrs[0]:#x}.. lies outside VMA "
+                                          f"{vma.start:#x}-{vma.end:#x}")
+        self.private.setdefault(id(vma), []).append((addrs, data))
+        self.pages += len(addrs)
+
+    def shmem_pages(self, seg, offsets: array, data: memoryview) -> None:
+        if offsets and offsets[-1] >= seg.size:
+            raise StubError(errno.EINVAL, f"shared segment page {offsets[-1]:#x} lies beyond "
+                                          f"its size {seg.size:#x}")
+        self.shmem.setdefault(id(seg), []).append((offsets, data))
+        self.pages += len(offsets)
+
+
+def runs_of(addrs: array) -> list[tuple[int, int]]:
+    """[start, end) runs of adjacent pages; one step per run break, none per page."""
+    n = len(addrs)
+    if n == 0:
+        return []
+    if addrs[-1] - addrs[0] == (n - 1) * PAGE:        # the common case: one run
+        return [(addrs[0], addrs[-1] + PAGE)]
+    diffs = array("q", map(sub, addrs[1:], addrs))
+    runs, start, i = [], addrs[0], 0
+    while True:
+        try:
+            j = next(k for k in range(i, len(diffs)) if diffs[k] != PAGE)
+        except StopIteration:
+            runs.append((start, addrs[-1] + PAGE))
+            return runs
+        runs.append((start, addrs[j] + PAGE))
+        start, i = addrs[j + 1], j + 1
+
+
+class _PyBuffer(ctypes.Structure):         # CPython's Py_buffer (the buffer protocol)
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int),
+                ("ndim", ctypes.c_int), ("format", ctypes.c_char_p),
+                ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = (ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int)
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = (ctypes.POINTER(_PyBuffer),)
+
+
+def write_pages(pid: int, addrs: array, data: memoryview) -> None:
+    """process_vm_writev the chunk ``data`` (len(addrs) pages) to the pages ``addrs``,
+    straight from ``data``'s memory (a read-only mmap of the image is fine: the buffer
+    protocol gives its address without a copy)."""
+    runs = runs_of(addrs)
+    view = _PyBuffer()
+    _get_buffer(data, ctypes.byref(view), 0)      # PyBUF_SIMPLE: contiguous bytes
+    try:
+        _write_runs(pid, addrs, view.buf, view.len, runs)
+    finally:
+        _release_buffer(ctypes.byref(view))
+
+
+def _write_runs(pid: int, addrs: array, buf: int, size: int, runs) -> None:
+    data_len = size
+    local = kabi.iovec(buf, size)
+    remote = (kabi.iovec * len(runs))(*[kabi.iovec(a, b - a) for a, b in runs])
+    done = _process_vm_writev(pid, ctypes.byref(local), 1, remote, len(runs), 0)
+    if done != data_len:
+        err = ctypes.get_errno() if done < 0 else errno.EFAULT
+        raise StubError(err, f"pid {pid}: writing {len(addrs)} pages at {addrs[0]:#x} "
+                             f"failed ({os.strerror(err)})")
+
+
+def stub_maps(pid: int) -> list[tuple[int, int, str]]:
+    out = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append((start, end, parts[5].strip() if len(parts) > 5 else ""))
+    return out
+
+
+def free_spot(size: int, busy: list[tuple[int, int]], below: int = 0x7f0000000000) -> int:
+    """The highest page-aligned address under ``below`` where ``size`` bytes touch nothing
+    in ``busy``."""
+    top = below
+    for start, end in sorted(busy, key=lambda r: r[1], reverse=True):
+        if end <= top - size:
+            break                                # the gap [end, top) is big enough
+        top = min(top, start)
+    if top - size < 0x10000:
+        raise StubError(errno.ENOMEM, f"no free {size:#x} bytes for the restorer's own use")
+    return top - size
+
+
+class SharedSegments:
+    """The restorer's own shared anonymous mappings, one per image segment, filled with its
+    pages, and handed to the tasks as a file (its /proc/self/map_files entry)."""
+
+    def __init__(self, sink: PageSink):
+        self.sink = sink
+        self._maps: dict[int, tuple[mmap.mmap, int]] = {}
+
+    def fd_for(self, seg) -> int:
+        got = self._maps.get(id(seg))
+        if got is None:
+            area = mmap.mmap(-1, seg.size, mmap.MAP_SHARED)
+            for offsets, data in self.sink.shmem.get(id(seg), ()):
+                for (a, b), pos in _run_positions(offsets):
+                    area[a:b] = data[pos:pos + (b - a)]
+            base = ctypes.addressof(ctypes.c_char.from_buffer(area))
+            fd = os.open(f"/proc/self/map_files/{base:x}-{base + seg.size:x}",
+                         os.O_RDWR | os.O_CLOEXEC)
+            got = self._maps[id(seg)] = (area, fd)
+        return got[1]
+
+    def close(self) -> None:
+        for area, fd in self._maps.values():
+            os.close(fd)
+            try:
+                area.close()
+            except BufferError:
+                pass
+        self._maps.clear()
+
+
+def _run_positions(offsets: array):
+    """(run, byte position of the run in the chunk) for the runs of ``offsets``."""
+    pos = 0
+    for a, b in runs_of(offsets):
+        yield (a, b), pos
+        pos += b - a
+
+
+def restore_mm(stub: Stub, mm, sink: PageSink, segments: SharedSegments, transport,
+               open_file, exe_path: str | None, stub_exe: str) -> None:
+    """Rebuild ``mm`` (a model MM restored from the image) in the process of ``stub``.
+    ``open_file(file, flags)`` is the restorer's fd for a model File (its path reopened);
+    ``exe_path`` the image's executable."""
+    tramp = (stub.tramp, stub.tramp + PAGE)
+    current = stub_maps(stub.pid)
+    specials_now = {name: (s, e) for s, e, name in current if name in _MOVABLE_SPECIALS}
+    wanted = {v.name: (v.start, v.end) for v in mm.vmas if v.name in _MOVABLE_SPECIALS}
+    for name in sorted(set(specials_now) | set(wanted)):
+        have, want = specials_now.get(name), wanted.get(name)
+        if have is None or want is None or have[1] - have[0] != want[1] - want[0]:
+            raise StubError(errno.EINVAL, "the vdso layout of this kernel differs from the "
+                                          f"image's ({name}: image {_size(want)}, here "
+                                          f"{_size(have)}): saved code calls into it")
+    # 1. unmap all but the trampoline and the specials
+    keep = sorted([tramp] + list(specials_now.values()))
+    lo = 0
+    for s, e in keep + [(kabi.TASK_SIZE_X86_64, kabi.TASK_SIZE_X86_64)]:
+        if s > lo:
+            stub.syscall(kabi.SYS_munmap, lo, s - lo, what="munmap of the stub's mappings")
+        lo = max(lo, e)
+    # 2. move the specials, through a free spot
+    if specials_now:
+        image_busy = [(v.start, v.end) for v in mm.vmas]
+        first = min(s for s, _ in specials_now.values())
+        span = max(e for _, e in specials_now.values()) - first
+        temp = free_spot(span, image_busy + keep)
+        for hop in ("temp", "final"):
+            for name, (s, e) in sorted(specials_now.items()):
+                src = s if hop == "temp" else temp + (s - first)
+                dst = temp + (s - first) if hop == "temp" else wanted[name][0]
+                if src != dst:
+                    stub.syscall(kabi.SYS_mremap, src, e - s, e - s,
+                                 kabi.MREMAP_MAYMOVE | kabi.MREMAP_FIXED, dst,
+                                 what=f"mremap of {name}")
+    # 3. map every VMA; 4. write its pages
+    fds: dict[int, int] = {}              # id(file or segment) -> fd number in the stub
+    to_protect = []
+    for vma in mm.vmas:
+        if vma.name in SPECIAL_MAPPINGS:
+            continue
+        chunks = sink.private.get(id(vma), ())
+        shared = bool(vma.vm_flags & (VM_SHARED | VM_MAYSHARE))
+        prot = vma.prot
+        if chunks and not prot & kabi.PROT_WRITE:
+            prot |= kabi.PROT_WRITE
+            to_protect.append(vma)
+        flags = (kabi.MAP_SHARED if shared else kabi.MAP_PRIVATE) | kabi.MAP_FIXED_NOREPLACE
+        if vma.vm_flags & VM_GROWSDOWN:
+            flags |= kabi.MAP_GROWSDOWN
+        fd, offset = -1, 0
+        if vma.shmem is not None:
+            fd = _stub_fd(stub, transport, fds, id(vma.shmem), lambda: segments.fd_for(vma.shmem),
+                          "a shared anonymous segment")
+            offset = vma.pgoff * PAGE
+        elif vma.file is not None:
+            writable = shared and vma.vm_flags & VM_MAYWRITE
+            mode = os.O_RDWR if writable else os.O_RDONLY
+            fd = _stub_fd(stub, transport, fds, (id(vma.file), mode),
+                          lambda: open_file(vma.file, mode), f"mapped file {vma.file.path}")
+            offset = vma.pgoff * PAGE
+        else:
+            flags |= kabi.MAP_ANONYMOUS
+        got = stub.syscall(kabi.SYS_mmap, vma.start, vma.end - vma.start, prot, flags, fd,
+                           offset, what=f"mmap of {_describe(vma)}")
+        if got != vma.start:
+            raise StubError(errno.EFAULT, f"mmap of {_describe(vma)} landed at {got:#x}")
+        for addrs, data in chunks:
+            write_pages(stub.pid, addrs, data)
+    for vma in to_protect:
+        stub.syscall(kabi.SYS_mprotect, vma.start, vma.end - vma.start, vma.prot,
+                     what=f"mprotect of {_describe(vma)}")
+    for fd in fds.values():
+        stub.syscall(kabi.SYS_close, fd, what="close")
+    # 5. the mm fields and the executable
+    exe_fd = 0xFFFFFFFF
+    if exe_path and exe_path != stub_exe:
+        exe_fd = _stub_fd(stub, transport, {}, None, lambda: open_file(mm.exe_file, os.O_RDONLY),
+                          f"executable {exe_path}")
+    fields = kabi.prctl_mm_map(**{name: getattr(mm, name) for name in mm.FIELDS},
+                               auxv=0, auxv_size=0, exe_fd=exe_fd)
+    addr = stub.put_scratch(bytes(fields), 0)
+    stub.syscall(kabi.SYS_prctl, kabi.PR_SET_MM, kabi.PR_SET_MM_MAP, addr,
+                 ctypes.sizeof(fields), 0, what="prctl(PR_SET_MM_MAP)")
+    if exe_fd != 0xFFFFFFFF:
+        stub.syscall(kabi.SYS_close, exe_fd, what="close")
+
+
+def _stub_fd(stub, transport, cache, key, opener, what) -> int:
+    """The stub's fd for ``key`` (sent once per process; ``opener()`` gives the restorer's)."""
+    if key is not None and key in cache:
+        return cache[key]
+    fd = transport.send(stub, opener(), what)
+    if key is not None:
+        cache[key] = fd
+    return fd
+
+
+def _size(r) -> str:
+    return "none" if r is None else f"{(r[1] - r[0]) // PAGE} pages"
+
+
+def _describe(vma) -> str:
+    what = vma.name or (vma.file.path if vma.file is not None else "anonymous")
+    return f"VMA {vma.start:#x}-{vma.end:#x} ({what})"

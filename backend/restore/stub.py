@@ -1,0 +1,182 @@
+"""Restored tasks under construction: traced stub processes that run syscalls we inject.
+
+A stub is a process (or thread) that this restorer traces from birth and that never runs code
+of its own: the seed is a child that execs the image's executable under PTRACE_TRACEME and so
+stops before its first instruction; every other stub is made by a clone3 injected into its
+parent stub (PTRACE_O_TRACEFORK/CLONE attach it at once). Each process gets a *trampoline*:
+one page, at an address that no VMA of the image uses, holding ``syscall; int3``. An injected
+syscall sets rip to the trampoline, rax and the arguments, and runs PTRACE_SYSCALL to the
+syscall's entry stop and on to its exit stop, where the stub stays until the next one. The
+rest of the trampoline page is scratch memory for the syscalls' in/out structures.
+
+Unlike backend/ptrace.inject_syscall (which must leave a live thread exactly as it found it),
+nothing here is saved or put back: a stub's registers are only ever its final ones, set last.
+Every wait is a blocking waitpid; a job-wide watchdog (``Watchdog``) kills every stub if the
+restore hangs, which ends any wait with ThreadGone.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import threading
+
+from backend import kabi
+from backend.ptrace import PtraceError, ThreadGone, _ptrace, get_regs, set_regs, signed
+
+PAGE = 4096
+TRAMPOLINE_CODE = b"\x0f\x05\xcc"          # syscall; int3
+SCRATCH_OFFSET = 64                         # scratch data starts here in the trampoline page
+SCRATCH_SIZE = PAGE - SCRATCH_OFFSET
+STUB_OPTIONS = (kabi.PTRACE_O_TRACESYSGOOD | kabi.PTRACE_O_EXITKILL | kabi.PTRACE_O_TRACEFORK
+                | kabi.PTRACE_O_TRACECLONE | kabi.PTRACE_O_TRACEVFORK)
+_U64 = (1 << 64) - 1
+_SYSCALL_STOP = signal.SIGTRAP | 0x80
+_ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+
+
+class StubError(PtraceError):
+    """A step of building a restored task failed: errno and a message naming the task."""
+
+
+def _wait(tid: int) -> int:
+    try:
+        _, status = os.waitpid(tid, kabi.WALL)
+    except ChildProcessError:
+        raise ThreadGone(tid, f"stub {tid} is gone") from None
+    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        how = (f"exit {os.WEXITSTATUS(status)}" if os.WIFEXITED(status)
+               else f"signal {signal.Signals(os.WTERMSIG(status)).name}")
+        raise ThreadGone(tid, f"stub {tid} died ({how})")
+    return status
+
+
+class Stub:
+    """One traced thread being restored. ``pid`` is its tgid, ``tid`` its thread id, both as
+    this restorer sees them; ``tramp`` the trampoline page's address in its address space."""
+
+    def __init__(self, pid: int, tid: int, tramp: int = 0):
+        self.pid, self.tid, self.tramp = pid, tid, tramp
+        self._regs = get_regs(tid)
+        self.injected = 0
+        self.last_event: int | None = None
+        self.dropped_signals: list[int] = []
+
+    # -- stops ---------------------------------------------------------------------------------
+    @classmethod
+    def adopt(cls, tid: int, pid: int | None = None, tramp: int = 0) -> "Stub":
+        """Take a freshly traced thread at its first stop (exec SIGTRAP, or the SIGSTOP an
+        auto-attached clone starts with); the signal is never delivered."""
+        status = _wait(tid)
+        if not os.WIFSTOPPED(status):
+            raise StubError(errno.ECHILD, f"stub {tid}: unexpected wait status {status:#x}")
+        return cls(pid if pid is not None else tid, tid, tramp)
+
+    # -- memory --------------------------------------------------------------------------------
+    def write(self, addr: int, data) -> None:
+        fd = os.open(f"/proc/{self.tid}/mem", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            if os.pwrite(fd, data, addr) != len(data):
+                raise StubError(errno.EIO, f"stub {self.tid}: short write at {addr:#x}")
+        finally:
+            os.close(fd)
+
+    def read(self, addr: int, size: int) -> bytes:
+        fd = os.open(f"/proc/{self.tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.pread(fd, size, addr)
+        finally:
+            os.close(fd)
+
+    @property
+    def scratch(self) -> int:
+        return self.tramp + SCRATCH_OFFSET
+
+    def put_scratch(self, data: bytes, offset: int = 0) -> int:
+        """Copy ``data`` into the scratch area (at ``offset``); returns its address."""
+        if offset + len(data) > SCRATCH_SIZE:
+            raise StubError(errno.E2BIG, f"stub {self.tid}: {len(data)} bytes do not fit the "
+                                         "scratch page")
+        addr = self.scratch + offset
+        self.write(addr, data)
+        return addr
+
+    # -- syscalls ------------------------------------------------------------------------------
+    def syscall(self, nr: int, *args: int, what: str = "", check: bool = True) -> int:
+        """Run syscall ``nr`` in the stub; returns rax (raises StubError on -errno with
+        ``check``). The stub ends at the syscall's exit stop."""
+        if not self.tramp:
+            raise StubError(errno.EINVAL, f"stub {self.tid}: no trampoline yet")
+        regs = self._regs
+        regs.rip, regs.rax, regs.orig_rax = self.tramp, nr & _U64, _U64
+        for name, value in zip(_ARG_REGS, args):
+            setattr(regs, name, int(value) & _U64)
+        set_regs(self.tid, regs)
+        self._resume_to_syscall_stop()              # entry
+        event = self._resume_to_syscall_stop()      # exit (a fork event may come between)
+        result = signed(get_regs(self.tid).rax)
+        self.injected += 1
+        self.last_event = event
+        if check and -kabi.MAX_ERRNO <= result < 0:
+            raise StubError(-result, f"{what or f'syscall {nr}'} in pid {self.pid}"
+                                     f"{'' if self.tid == self.pid else f' (tid {self.tid})'}: "
+                                     f"{os.strerror(-result)}")
+        return result
+
+    def _resume_to_syscall_stop(self) -> int | None:
+        """PTRACE_SYSCALL until a syscall stop; returns the new child's pid if a fork/clone
+        event stop came first (its child is auto-attached)."""
+        child = None
+        while True:
+            _ptrace(kabi.PTRACE_SYSCALL, self.tid, 0, 0)   # 0: a stopped-for signal is dropped
+            status = _wait(self.tid)
+            sig = os.WSTOPSIG(status)
+            if sig == _SYSCALL_STOP:
+                return child
+            event = status >> 16
+            if sig == signal.SIGTRAP and event in (kabi.PTRACE_EVENT_FORK,
+                                                   kabi.PTRACE_EVENT_CLONE,
+                                                   kabi.PTRACE_EVENT_VFORK):
+                msg = ctypes.c_ulong()
+                _ptrace(kabi.PTRACE_GETEVENTMSG, self.tid, 0, ctypes.addressof(msg))
+                child = msg.value
+                continue
+            if sig in (signal.SIGSTOP, signal.SIGTRAP) and event:
+                raise StubError(errno.EINVAL, f"stub {self.tid}: unexpected event {event} "
+                                              "during a syscall")
+            # A signal-delivery-stop: SIGCHLD of a child stub made a zombie, or a signal sent
+            # from outside to a process that does not exist yet as far as the world knows.
+            # Stubs have no handlers and no pending state worth keeping: it is dropped (the
+            # restored pending signals are queued last, with every signal blocked).
+            self.dropped_signals.append(sig)
+
+    # -- the end -------------------------------------------------------------------------------
+    def set_final_regs(self, regs: kabi.user_regs_struct) -> None:
+        self._regs = regs
+        set_regs(self.tid, regs)
+
+    def detach(self, sig: int = 0) -> None:
+        _ptrace(kabi.PTRACE_DETACH, self.tid, 0, sig)
+
+
+class Watchdog:
+    """Kills every pid it was told about if ``disarm`` does not come within ``timeout``."""
+
+    def __init__(self, timeout: float):
+        self.pids: list[int] = []
+        self.fired = False
+        self._timer = threading.Timer(timeout, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def disarm(self) -> None:
+        self._timer.cancel()

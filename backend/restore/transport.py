@@ -1,0 +1,75 @@
+"""Handing open files from the restorer to the stubs.
+
+Every file a restored task holds is opened or created by the restorer itself, with the
+caller's own privileges (a regular file opened by path, a pipe, a socket, the file behind a
+shared mapping...), and then handed to the task over a UNIX datagram socket with SCM_RIGHTS.
+The stubs' end of that socket is inherited by every stub at ``fd`` (the seed gets it across
+its exec; each clone copies it), so one socket pair serves the whole tree: the restorer sends,
+then injects recvmsg() into the one stub that must receive, one file at a time.
+
+Files shared by several tasks are therefore shared again for free: the same open file
+description is sent to each of them.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+
+from backend import kabi
+from .stub import Stub, StubError
+
+_CMSG_SPACE_INT = kabi.CMSG_HDR_SIZE + 8     # CMSG_SPACE(sizeof(int))
+
+
+class Transport:
+    """The socket pair; ``fd`` is the stubs' end's number in every stub."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.local, remote = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            os.dup2(remote.fileno(), fd, inheritable=True)
+        finally:
+            remote.close()
+        self._restorer_copy = fd         # the restorer's own copy, closed once the seed has it
+
+    def seed_spawned(self) -> None:
+        if self._restorer_copy is not None:
+            os.close(self._restorer_copy)
+            self._restorer_copy = None
+
+    def close(self) -> None:
+        self.seed_spawned()
+        self.local.close()
+
+    def send(self, stub: Stub, fd: int, what: str) -> int:
+        """Install a copy of the restorer's ``fd`` in ``stub``; returns its number there
+        (the lowest free one, close-on-exec clear)."""
+        socket.send_fds(self.local, [b"f"], [fd])
+        base = 512                                   # scratch layout: msghdr, iov, data, cmsg
+        iov_addr, data_addr, ctl_addr = (stub.scratch + base + 64, stub.scratch + base + 96,
+                                         stub.scratch + base + 128)
+        hdr = kabi.msghdr(msg_iov=iov_addr, msg_iovlen=1, msg_control=ctl_addr,
+                          msg_controllen=_CMSG_SPACE_INT)
+        stub.put_scratch(bytes(hdr), base)
+        stub.put_scratch(struct.pack("<QQ", data_addr, 1), base + 64)
+        stub.put_scratch(bytes(_CMSG_SPACE_INT), base + 128)
+        n = stub.syscall(kabi.SYS_recvmsg, self.fd, stub.scratch + base, 0,
+                         what=f"recvmsg of {what}")
+        level, ctype = struct.unpack_from("<ii", stub.read(ctl_addr + 8, 8))
+        if n != 1 or level != kabi.SOL_SOCKET or ctype != kabi.SCM_RIGHTS:
+            raise StubError(errno.EPROTO, f"pid {stub.pid}: {what} did not arrive")
+        return struct.unpack("<i", stub.read(ctl_addr + kabi.CMSG_HDR_SIZE, 4))[0]
+
+    def install(self, stub: Stub, fd: int, target: int, cloexec: bool, what: str) -> None:
+        """Install the restorer's ``fd`` in ``stub`` as fd number ``target``."""
+        got = self.send(stub, fd, what)
+        if got != target:
+            stub.syscall(kabi.SYS_dup3, got, target, kabi.O_CLOEXEC if cloexec else 0,
+                         what=f"dup3 of {what} to fd {target}")
+            stub.syscall(kabi.SYS_close, got, what="close")
+        elif cloexec:
+            stub.syscall(kabi.SYS_fcntl, target, kabi.F_SETFD, kabi.FD_CLOEXEC,
+                         what=f"FD_CLOEXEC on fd {target}")

@@ -1,0 +1,145 @@
+"""The restored tree's processes: pids as in the image, parents, sessions, groups, zombies.
+
+The seed is the one process this restorer forks itself (clone3, so that it can choose the pid
+and a new pid namespace): it execs the image root's executable under PTRACE_TRACEME and stops
+before running any of it. Every other process is a clone3 injected into its parent stub, with
+``set_tid`` = its pid in the image, so the kernel's parent links are the image's. Sessions and
+groups are made the way the original processes made them: a session leader calls setsid(), a
+group leader setpgid(0, 0), a member setpgid(0, pgid) once its leader exists.
+
+Pid namespaces (``pidns``):
+  * new (the default) and the image root is pid 1 (a container image): the seed is the root,
+    pid 1 of a new pid namespace;
+  * new and the root has another pid: the seed becomes a minimal init for the new namespace
+    (``REAPER_CODE``: wait4 until no child is left, then exit) and the root is its child with
+    its own pid;
+  * current (``pidns=False``): the seed is the root, with its pid in this namespace; a pid in
+    use is a clear EBUSY naming it.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import struct
+
+from backend import kabi
+from backend.ptrace import _ptrace
+from .stub import PAGE, TRAMPOLINE_CODE, STUB_OPTIONS, Stub, StubError
+
+# A pid namespace's init, in x86-64 machine code (it runs in the trampoline page, which is
+# writable): reap children until none is left, then exit with the root's status (its exit
+# code, or 128 + the signal that killed it). Assembled from (GNU as, Intel syntax):
+#       xor ebx, ebx
+#   loop:
+#       mov eax, 61 ; mov rdi, -1 ; lea rsi, [rip + status] ; xor edx, edx ; xor r10d, r10d
+#       syscall                        # wait4(-1, &status, 0, NULL)
+#       cmp rax, -10 ; je done         # ECHILD
+#       cmp eax, ROOT ; jne loop       # ROOT: the root's pid, patched in at REAPER_ROOT_AT
+#       mov ebx, [rip + status] ; jmp loop
+#   done:
+#       mov edi, ebx ; and edi, 0x7f ; jz exited ; add edi, 128 ; jmp out
+#   exited:
+#       mov edi, ebx ; shr edi, 8 ; and edi, 0xff
+#   out:
+#       mov eax, 231 ; syscall         # exit_group
+#   status: .long 0
+REAPER_CODE = bytes.fromhex(
+    "31dbb83d00000048c7c7ffffffff488d353d00000031d24531d20f054883f8f6740f3d4433221175d98b1d"
+    "23000000ebd189df83e77f740881c780000000eb0b89dfc1ef0881e7ff000000b8e70000000f0500000000")
+REAPER_ROOT_AT = 0x23
+assert REAPER_CODE[REAPER_ROOT_AT:REAPER_ROOT_AT + 4] == bytes.fromhex("44332211")
+
+THREAD_FLAGS = (kabi.CLONE_VM | kabi.CLONE_FS | kabi.CLONE_FILES | kabi.CLONE_SIGHAND
+                | kabi.CLONE_THREAD | kabi.CLONE_SYSVSEM)
+
+
+def _clone_args(flags: int, exit_signal: int, pid: int) -> tuple[kabi.clone_args, ctypes.Array]:
+    tids = (ctypes.c_int32 * 1)(pid)
+    args = kabi.clone_args(flags=flags, exit_signal=exit_signal,
+                           set_tid=ctypes.addressof(tids) if pid else 0,
+                           set_tid_size=1 if pid else 0)
+    return args, tids
+
+
+def spawn_seed(exe: str, pid: int, new_pidns: bool) -> int:
+    """Fork the seed (clone3 with ``pid``, 0 for any) that execs ``exe`` traced by us;
+    returns its pid as this process sees it. The caller must adopt() it."""
+    if not os.access(exe, os.X_OK):
+        raise StubError(errno.ENOENT, f"the executable {exe} is missing or not executable")
+    args, _tids = _clone_args(kabi.CLONE_NEWPID if new_pidns else 0, signal.SIGCHLD, pid)
+    try:
+        child = kabi.syscall(kabi.SYS_clone3, ctypes.byref(args), ctypes.sizeof(args),
+                             what="clone3")
+    except OSError as e:
+        if e.errno == errno.EEXIST:
+            raise StubError(errno.EBUSY, f"pid {pid} is in use in this pid namespace "
+                                         "(restart with a new pid namespace: --pidns)") from None
+        raise StubError(e.errno, f"cannot create the first restored process: {e}") from None
+    if child == 0:                       # the seed: no Python work beyond these two calls
+        try:
+            kabi.syscall(kabi.SYS_ptrace, kabi.PTRACE_TRACEME, 0, 0, 0)
+            os.execv(exe, [exe])
+        finally:
+            os._exit(127)
+    return child
+
+
+def map_trampoline(stub: Stub, addr: int) -> None:
+    """Map the trampoline page at ``addr`` in the seed (children inherit it), using a syscall
+    instruction of the seed's own vdso for this first call."""
+    from backend.ptrace import find_syscall_insn
+    stub.tramp = find_syscall_insn(stub.tid)
+    got = stub.syscall(kabi.SYS_mmap, addr, PAGE, kabi.PROT_READ | kabi.PROT_WRITE | kabi.PROT_EXEC,
+                       kabi.MAP_PRIVATE | kabi.MAP_ANONYMOUS | kabi.MAP_FIXED_NOREPLACE,
+                       -1, 0, what="mmap of the trampoline")
+    if got != addr:
+        raise StubError(errno.EEXIST, f"trampoline landed at {got:#x}, not {addr:#x}")
+    stub.tramp = addr
+    stub.write(addr, TRAMPOLINE_CODE)
+
+
+def set_options(tid: int) -> None:
+    _ptrace(kabi.PTRACE_SETOPTIONS, tid, 0, STUB_OPTIONS)
+
+
+def clone_child(parent: Stub, pid: int, flags: int = 0, exit_signal: int = signal.SIGCHLD,
+                what: str = "") -> Stub:
+    """Inject clone3 into ``parent``: a child (or, with THREAD_FLAGS, a thread) with ``pid``
+    in the innermost pid namespace; returns its stub, stopped at its first stop."""
+    args, tids = _clone_args(flags, exit_signal, 0)
+    tid_addr = parent.scratch + 256
+    args.set_tid, args.set_tid_size = tid_addr, 1
+    parent.put_scratch(struct.pack("<i", pid), 256)
+    args_addr = parent.put_scratch(bytes(args), 0)
+    try:
+        parent.syscall(kabi.SYS_clone3, args_addr, ctypes.sizeof(args),
+                       what=what or f"clone3 of {pid}")
+    except StubError as e:
+        if e.errno == errno.EEXIST:
+            raise StubError(errno.EBUSY, f"pid {pid} is in use (restart with a new pid "
+                                         "namespace: --pidns)") from None
+        raise
+    child = parent.last_event
+    if child is None:
+        raise StubError(errno.ECHILD, f"clone3 of {pid} in {parent.pid}: no fork event")
+    stub = Stub.adopt(child, parent.pid if flags & kabi.CLONE_THREAD else child, parent.tramp)
+    return stub
+
+
+def become_reaper(stub: Stub, keep: tuple[int, int], root_pid: int) -> None:
+    """Turn the seed into the new namespace's init: only the trampoline page stays, holding
+    REAPER_CODE (waiting for ``root_pid``, the root's pid in the namespace); it runs once
+    detached."""
+    start, end = keep
+    for lo, hi in ((0, start), (end, kabi.TASK_SIZE_X86_64)):
+        if hi > lo:
+            stub.syscall(kabi.SYS_munmap, lo, hi - lo, what="munmap in the namespace init")
+    stub.syscall(kabi.SYS_close_range, 0, 0xFFFFFFFF, 0, what="close_range in the init")
+    code = bytearray(REAPER_CODE)
+    code[REAPER_ROOT_AT:REAPER_ROOT_AT + 4] = struct.pack("<I", root_pid)
+    stub.write(start + 16, bytes(code))
+    regs = stub._regs
+    regs.rip, regs.orig_rax, regs.rax = start + 16, (1 << 64) - 1, 0
+    stub.set_final_regs(regs)
