@@ -27,7 +27,10 @@ that a restart could not give it back its sharing):
 - a socket whose inode is open outside; an AF_UNIX socket of the tree connected to a peer that
   no task of the tree holds (the peer's outside holder is named when one has it open), or a
   listener with a pending connection from outside (sock_diag, backend/sockets.py; sockets of
-  our network namespace);
+  our network namespace). A peer that no process at all holds while sockets of the tree have
+  files in flight (fdinfo's scm_fds) is taken to be one of them: the gathering saves it with
+  the queue that carries it (a peer in flight in an outside queue at the same time is not
+  told apart);
 - an mm, files table, fs struct (cwd/root/umask) or signal-handler table shared with an
   outside process (kcmp KCMP_VM / KCMP_FILES / KCMP_FS / KCMP_SIGHAND, each process of the
   tree against every process of the machine that is not a zombie or a kernel thread);
@@ -207,11 +210,19 @@ def find_leaks(pids: Iterable[int]) -> list[str]:
                     seen.add(q)
 
     # -- unix socket peers --------------------------------------------------------------------
+    carrying: bool | None = None        # the tree's sockets have files in flight
     for ino, how, peer in peers:
         if peer in sock_inodes:
             continue
         p, fd = sock_inodes[ino]
         holder = outside_socks.get(peer)
+        if holder is None:
+            if carrying is None:
+                carrying = any(_files_in_flight(q, qfd) for q, qfd in
+                               ((q, qfd) for q in tree for qfd, st in tree_fds[q]
+                                if _stat.S_ISSOCK(st.st_mode)))
+            if carrying:
+                continue    # held by nobody: in flight in a queue of the tree (the gathering saves it)
         where = (f"held by process {holder[0]} ({_comm(holder[0])}, fd {holder[1]}) outside the "
                  "container" if holder else "which no task of the container holds")
         leaks.append(f"socket:[{ino}] (fd {fd} of task {p}) {how} socket:[{peer}], {where}")
@@ -238,6 +249,18 @@ def find_leaks(pids: Iterable[int]) -> list[str]:
                 leaks.append(f"shared memory {path} (mapped by task {p}) is also mapped by "
                              f"process {q} ({_comm(q)}) outside the container")
     return leaks
+
+
+def _files_in_flight(pid: int, fd: int) -> bool:
+    """The socket ``fd`` of ``pid`` has files in flight in its queue (fdinfo's scm_fds)."""
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("scm_fds:"):
+                    return line.split()[1] != "0"
+    except (OSError, IndexError):
+        pass
+    return False
 
 
 def _unix_peers(sock_inodes: dict[int, tuple[int, int]]) -> list[tuple[int, str, int]]:

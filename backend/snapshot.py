@@ -584,6 +584,16 @@ class Gatherer:
         self.pipes: dict[int, LivePipe] = {}
         self.mapped: dict[tuple, LiveFile] = {}
         self.shmems: dict[tuple, LiveShmem] = {}  # (dev, inode) -> shared anonymous segment
+        self.in_flight_fds: list[int] = []        # our fds of files in flight (SCM_RIGHTS)
+
+    def close(self) -> None:
+        """Close the fds of the files in flight (kept for kcmp while the tree is gathered)."""
+        fds, self.in_flight_fds = self.in_flight_fds, []
+        for fd in fds:
+            os.close(fd)
+
+    def __del__(self):
+        self.close()
 
     def process(self, pid: int, tids: list[int]) -> LiveProcess:
         p = LiveProcess(pid)
@@ -669,6 +679,28 @@ class Gatherer:
             return for_gatherer(self).file(pid, info)
         raise Unsupported(f"task {pid}: fd {info.fd} is a {kind.value} ({info.target}), which the "
                           "live backend cannot checkpoint yet")
+
+    def in_flight(self, fd: int, holder: int, where: str) -> LiveFile:
+        """The File of a file in flight (SCM_RIGHTS) in a queue of task ``holder``, which a
+        peek brought into this process as ``fd``: the same LiveFile as a task's fd on the same
+        description (kcmp), else gathered as a task's fd would be. Takes ``fd`` over: it stays
+        open until close(), so that fds of the tree met later are compared with it."""
+        self.in_flight_fds.append(fd)
+        me = os.getpid()
+        info = proc.read_fd(me, fd)
+        key = (info.dev, info.ino, info.kind)
+        file = self._same_file(me, fd, key)
+        if file is None:
+            if info.kind is proc.FdKind.SOCKET:
+                from .sockets import for_gatherer
+                file = for_gatherer(self).file(me, info, seen_from=holder, where=where)
+            else:
+                try:
+                    file = self._file(me, info)
+                except Unsupported as e:
+                    raise Unsupported(f"{where}: {e}") from None
+            self.file_keys.append((me, fd, file, key))
+        return file
 
     def _unlinked(self, pid: int, info: proc.FdInfo) -> LiveInode:
         with open(f"/proc/{pid}/fd/{info.fd}", "rb") as f:

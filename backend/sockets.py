@@ -9,7 +9,15 @@ What is read, and how, without disturbing the (stopped) tree:
   SO_PEEK_OFF walking exactly the number of bytes sock_diag reports (a peek past the end would
   consume a pending error), datagram and seqpacket queues message by message (the peek offset
   advances one message per peek; a message larger than the buffer comes back in pieces with
-  MSG_TRUNC). The socket's own peek offset is put back afterwards. The pending error (sk_err,
+  MSG_TRUNC). The socket's own peek offset is put back afterwards.
+- Files in flight (SCM_RIGHTS): a peek brings a duplicate of each in-flight file into this
+  process (as a received fd; the queue keeps its own). Those fds are gathered like a task's
+  fds (snapshot.Gatherer.in_flight: a description also held by a task is one File, found with
+  kcmp; a socket in flight is walked in turn) and kept open until the checkpoint ends. A stream
+  read stops right after a buffer carrying files, so each file is saved with the run of bytes
+  that ends with its buffer (where that buffer starts cannot be seen by peeking: see
+  peek_stream). The number found must equal the socket's fdinfo scm_fds. Nothing runs
+  inside the target. The pending error (sk_err,
   only ever ECONNRESET for AF_UNIX) is seen with poll(POLLERR), which does not clear it; a
   datagram or seqpacket socket that has both a pending error and queued data is refused,
   because the first peek would consume the error.
@@ -24,8 +32,9 @@ Choices (documented limits):
 - A peer that is already closed (the survivor of a connection) is saved as a CLOSED socket.
 - A connection not yet accepted: the server-side socket ("embryo") has no inode and no fd;
   it is saved in its listener's pending list with the listener's name. Data the client wrote
-  into it cannot be read before accept: such a listener is refused, as is one whose pending
-  client already closed (its data, if any, is invisible).
+  into it cannot be read before accept (it has no fd and no inode; accepting it, even inside
+  the target, would change what the tree sees): such a listener is refused, as is one whose
+  pending client already closed (its data, if any, is invisible).
 - Name ownership: a listening, unconnected or datagram socket owns its name; a connected
   stream or seqpacket socket never does (an accepted socket carries a copy of its listener's
   name; a client bound before connect() therefore restores with the name, not the binding).
@@ -33,8 +42,11 @@ Choices (documented limits):
   its cwd for a relative name) is still that socket's inode, as unlinked otherwise; a
   relative name that cannot be found from the task's cwd is refused.
 - Refused with Unsupported naming the task, the fd and why: sockets of other families, files
-  in flight (SCM_RIGHTS: the fdinfo's scm_fds count, and any SCM_RIGHTS met while peeking),
-  a socket sock_diag cannot see (another network namespace), unknown states.
+  in flight that peeking cannot account for (fewer or more than fdinfo's scm_fds, e.g. in a
+  not yet accepted connection's queue), a socket sock_diag cannot see (another network
+  namespace), unknown states.
+- A datagram socket another one connected to is saved UNCONNECTED: Linux marks both
+  ESTABLISHED (unix_dgram_connect), but only the connecting one has a peer.
 - Not seen: MSG_OOB data, a zero-length datagram the target itself already peeked, zero-length
   seqpacket messages queued after the peer shut down (indistinguishable from EOF by peeking).
 """
@@ -48,6 +60,7 @@ import posixpath
 import select
 import socket
 import stat
+import weakref
 from dataclasses import dataclass, field
 
 from ckptsim.model.unix import (AF_UNIX, RCV_SHUTDOWN, SHUTDOWN_MASK, SOCK_BUF_DEFAULT,
@@ -55,12 +68,8 @@ from ckptsim.model.unix import (AF_UNIX, RCV_SHUTDOWN, SHUTDOWN_MASK, SOCK_BUF_D
                                 Segment, SockState)
 
 from . import kabi, proc
+from .sock_peek import close_fds, poll_events, peek_messages, peek_stream
 
-MSG_PEEK, MSG_DONTWAIT, MSG_TRUNC, MSG_CTRUNC = 0x2, 0x40, 0x20, 0x8
-PEEK_CHUNK = 1 << 20                  # stream peeks: at most this much per recvmsg
-DGRAM_BUF = 1 << 18                   # datagram peeks: a bigger message comes in pieces
-MAX_MESSAGES = 1 << 20
-ANC_BUF = socket.CMSG_SPACE(253 * 4)  # room for SCM_MAX_FD descriptors (closed at once)
 _DIAG_SHOW = (kabi.UDIAG_SHOW_NAME | kabi.UDIAG_SHOW_VFS | kabi.UDIAG_SHOW_PEER
               | kabi.UDIAG_SHOW_ICONS | kabi.UDIAG_SHOW_RQLEN | kabi.UDIAG_SHOW_MEMINFO)
 
@@ -202,6 +211,7 @@ class LiveUnixSocket:
         self.error = 0
         self.rcvbuf = self.sndbuf = SOCK_BUF_DEFAULT
         self.held_by: tuple[int, int] | None = None   # (pid, fd) of the first holder in the tree
+        self.where: str | None = None                 # how messages name that holder
         self.external = True     # no task of the tree holds it (nor is it part of one it holds)
         self.what = f"socket:[{ino}]" if ino else "socket"
         self._peer = _UNRESOLVED
@@ -284,98 +294,18 @@ def _family_name(family: int) -> str:
         return f"address family {family}"
 
 
-def _refuse_rights(ancdata, where: str) -> None:
-    """Close every fd a peek brought (SCM_RIGHTS) and refuse the socket if there were any."""
-    fds = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.extend(memoryview(data)[:len(data) - len(data) % 4].cast("i"))
-    for fd in fds:
-        os.close(fd)
-    if fds:
-        raise _unsupported(f"{where}: {len(fds)} file(s) in flight in its queue (SCM_RIGHTS): "
-                           "not supported yet")
-
-
 def _unsupported(message: str):
     from .snapshot import Unsupported
     return Unsupported(message)
-
-
-class _PeekOffset:
-    """SO_PEEK_OFF set to 0 for the walk, put back to the socket's own value afterwards."""
-
-    def __init__(self, s: socket.socket):
-        self.s = s
-
-    def __enter__(self):
-        self.old = self.s.getsockopt(socket.SOL_SOCKET, kabi.SO_PEEK_OFF)
-        self.s.setsockopt(socket.SOL_SOCKET, kabi.SO_PEEK_OFF, 0)
-        return self
-
-    def __exit__(self, *exc):
-        self.s.setsockopt(socket.SOL_SOCKET, kabi.SO_PEEK_OFF, self.old)
-
-
-def peek_stream(s: socket.socket, total: int, where: str) -> bytes:
-    """The ``total`` bytes queued on stream socket ``s``, left in place. Never peeks at the end
-    of the queue (there, the kernel would report - and clear - a pending error)."""
-    buf = bytearray(total)
-    view = memoryview(buf)
-    off = 0
-    with _PeekOffset(s):
-        while off < total:
-            try:
-                n, anc, _, _ = s.recvmsg_into([view[off:off + PEEK_CHUNK]], ANC_BUF,
-                                              MSG_PEEK | MSG_DONTWAIT)
-            except BlockingIOError:
-                n, anc = 0, []
-            _refuse_rights(anc, where)
-            if n == 0:
-                raise _unsupported(f"{where}: sock_diag reports {total} queued bytes but only "
-                                   f"{off} could be peeked (MSG_OOB data?)")
-            off += n
-    return bytes(buf)
-
-
-def peek_messages(s: socket.socket, seqpacket_eof: bool, where: str) -> list[Segment]:
-    """Every message queued on datagram/seqpacket socket ``s`` with its sender, left in place.
-    ``seqpacket_eof``: the socket is shut down for reading, where an empty peek means EOF."""
-    out: list[Segment] = []
-    buf = bytearray(DGRAM_BUF)
-    part = bytearray()
-    with _PeekOffset(s):
-        while True:
-            try:
-                n, anc, flags, sender = s.recvmsg_into([buf], ANC_BUF, MSG_PEEK | MSG_DONTWAIT)
-            except BlockingIOError:
-                break
-            _refuse_rights(anc, where)
-            part += memoryview(buf)[:n]
-            if flags & MSG_TRUNC:
-                continue   # the rest of this message comes with the next peek
-            if n == 0 and not part and seqpacket_eof:
-                break
-            out.append(Segment(bytes(part), sender if sender is not None else ""))
-            part = bytearray()
-            if len(out) > MAX_MESSAGES:
-                raise _unsupported(f"{where}: more than {MAX_MESSAGES} queued messages")
-    return out
-
-
-def _poll(fd: int) -> int:
-    p = select.poll()
-    p.register(fd, select.POLLIN | select.POLLERR)
-    events = p.poll(0)
-    return events[0][1] if events else 0
 
 
 class UnixSockets:
     """The AF_UNIX sockets of one checkpoint, by inode; ``kernel`` is the stand-in that
     kinds/unix.py reads through ``ctx.kernel``."""
 
-    def __init__(self, log=None):
+    def __init__(self, log=None, gatherer=None):
         self.log = log
+        self.gatherer = gatherer     # snapshot.Gatherer: makes the Files of fds in flight
         self.kernel = LiveUnixKernel()
         self.socks: dict[int, LiveUnixSocket] = {}
         self.embryos: dict[int, LiveUnixSocket] = {}   # client inode -> not yet accepted socket
@@ -398,10 +328,13 @@ class UnixSockets:
         return self._diag
 
     # -- a socket fd of the tree ------------------------------------------------------------
-    def file(self, pid: int, info: proc.FdInfo):
-        """The LiveFile for socket fd ``info.fd`` of task ``pid`` (which must be stopped)."""
+    def file(self, pid: int, info: proc.FdInfo, *, seen_from: int | None = None,
+             where: str | None = None):
+        """The LiveFile for socket fd ``info.fd`` of task ``pid`` (which must be stopped).
+        A socket in flight is an fd of this process: ``seen_from`` is then the task whose
+        queue holds it (its root and cwd resolve the socket's path), ``where`` names it."""
         from .snapshot import LiveFile
-        where = f"task {pid}: fd {info.fd}"
+        where = where or f"task {pid}: fd {info.fd}"
         fd = take_fd(pid, info.fd)
         flags_before = fcntl.fcntl(fd, fcntl.F_GETFL)
         try:
@@ -415,11 +348,12 @@ class UnixSockets:
             if s.family != socket.AF_UNIX:
                 raise _unsupported(f"{where} is an {_family_name(s.family)} socket "
                                    f"({info.target}): not supported yet")
-            sock = self._held(pid, info, s, where)
+            sock = self._held(pid, info, s, where, seen_from or pid)
         return LiveFile("socket", info.flags & ~os.O_CLOEXEC, 0, "", seekable=False,
                         private=sock)
 
-    def _held(self, pid: int, info: proc.FdInfo, s: socket.socket, where: str) -> LiveUnixSocket:
+    def _held(self, pid: int, info: proc.FdInfo, s: socket.socket, where: str,
+              seen_from: int) -> LiveUnixSocket:
         sock = self.socks.get(info.ino)
         if sock is not None and not sock.external:
             return sock
@@ -429,17 +363,19 @@ class UnixSockets:
                                "(another network namespace?): not supported yet")
         if sock is None:
             sock = self._make(d)
+        # held from now on: a socket met again while its own queue is walked (it is in flight
+        # in it, or in its peer's) is this one
+        sock.held_by, sock.external, sock.where = (pid, info.fd), False, where
         where = f"{where} (unix {SOCK_TYPE_NAMES.get(d.type, d.type)} socket:[{d.ino}])"
         scm = dict(info.extra).get("scm_fds", "0")
-        if scm.isdigit() and int(scm):
-            raise _unsupported(f"{where}: {scm} file(s) in flight in its queue (SCM_RIGHTS): "
-                               "not supported yet")
-        revents = _poll(s.fileno())
+        in_flight = int(scm) if scm.isdigit() else 0
+        revents = poll_events(s.fileno())
         if revents & select.POLLERR:
             sock.error = errno.ECONNRESET   # the only sk_err AF_UNIX sets
+        queue: list[tuple[Segment, list[int]]] = []
         if d.state == kabi.TCP_ESTABLISHED and d.type == SOCK_STREAM:
             if d.rqueue:
-                sock.set_queue([Segment(peek_stream(s, d.rqueue, where), None)])
+                queue = [(Segment(data, None), fds) for data, fds in peek_stream(s, d.rqueue, where)]
         elif d.type == SOCK_DGRAM or (d.type == SOCK_SEQPACKET and d.state == kabi.TCP_ESTABLISHED):
             # POLLIN: messages queued, or shut down for reading (then the queue may be empty)
             may_hold = bool(revents & select.POLLIN)
@@ -448,13 +384,38 @@ class UnixSockets:
                                    "messages: peeking would clear the error")
             if may_hold:
                 eof = d.type == SOCK_SEQPACKET and bool(d.shutdown & RCV_SHUTDOWN)
-                sock.set_queue(peek_messages(s, eof, where))
-            if d.type == SOCK_SEQPACKET and sock.queued != d.rqueue:
-                raise _unsupported(f"{where}: sock_diag reports {d.rqueue} queued bytes, "
-                                   f"{sock.queued} were peeked")
-        sock.held_by, sock.external = (pid, info.fd), False
-        self._own_name(pid, sock, d, where)
+                queue = peek_messages(s, eof, where)
+        found = sum(len(fds) for _, fds in queue)
+        if found:
+            self._files_in_flight(queue, seen_from, where)
+        sock.set_queue([seg for seg, _ in queue])
+        if d.type == SOCK_SEQPACKET and d.state == kabi.TCP_ESTABLISHED and sock.queued != d.rqueue:
+            raise _unsupported(f"{where}: sock_diag reports {d.rqueue} queued bytes, "
+                               f"{sock.queued} were peeked")
+        if found != in_flight:
+            raise _unsupported(f"{where}: its fdinfo counts {in_flight} file(s) in flight in its "
+                               f"queue (SCM_RIGHTS), peeking found {found}: not supported")
+        self._own_name(seen_from, sock, d, where)
         return sock
+
+    def _files_in_flight(self, queue: list[tuple[Segment, list[int]]], seen_from: int,
+                         where: str) -> None:
+        """Turn the fds the peeks brought (SCM_RIGHTS) into the Files of their segments. The
+        gatherer keeps each fd open until the checkpoint ends (kcmp compares later fds of
+        the tree with it); the fds not handed over yet are closed on an error."""
+        pending = [fd for _, fds in queue for fd in fds]
+        try:
+            if self.gatherer is None:
+                raise _unsupported(f"{where}: {len(pending)} file(s) in flight in its queue "
+                                   "(SCM_RIGHTS) and no gatherer to save them")
+            for seg, fds in queue:
+                for i, fd in enumerate(fds):
+                    pending.remove(fd)
+                    seg.files.append(self.gatherer.in_flight(
+                        fd, seen_from, f"{where}: file {i + 1} in flight in segment of "
+                                       f"{len(seg.data)} bytes"))
+        finally:
+            close_fds(pending)
 
     def _own_name(self, pid: int, sock: LiveUnixSocket, d: UnixDiag, where: str) -> None:
         """Register the name of a socket the tree holds if it owns it (see the module doc)."""
@@ -521,7 +482,7 @@ class UnixSockets:
     @staticmethod
     def _where(sock: LiveUnixSocket) -> str:
         if sock.held_by is not None:
-            return f"task {sock.held_by[0]}: fd {sock.held_by[1]} ({sock.what})"
+            return f"{sock.where or f'task {sock.held_by[0]}: fd {sock.held_by[1]}'} ({sock.what})"
         return f"{sock.what} (outside the checkpointed tree)"
 
     def resolve_peer(self, sock: LiveUnixSocket):
@@ -552,7 +513,9 @@ class UnixSockets:
             if cd.wqueue:
                 raise _unsupported(
                     f"{self._where(listener)}: the pending connection from {client.what} has data "
-                    "queued, which cannot be read before it is accepted: not supported yet")
+                    f"queued ({cd.wqueue} bytes of buffer, sock_diag): Linux gives no way to read "
+                    "the queue of a connection not yet accepted (no fd, no inode, no peek) "
+                    "without accepting it, which the tree would see: not supported")
             emb = self.embryos[client.ino] = LiveUnixSocket(self, 0, client.type)
             emb.what = f"not yet accepted connection of {listener.what}"
             emb.state = SockState.CONNECTED
@@ -587,7 +550,10 @@ def for_gatherer(gatherer) -> UnixSockets:
     """The socket table of a snapshot.Gatherer (made on first use)."""
     table = getattr(gatherer, "_unix_sockets", None)
     if table is None:
-        table = gatherer._unix_sockets = UnixSockets(getattr(gatherer, "log", None))
+        # a proxy: no cycle, so the gatherer (and the fds in flight it holds) goes as soon
+        # as the checkpoint drops it
+        table = gatherer._unix_sockets = UnixSockets(getattr(gatherer, "log", None),
+                                                     weakref.proxy(gatherer))
     return table
 
 

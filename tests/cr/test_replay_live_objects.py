@@ -115,3 +115,62 @@ WORDS = b"%d" % os.getpid()
     sock_path = str(tmp_path / "sub" / "dgram.sock")
     assert [r.var for r in by_name(recs, "SOCKET_UNIX_PATH")] == [sock_path]
     assert str(tmp_path / "sub") in report.placeholders, report.placeholders
+
+
+def _own_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_files_in_flight_are_saved_with_their_bytes_and_left_in_place(py_target, tmp_path):
+    """A stream queue: plain bytes, a buffer carrying a pipe's read end, plain bytes; a
+    datagram carrying a file and a connected socket. The files are saved where they travel
+    (SOCKET_SCM after their buffer), and the target still receives them, unchanged."""
+    proc, _ = py_target(r"""
+r, w = os.pipe(); os.write(w, b"through-the-pipe")
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+a.send(b"before")
+a.sendmsg([b"F"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))])
+a.send(b"tail")
+os.close(r)
+f = os.open("scm.txt", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+os.write(f, b"0123456789"); os.lseek(f, 4, 0)
+s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+s2.send(b"sock-data")
+c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+c.sendmsg([b"two-fds"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [f, s1.fileno()]))])
+os.close(f); s1.close()
+WORDS = b"%d %d %d" % (os.getpid(), b.fileno(), d.fileno())
+sys.stdout.buffer.write(b"READY %s\n" % WORDS); sys.stdout.flush(); os.read(0, 1)
+out = []
+data, anc, _, _ = b.recvmsg(100, socket.CMSG_SPACE(16))
+out.append(b"stream1=%s fds=%d" % (data, sum(len(x[2]) // 4 for x in anc)))
+(rfd,) = array.array("i", anc[0][2]) if anc else (None,)
+if rfd is not None:
+    out.append(b"pipe=" + os.read(rfd, 100))
+out.append(b"stream2=" + b.recv(100))
+data, anc, _, _ = d.recvmsg(100, socket.CMSG_SPACE(16))
+fds = array.array("i", anc[0][2]) if anc else []
+out.append(b"dgram=%s fds=%d" % (data, len(fds)))
+if len(fds) == 2:
+    out.append(b"file=" + os.read(fds[0], 100))
+    out.append(b"sock=" + os.read(fds[1], 100))
+sys.stdout.buffer.write(b" | ".join(out) + b"\n"); sys.stdout.flush()
+os.read(0, 1)
+""")
+    ours = _own_fds()
+    image = live_image(proc.pid)
+    assert _own_fds() <= ours, "the checkpoint kept fds of the target's files"
+    recs = decode_all(image)
+    buffers = [(r["nr_files"], bytes(r.var)) for r in by_name(recs, "SOCKET_BUFFER")]
+    # the files travel with the run ending with their buffer (its start cannot be peeked)
+    assert (1, b"beforeF") in buffers and (0, b"tail") in buffers
+    assert (2, b"two-fds") in buffers and (0, b"sock-data") in buffers
+    assert len(by_name(recs, "SOCKET_SCM")) == 3
+    assert any(r["f_pos"] == 4 for r in by_name(recs, "FILE")), "the file in flight keeps its offset"
+    assert [bytes(r.var) for r in by_name(recs, "PIPE_BUF")].count(b"through-the-pipe") == 1
+    _round_trips(image)
+    proc.stdin.write(b"x")
+    proc.stdin.flush()
+    line = proc.stdout.readline().strip()
+    assert line == (b"stream1=beforeF fds=1 | pipe=through-the-pipe | stream2=tail | "
+                    b"dgram=two-fds fds=2 | file=456789 | sock=sock-data"), line
