@@ -32,6 +32,9 @@ A page that was *written* with zeros is a real anonymous page to the kernel, so 
 anonymous kinds (where restart's zero fill gives the same contents), never for a private file
 mapping (where a missing page would read back as the file's data).
 
+The classification lives in backend/memory_kinds.py and the bulk address helpers in
+backend/memory_pages.py; their public names are importable from here.
+
 Reading (``read_pages``): one process_vm_readv per batch of at most 1024 pages (4 MiB), the
 remote iovecs being runs of adjacent pages, straight into one reused buffer. What
 process_vm_readv cannot read (PROT_NONE pages, which need FOLL_FORCE; VM_IO) is read from
@@ -42,17 +45,21 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import functools
-import mmap
 import os
-import re
 from array import array
 from dataclasses import dataclass
-from operator import sub
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable
 
 from backend import kabi
-from backend.proc import Mapping, SmapsEntry, read_smaps
+from backend.memory_kinds import (  # noqa: F401 - re-exported
+    _PRIVATE_DUMPED, _SHARED_DUMPED, _SPECIAL, _SYSV, _UNSUPPORTED_FLAGS, _ZERO_FILLED, VmaClass,
+    VmaKind, _mapping, classify, describe, dump_kinds,
+)
+from backend.memory_pages import (  # noqa: F401 - re-exported
+    _PRIVATE_KEEP, _RUNS, _SHARED_KEEP, CHUNK_PAGES, PAGE_SHIFT, PAGE_SIZE, _address_ints,
+    _batches, _index, _keep_table, _page_addresses, _runs_of, _zero_page_entry,
+)
+from backend.proc import SmapsEntry, read_smaps
 from ckptsim.errors import CkptsimError
 
 __all__ = [
@@ -61,9 +68,6 @@ __all__ = [
     "pagemap_scan_available",
 ]
 
-PAGE_SIZE = mmap.PAGESIZE
-PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
-CHUNK_PAGES = 1024                      # pages per emit() and per process_vm_readv call
 SCAN_VEC_LEN = 512                      # page_region entries per PAGEMAP_SCAN call
 PAGEMAP_READ_PAGES = 1 << 16            # pagemap entries per pread in the fallback (512 KiB)
 _ZERO_PAGE = bytes(PAGE_SIZE)
@@ -78,91 +82,6 @@ class MemoryDumpError(CkptsimError, OSError):
 
     def __str__(self) -> str:
         return self.strerror
-
-
-# --- classification -----------------------------------------------------------------------
-
-class VmaKind:
-    ANON_PRIVATE = "anon_private"
-    ANON_SHARED = "anon_shared"         # MAP_SHARED|MAP_ANONYMOUS, /dev/zero shared: shmem
-    SYSV_SHM = "sysv_shm"               # a SysV shared memory segment attached with shmat
-    FILE_PRIVATE = "file_private"
-    FILE_SHARED = "file_shared"
-    STACK = "stack"                     # [stack]: anonymous private, grows down
-    HEAP = "heap"                       # [heap]: anonymous private, the brk area
-    VDSO = "vdso"
-    VVAR = "vvar"
-    VVAR_VCLOCK = "vvar_vclock"
-    VSYSCALL = "vsyscall"
-    UNSUPPORTED = "unsupported"
-
-
-class VmaClass(NamedTuple):
-    kind: str
-    reason: str = ""                    # why it is unsupported ("" otherwise)
-
-
-_SPECIAL = {"[vdso]": VmaKind.VDSO, "[vvar]": VmaKind.VVAR,
-            "[vvar_vclock]": VmaKind.VVAR_VCLOCK, "[vsyscall]": VmaKind.VSYSCALL,
-            "[stack]": VmaKind.STACK, "[heap]": VmaKind.HEAP}
-# smaps VmFlags that make a VMA impossible to save (and why)
-_UNSUPPORTED_FLAGS = {"io": "VM_IO (memory-mapped I/O)", "pf": "VM_PFNMAP (raw page frames)",
-                      "ht": "hugetlb pages", "mm": "VM_MIXEDMAP (driver pages)"}
-_SYSV = re.compile(r"^/SYSV[0-9a-f]{8}$")
-
-# the kinds whose pages are saved, and those whose missing pages read back as zeros
-_PRIVATE_DUMPED = frozenset({VmaKind.ANON_PRIVATE, VmaKind.STACK, VmaKind.HEAP,
-                             VmaKind.FILE_PRIVATE})
-_SHARED_DUMPED = frozenset({VmaKind.ANON_SHARED, VmaKind.SYSV_SHM})
-_ZERO_FILLED = frozenset({VmaKind.ANON_PRIVATE, VmaKind.STACK, VmaKind.HEAP,
-                          VmaKind.ANON_SHARED, VmaKind.SYSV_SHM})
-
-
-def dump_kinds() -> frozenset[str]:
-    """The kinds whose pages ``pages_to_dump`` returns (the others have none to save)."""
-    return _PRIVATE_DUMPED | _SHARED_DUMPED
-
-
-def _mapping(vma) -> Mapping:
-    return vma.mapping if isinstance(vma, SmapsEntry) else vma
-
-
-def describe(vma) -> str:
-    """``0x7f..-0x7f.. rw-p /path`` for messages."""
-    m = _mapping(vma)
-    return f"{m.start:#x}-{m.end:#x} {m.perms} {m.path or '[anon]'}".rstrip()
-
-
-def classify(vma) -> VmaClass:
-    """The kind of a VMA from ``backend.proc.read_maps`` (a Mapping) or ``read_smaps`` (a
-    SmapsEntry: only that one knows the VmFlags, so only it can say VM_IO, VM_PFNMAP or
-    hugetlb; a plain Mapping of a device file or hugetlbfs is still caught by its path)."""
-    m = _mapping(vma)
-    flags = vma.vm_flags if isinstance(vma, SmapsEntry) else frozenset()
-    path = m.path
-    if path in _SPECIAL:                # [vvar] is VM_IO|VM_PFNMAP, yet a known special
-        return VmaClass(_SPECIAL[path])
-    for flag, why in _UNSUPPORTED_FLAGS.items():
-        if flag in flags:
-            return VmaClass(VmaKind.UNSUPPORTED, why)
-    if path.startswith("[anon_shmem:"):
-        return VmaClass(VmaKind.ANON_SHARED)
-    if path.startswith("[anon:") or path == "":
-        if m.inode == 0:
-            return VmaClass(VmaKind.ANON_SHARED if m.shared else VmaKind.ANON_PRIVATE)
-    if path.startswith("["):
-        return VmaClass(VmaKind.UNSUPPORTED, f"unknown special mapping {path}")
-    if m.shared and m.deleted and m.dev[0] == 0 and path == "/dev/zero":
-        return VmaClass(VmaKind.ANON_SHARED)
-    if m.dev[0] == 0 and _SYSV.match(path) and m.deleted:
-        return VmaClass(VmaKind.SYSV_SHM if m.shared else VmaKind.UNSUPPORTED,
-                        "" if m.shared else "private SysV segment")
-    if path.startswith("/dev/") and not m.deleted and path != "/dev/zero":
-        # a device's mmap (fb, dri, uio...): its pages belong to the driver
-        return VmaClass(VmaKind.UNSUPPORTED, f"mapping of device file {path}")
-    if m.inode == 0:
-        return VmaClass(VmaKind.UNSUPPORTED, f"anonymous-inode mapping {path!r}")
-    return VmaClass(VmaKind.FILE_SHARED if m.shared else VmaKind.FILE_PRIVATE)
 
 
 # --- syscalls -----------------------------------------------------------------------------
@@ -524,124 +443,6 @@ def drop_zero_pages(addrs: array, buf: bytearray, size: int) -> tuple[array, mem
         keep_addrs.append(addrs[i])
         w += PAGE_SIZE
     return keep_addrs, view[:w]
-
-
-# --- helpers ------------------------------------------------------------------------------
-
-_RUNS = re.compile(b"\x01+")
-
-
-def _index(entries: array, value: int, start: int) -> int:
-    try:
-        return entries.index(value, start)
-    except ValueError:
-        return -1
-
-
-def _keep_table(shared: bool) -> bytes:
-    """Top-byte translation: keep present (bit 63) or swapped (bit 62) pages; in a private
-    mapping only those without bit 61 (a file page; shared anon pages have it too)."""
-    t = bytearray(256)
-    for top in range(256):
-        present_or_swapped = top & 0xC0
-        file_page = top & 0x20
-        t[top] = 1 if present_or_swapped and (shared or not file_page) else 0
-    return bytes(t)
-
-
-_PRIVATE_KEEP = _keep_table(False)
-_SHARED_KEEP = _keep_table(True)
-_zero_entry: list = []
-
-
-def _zero_page_entry() -> bytes | None:
-    """The pagemap entry (8 bytes) of a read-only-touched private anonymous page: present
-    bit + the zero page's PFN. None when PFNs are hidden (no CAP_SYS_ADMIN) or the kernel
-    does not map the zero page."""
-    if _zero_entry:
-        return _zero_entry[0]
-    value = None
-    m = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        _ = m[0]                                    # read fault: maps the zero page
-        buf = ctypes.c_char.from_buffer(m)
-        addr = ctypes.addressof(buf)
-        del buf
-        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            entry = int.from_bytes(os.pread(fd, 8, (addr >> PAGE_SHIFT) * 8), "little")
-        finally:
-            os.close(fd)
-        pfn = entry & ((1 << 55) - 1)
-        if entry >> 63 and pfn:
-            value = entry.to_bytes(8, "little")
-    except OSError:
-        value = None
-    finally:
-        m.close()
-    _zero_entry.append(value)
-    return value
-
-
-@functools.lru_cache(maxsize=None)
-def _address_ints(n: int) -> tuple[int, int]:
-    """For n pages: (the n little-endian u64 offsets 0, 4096, ... as one big integer, the big
-    integer whose n u64 fields are all 1)."""
-    offsets = array("Q", range(0, n * PAGE_SIZE, PAGE_SIZE)).tobytes()
-    ones = array("Q", [1]).tobytes() * n
-    return int.from_bytes(offsets, "little"), int.from_bytes(ones, "little")
-
-
-def _page_addresses(start: int, n: int) -> bytes:
-    """The n page addresses start, start + 4096, ... as little-endian u64 bytes, built with
-    one big-integer multiply-add (no field can carry into the next: each stays < 2**64)
-    instead of n Python-level steps. n <= CHUNK_PAGES."""
-    offsets, ones = _address_ints(n)
-    return (offsets + start * ones).to_bytes(8 * n, "little")
-
-
-def _runs_of(addrs: array) -> list[tuple[int, int]]:
-    """Runs of adjacent pages in ``addrs`` (in its order), as [start, end) pairs."""
-    n = len(addrs)
-    if not n:
-        return []
-    if addrs[0] % PAGE_SIZE:
-        raise ValueError(f"page address {addrs[0]:#x} is not page aligned")
-    if n == 1:
-        return [(addrs[0], addrs[0] + PAGE_SIZE)]
-    diffs = array("q", map(sub, addrs[1:], addrs))
-    if diffs.count(PAGE_SIZE) == n - 1:             # one run: the common case, no Python loop
-        return [(addrs[0], addrs[-1] + PAGE_SIZE)]
-    runs = []
-    a = addrs[0]
-    for i, d in enumerate(diffs):
-        if d != PAGE_SIZE:
-            nxt = addrs[i + 1]
-            if nxt % PAGE_SIZE:
-                raise ValueError(f"page address {nxt:#x} is not page aligned")
-            runs.append((a, addrs[i] + PAGE_SIZE))
-            a = nxt
-    runs.append((a, addrs[-1] + PAGE_SIZE))
-    return runs
-
-
-def _batches(regions: list[tuple[int, int]]):
-    """Cut regions into batches of at most CHUNK_PAGES pages (and so at most CHUNK_PAGES
-    runs): yields (runs, npages)."""
-    limit = CHUNK_PAGES * PAGE_SIZE
-    runs: list[tuple[int, int]] = []
-    size = 0
-    for a, b in regions:
-        while a < b:
-            take = min(b - a, limit - size)
-            runs.append((a, a + take))
-            size += take
-            a += take
-            if size == limit:
-                yield runs, size // PAGE_SIZE
-                runs, size = [], 0
-    if runs:
-        yield runs, size // PAGE_SIZE
 
 
 def pagemap_scan_available(pagemap_fd: int | None = None) -> bool:

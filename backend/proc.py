@@ -17,18 +17,28 @@ Readers:
     read_limits(pid) -> list[Limit]         /proc/PID/limits
     read_exe / read_cwd / read_root(pid) -> str | None
     read_comm(pid) -> str
+
+(maps/smaps live in backend/proc_maps.py, fds in backend/proc_fds.py and the low-level access
+in backend/proc_base.py; every name stays importable from here.)
 """
 from __future__ import annotations
 
-import enum
 import errno
-import os
 import re
 import resource
-import stat as _stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ckptsim.errors import CkptsimError
+from backend.proc_base import (  # noqa: F401 - re-exported
+    _DELETED, PROC, ProcessGone, _gone_or_raise, _listdir, _path, _read_bytes, _read_text,
+    _readlink, _unescape_octal, process_exists,
+)
+from backend.proc_fds import (  # noqa: F401 - re-exported
+    _BRACKET_INO, FdInfo, FdKind, _classify, _parse_fdinfo, _read_one_fd, read_fd, read_fds,
+)
+from backend.proc_maps import (  # noqa: F401 - re-exported
+    _MAPS_LINE, _SMAPS_KB, SPECIAL_MAPPINGS, Mapping, SmapsEntry, parse_maps, parse_maps_line,
+    parse_smaps, read_maps, read_smaps,
+)
 
 __all__ = [
     "ProcessGone", "Stat", "Status", "Mapping", "SmapsEntry", "FdKind", "FdInfo", "Limit",
@@ -36,92 +46,6 @@ __all__ = [
     "subtree", "read_fds", "read_limits", "read_exe", "read_cwd", "read_root", "read_comm",
     "sigset_to_signals", "process_exists",
 ]
-
-PROC = "/proc"
-
-
-class ProcessGone(CkptsimError, ProcessLookupError):
-    """The process (or thread) ``pid`` does not exist, or vanished while it was being read."""
-
-    def __init__(self, pid: int, what: str = ""):
-        self.pid = pid
-        msg = f"process {pid} is gone" + (f" (while reading {what})" if what else "")
-        ProcessLookupError.__init__(self, errno.ESRCH, msg)
-
-    def __str__(self) -> str:
-        return self.strerror
-
-
-# --- low-level access ---------------------------------------------------------------------
-
-def _path(pid: int, name: str) -> str:
-    return f"{PROC}/{int(pid)}/{name}"
-
-
-def process_exists(pid: int) -> bool:
-    """True while ``/proc/PID`` exists (a zombie still exists)."""
-    return os.path.exists(f"{PROC}/{int(pid)}")
-
-
-def _gone_or_raise(pid: int, what: str, exc: OSError) -> None:
-    """Translate an OSError met while reading ``/proc/PID/what``: raise ProcessGone when the
-    process has vanished, re-raise ``exc`` otherwise."""
-    if exc.errno == errno.ESRCH or not process_exists(pid):
-        raise ProcessGone(pid, what) from None
-    raise exc
-
-
-def _read_bytes(pid: int, name: str) -> bytes:
-    path = _path(pid, name)
-    try:
-        with open(path, "rb", buffering=0) as f:
-            chunks = []
-            while True:
-                b = f.read(1 << 16)
-                if not b:
-                    break
-                chunks.append(b)
-            return b"".join(chunks)
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ESRCH):
-            _gone_or_raise(pid, name, e)
-        raise
-
-
-def _read_text(pid: int, name: str) -> str:
-    return _read_bytes(pid, name).decode("utf-8", "surrogateescape")
-
-
-def _readlink(pid: int, name: str) -> str | None:
-    """readlink of /proc/PID/name; None when the link exists but has no target now (a zombie,
-    a kernel thread); ProcessGone when the process vanished."""
-    try:
-        return os.readlink(_path(pid, name))
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ESRCH):
-            if e.errno == errno.ESRCH or not process_exists(pid):
-                raise ProcessGone(pid, name) from None
-            return None
-        raise
-
-
-def _listdir(pid: int, name: str) -> list[str]:
-    try:
-        return os.listdir(_path(pid, name))
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ESRCH):
-            _gone_or_raise(pid, name, e)
-        raise
-
-
-_OCTAL_ESC = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape_octal(s: str) -> str:
-    """Undo the kernel's ``\\ooo`` escapes (seq_path escapes a newline in a path as ``\\012``)."""
-    if "\\" not in s:
-        return s
-    return _OCTAL_ESC.sub(lambda m: chr(int(m.group(1), 8)), s)
 
 
 def _unescape_status_name(s: str) -> str:
@@ -359,187 +283,6 @@ def read_comm(pid: int) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
-# --- /proc/PID/maps and smaps -------------------------------------------------------------
-
-SPECIAL_MAPPINGS = frozenset({"[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]",
-                              "[stack]", "[heap]", "[uprobes]"})
-_DELETED = " (deleted)"
-
-
-@dataclass(frozen=True)
-class Mapping:
-    """One line of /proc/PID/maps. ``path`` is "" for an anonymous mapping, the bracketed name
-    for a special one ("[vdso]", "[heap]", "[anon:NAME]"...), the file's path otherwise with
-    the " (deleted)" suffix removed (``deleted`` says it was there)."""
-    start: int
-    end: int
-    perms: str
-    offset: int
-    dev: tuple[int, int]
-    inode: int
-    path: str
-    deleted: bool = False
-
-    @property
-    def size(self) -> int:
-        return self.end - self.start
-
-    @property
-    def readable(self) -> bool:
-        return self.perms[0] == "r"
-
-    @property
-    def writable(self) -> bool:
-        return self.perms[1] == "w"
-
-    @property
-    def executable(self) -> bool:
-        return self.perms[2] == "x"
-
-    @property
-    def shared(self) -> bool:
-        return self.perms[3] == "s"
-
-    @property
-    def special(self) -> bool:
-        """A kernel-named mapping ("[vdso]", "[stack]"...), not a file and not plain anon."""
-        return self.path.startswith("[") and self.path.endswith("]")
-
-    @property
-    def anonymous(self) -> bool:
-        return self.inode == 0 and (self.path == "" or self.special)
-
-    def contains(self, addr: int) -> bool:
-        return self.start <= addr < self.end
-
-
-_MAPS_LINE = re.compile(
-    r"^([0-9a-f]+)-([0-9a-f]+) ([-r][-w][-x][-sp]) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+) ?(.*)$")
-
-
-def parse_maps_line(line: str) -> Mapping:
-    m = _MAPS_LINE.match(line)
-    if not m:
-        raise ValueError(f"malformed /proc maps line: {line[:120]!r}")
-    path = m.group(8).lstrip(" ")
-    deleted = False
-    if path.endswith(_DELETED) and not path.startswith("["):
-        path = path[:-len(_DELETED)]
-        deleted = True
-    path = _unescape_octal(path)
-    return Mapping(start=int(m.group(1), 16), end=int(m.group(2), 16), perms=m.group(3),
-                   offset=int(m.group(4), 16), dev=(int(m.group(5), 16), int(m.group(6), 16)),
-                   inode=int(m.group(7)), path=path, deleted=deleted)
-
-
-def parse_maps(text: str) -> list[Mapping]:
-    return [parse_maps_line(ln) for ln in text.splitlines() if ln]
-
-
-def read_maps(pid: int) -> list[Mapping]:
-    """The VMAs of ``pid`` in address order (empty for a zombie or a kernel thread)."""
-    return parse_maps(_read_text(pid, "maps"))
-
-
-# smaps keys (values in kB) -> SmapsEntry fields (in bytes)
-_SMAPS_KB = {
-    "Size": "size", "KernelPageSize": "kernel_page_size", "MMUPageSize": "mmu_page_size",
-    "Rss": "rss", "Pss": "pss", "Pss_Dirty": "pss_dirty",
-    "Shared_Clean": "shared_clean", "Shared_Dirty": "shared_dirty",
-    "Private_Clean": "private_clean", "Private_Dirty": "private_dirty",
-    "Referenced": "referenced", "Anonymous": "anonymous", "KSM": "ksm", "LazyFree": "lazy_free",
-    "AnonHugePages": "anon_huge_pages", "ShmemPmdMapped": "shmem_pmd_mapped",
-    "FilePmdMapped": "file_pmd_mapped", "Shared_Hugetlb": "shared_hugetlb",
-    "Private_Hugetlb": "private_hugetlb", "Swap": "swap", "SwapPss": "swap_pss",
-    "Locked": "locked",
-}
-
-
-@dataclass(frozen=True)
-class SmapsEntry:
-    """One VMA of /proc/PID/smaps: its maps line, the sizes (in bytes, converted from the
-    kernel's kB) and ``vm_flags``, the two-letter VmFlags mnemonics ("rd", "wr", "mr", "sd"...)."""
-    mapping: Mapping
-    size: int = 0
-    kernel_page_size: int = 0
-    mmu_page_size: int = 0
-    rss: int = 0
-    pss: int = 0
-    pss_dirty: int = 0
-    shared_clean: int = 0
-    shared_dirty: int = 0
-    private_clean: int = 0
-    private_dirty: int = 0
-    referenced: int = 0
-    anonymous: int = 0
-    ksm: int = 0
-    lazy_free: int = 0
-    anon_huge_pages: int = 0
-    shmem_pmd_mapped: int = 0
-    file_pmd_mapped: int = 0
-    shared_hugetlb: int = 0
-    private_hugetlb: int = 0
-    swap: int = 0
-    swap_pss: int = 0
-    locked: int = 0
-    thp_eligible: bool = False
-    protection_key: int | None = None
-    vm_flags: frozenset[str] = field(default_factory=frozenset)
-
-    # convenient pass-throughs
-    @property
-    def start(self) -> int:
-        return self.mapping.start
-
-    @property
-    def end(self) -> int:
-        return self.mapping.end
-
-    @property
-    def path(self) -> str:
-        return self.mapping.path
-
-
-def parse_smaps(text: str) -> list[SmapsEntry]:
-    out: list[SmapsEntry] = []
-    cur: Mapping | None = None
-    vals: dict = {}
-
-    def flush():
-        if cur is not None:
-            out.append(SmapsEntry(mapping=cur, **vals))
-
-    for line in text.splitlines():
-        if not line:
-            continue
-        if _MAPS_LINE.match(line):
-            flush()
-            cur = parse_maps_line(line)
-            vals = {}
-            continue
-        key, sep, v = line.partition(":")
-        if not sep or cur is None:
-            raise ValueError(f"malformed /proc smaps line: {line[:120]!r}")
-        v = v.strip()
-        if key in _SMAPS_KB:
-            num, _, unit = v.partition(" ")
-            n = int(num)
-            vals[_SMAPS_KB[key]] = n * 1024 if unit.strip() == "kB" else n
-        elif key == "VmFlags":
-            vals["vm_flags"] = frozenset(v.split())
-        elif key == "THPeligible":
-            vals["thp_eligible"] = v.strip() not in ("0", "")
-        elif key == "ProtectionKey":
-            vals["protection_key"] = int(v)
-        # other keys (new kernels add some) are ignored
-    flush()
-    return out
-
-
-def read_smaps(pid: int) -> list[SmapsEntry]:
-    return parse_smaps(_read_text(pid, "smaps"))
-
-
 # --- threads and children -----------------------------------------------------------------
 
 def list_threads(pid: int) -> list[int]:
@@ -588,164 +331,6 @@ def subtree(pid: int) -> list[int]:
         order.append(p)
         stack.extend(reversed(kids))
     return order
-
-
-# --- file descriptors ---------------------------------------------------------------------
-
-class FdKind(enum.Enum):
-    REGULAR = "regular"
-    DIRECTORY = "directory"
-    PIPE = "pipe"               # an anonymous pipe: target "pipe:[INO]"
-    FIFO = "fifo"               # a named pipe opened by path
-    SOCKET = "socket"           # target "socket:[INO]"
-    ANON_INODE = "anon_inode"   # eventfd, epoll, signalfd, timerfd, userfaultfd, bpf-map...
-    CHAR_DEVICE = "char_device"
-    BLOCK_DEVICE = "block_device"
-    SYMLINK = "symlink"         # an O_PATH|O_NOFOLLOW fd on a symlink
-    OTHER = "other"             # e.g. a bare "net:[...]"/"mnt:[...]" namespace fd
-
-
-@dataclass(frozen=True)
-class FdInfo:
-    """One open fd. ``target`` is the raw readlink of /proc/PID/fd/N; ``path`` is the file's
-    path without " (deleted)" for path-named files, "" otherwise; ``anon_name`` is the
-    anon_inode name without brackets ("eventfd", "eventpoll", "[userfaultfd]" -> "userfaultfd").
-    ``flags`` is the f_flags from fdinfo (octal there); ``mode``/``dev``/``rdev`` come from a
-    stat() through the magic link (0 when the fd vanished in between). ``extra`` keeps the
-    kind-specific fdinfo lines (eventfd-count, tfd..., in order) as (key, value) pairs."""
-    fd: int
-    target: str
-    kind: FdKind
-    pos: int
-    flags: int
-    mnt_id: int
-    ino: int
-    path: str = ""
-    deleted: bool = False
-    anon_name: str = ""
-    mode: int = 0
-    dev: int = 0
-    rdev: int = 0
-    extra: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def access_mode(self) -> int:
-        return self.flags & os.O_ACCMODE
-
-    @property
-    def cloexec(self) -> bool:
-        return bool(self.flags & os.O_CLOEXEC)
-
-
-_BRACKET_INO = re.compile(r"^([a-z_]+):\[(\d+)\]$")
-
-
-def _classify(target: str, st: os.stat_result | None) -> tuple[FdKind, str, bool, str]:
-    """(kind, path, deleted, anon_name) for a readlink target and the stat of the fd."""
-    if target.startswith("anon_inode:"):
-        name = target[len("anon_inode:"):]
-        if name.startswith("[") and name.endswith("]"):
-            name = name[1:-1]
-        return FdKind.ANON_INODE, "", False, name
-    m = _BRACKET_INO.match(target)
-    if m:
-        kind = {"pipe": FdKind.PIPE, "socket": FdKind.SOCKET}.get(m.group(1), FdKind.OTHER)
-        return kind, "", False, ""
-    if not target.startswith("/"):
-        return FdKind.OTHER, "", False, ""
-    path, deleted = target, False
-    if path.endswith(_DELETED):
-        path, deleted = path[:-len(_DELETED)], True
-    kind = FdKind.OTHER
-    if st is not None:
-        mode = st.st_mode
-        if _stat.S_ISREG(mode):
-            kind = FdKind.REGULAR
-        elif _stat.S_ISDIR(mode):
-            kind = FdKind.DIRECTORY
-        elif _stat.S_ISFIFO(mode):
-            kind = FdKind.FIFO
-        elif _stat.S_ISSOCK(mode):
-            kind = FdKind.SOCKET
-        elif _stat.S_ISCHR(mode):
-            kind = FdKind.CHAR_DEVICE
-        elif _stat.S_ISBLK(mode):
-            kind = FdKind.BLOCK_DEVICE
-        elif _stat.S_ISLNK(mode):
-            kind = FdKind.SYMLINK
-    return kind, path, deleted, ""
-
-
-def _parse_fdinfo(text: str) -> tuple[int, int, int, int, tuple[tuple[str, str], ...]]:
-    pos = flags = mnt_id = ino = 0
-    extra: list[tuple[str, str]] = []
-    for line in text.splitlines():
-        k, sep, v = line.partition(":")
-        if not sep:
-            continue
-        v = v.strip()
-        if k == "pos":
-            pos = int(v)
-        elif k == "flags":
-            flags = int(v, 8)
-        elif k == "mnt_id":
-            mnt_id = int(v)
-        elif k == "ino":
-            ino = int(v)
-        else:
-            extra.append((k, v))
-    return pos, flags, mnt_id, ino, tuple(extra)
-
-
-def _read_one_fd(pid: int, fd: int) -> FdInfo | None:
-    """None if the fd was closed while we looked (the process itself still exists)."""
-    link = _path(pid, f"fd/{fd}")
-    try:
-        target = os.readlink(link)
-        with open(_path(pid, f"fdinfo/{fd}"), "rb") as f:
-            info = f.read().decode("utf-8", "surrogateescape")
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ESRCH):
-            if e.errno == errno.ESRCH or not process_exists(pid):
-                raise ProcessGone(pid, f"fd {fd}") from None
-            return None
-        raise
-    try:
-        # stat through the magic link: the open file itself, even when unlinked
-        st: os.stat_result | None = os.stat(link)
-    except OSError:
-        st = None
-    pos, flags, mnt_id, ino, extra = _parse_fdinfo(info)
-    kind, path, deleted, anon = _classify(target, st)
-    if not ino and st is not None:
-        ino = st.st_ino
-    if not ino:
-        m = _BRACKET_INO.match(target)
-        if m:
-            ino = int(m.group(2))
-    return FdInfo(fd=fd, target=target, kind=kind, pos=pos, flags=flags, mnt_id=mnt_id,
-                  ino=ino, path=path, deleted=deleted, anon_name=anon,
-                  mode=st.st_mode if st else 0, dev=st.st_dev if st else 0,
-                  rdev=st.st_rdev if st else 0, extra=extra)
-
-
-def read_fd(pid: int, fd: int) -> FdInfo:
-    """One fd of ``pid``; FileNotFoundError naming the pid and fd when it is not open."""
-    info = _read_one_fd(pid, fd)
-    if info is None:
-        raise FileNotFoundError(errno.EBADF, f"process {pid} has no fd {fd}")
-    return info
-
-
-def read_fds(pid: int) -> list[FdInfo]:
-    """Every open fd of ``pid``, by fd number. An fd closed while we read is left out."""
-    fds = sorted(int(n) for n in _listdir(pid, "fd") if n.isdigit())
-    out = []
-    for fd in fds:
-        info = _read_one_fd(pid, fd)
-        if info is not None:
-            out.append(info)
-    return out
 
 
 # --- limits and links ---------------------------------------------------------------------

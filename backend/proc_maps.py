@@ -1,0 +1,193 @@
+"""/proc/PID/maps and /proc/PID/smaps as typed entries (part of the backend/proc.py readers;
+every name here is importable from backend.proc too).
+
+    read_maps(pid) -> list[Mapping]         /proc/PID/maps
+    read_smaps(pid) -> list[SmapsEntry]     /proc/PID/smaps
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from backend.proc_base import _DELETED, _read_text, _unescape_octal
+
+SPECIAL_MAPPINGS = frozenset({"[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]",
+                              "[stack]", "[heap]", "[uprobes]"})
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One line of /proc/PID/maps. ``path`` is "" for an anonymous mapping, the bracketed name
+    for a special one ("[vdso]", "[heap]", "[anon:NAME]"...), the file's path otherwise with
+    the " (deleted)" suffix removed (``deleted`` says it was there)."""
+    start: int
+    end: int
+    perms: str
+    offset: int
+    dev: tuple[int, int]
+    inode: int
+    path: str
+    deleted: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def readable(self) -> bool:
+        return self.perms[0] == "r"
+
+    @property
+    def writable(self) -> bool:
+        return self.perms[1] == "w"
+
+    @property
+    def executable(self) -> bool:
+        return self.perms[2] == "x"
+
+    @property
+    def shared(self) -> bool:
+        return self.perms[3] == "s"
+
+    @property
+    def special(self) -> bool:
+        """A kernel-named mapping ("[vdso]", "[stack]"...), not a file and not plain anon."""
+        return self.path.startswith("[") and self.path.endswith("]")
+
+    @property
+    def anonymous(self) -> bool:
+        return self.inode == 0 and (self.path == "" or self.special)
+
+    def contains(self, addr: int) -> bool:
+        return self.start <= addr < self.end
+
+
+_MAPS_LINE = re.compile(
+    r"^([0-9a-f]+)-([0-9a-f]+) ([-r][-w][-x][-sp]) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+) ?(.*)$")
+
+
+def parse_maps_line(line: str) -> Mapping:
+    m = _MAPS_LINE.match(line)
+    if not m:
+        raise ValueError(f"malformed /proc maps line: {line[:120]!r}")
+    path = m.group(8).lstrip(" ")
+    deleted = False
+    if path.endswith(_DELETED) and not path.startswith("["):
+        path = path[:-len(_DELETED)]
+        deleted = True
+    path = _unescape_octal(path)
+    return Mapping(start=int(m.group(1), 16), end=int(m.group(2), 16), perms=m.group(3),
+                   offset=int(m.group(4), 16), dev=(int(m.group(5), 16), int(m.group(6), 16)),
+                   inode=int(m.group(7)), path=path, deleted=deleted)
+
+
+def parse_maps(text: str) -> list[Mapping]:
+    return [parse_maps_line(ln) for ln in text.splitlines() if ln]
+
+
+def read_maps(pid: int) -> list[Mapping]:
+    """The VMAs of ``pid`` in address order (empty for a zombie or a kernel thread)."""
+    return parse_maps(_read_text(pid, "maps"))
+
+
+# smaps keys (values in kB) -> SmapsEntry fields (in bytes)
+_SMAPS_KB = {
+    "Size": "size", "KernelPageSize": "kernel_page_size", "MMUPageSize": "mmu_page_size",
+    "Rss": "rss", "Pss": "pss", "Pss_Dirty": "pss_dirty",
+    "Shared_Clean": "shared_clean", "Shared_Dirty": "shared_dirty",
+    "Private_Clean": "private_clean", "Private_Dirty": "private_dirty",
+    "Referenced": "referenced", "Anonymous": "anonymous", "KSM": "ksm", "LazyFree": "lazy_free",
+    "AnonHugePages": "anon_huge_pages", "ShmemPmdMapped": "shmem_pmd_mapped",
+    "FilePmdMapped": "file_pmd_mapped", "Shared_Hugetlb": "shared_hugetlb",
+    "Private_Hugetlb": "private_hugetlb", "Swap": "swap", "SwapPss": "swap_pss",
+    "Locked": "locked",
+}
+
+
+@dataclass(frozen=True)
+class SmapsEntry:
+    """One VMA of /proc/PID/smaps: its maps line, the sizes (in bytes, converted from the
+    kernel's kB) and ``vm_flags``, the two-letter VmFlags mnemonics ("rd", "wr", "mr", "sd"...)."""
+    mapping: Mapping
+    size: int = 0
+    kernel_page_size: int = 0
+    mmu_page_size: int = 0
+    rss: int = 0
+    pss: int = 0
+    pss_dirty: int = 0
+    shared_clean: int = 0
+    shared_dirty: int = 0
+    private_clean: int = 0
+    private_dirty: int = 0
+    referenced: int = 0
+    anonymous: int = 0
+    ksm: int = 0
+    lazy_free: int = 0
+    anon_huge_pages: int = 0
+    shmem_pmd_mapped: int = 0
+    file_pmd_mapped: int = 0
+    shared_hugetlb: int = 0
+    private_hugetlb: int = 0
+    swap: int = 0
+    swap_pss: int = 0
+    locked: int = 0
+    thp_eligible: bool = False
+    protection_key: int | None = None
+    vm_flags: frozenset[str] = field(default_factory=frozenset)
+
+    # convenient pass-throughs
+    @property
+    def start(self) -> int:
+        return self.mapping.start
+
+    @property
+    def end(self) -> int:
+        return self.mapping.end
+
+    @property
+    def path(self) -> str:
+        return self.mapping.path
+
+
+_HEADER_FIRST = frozenset("0123456789abcdef")    # a VMA line; keys start with a capital
+
+
+def parse_smaps(text: str) -> list[SmapsEntry]:
+    """Parse /proc/PID/smaps. A VMA's maps line is told from its "Key: value" lines by the
+    first character (a hex digit against a capital letter), so only the maps lines go
+    through the regular expression."""
+    out: list[SmapsEntry] = []
+    cur: Mapping | None = None
+    vals: dict = {}
+    kb = _SMAPS_KB
+    for line in text.splitlines():
+        if not line:
+            continue
+        if line[0] in _HEADER_FIRST:
+            if cur is not None:
+                out.append(SmapsEntry(mapping=cur, **vals))
+            cur = parse_maps_line(line)
+            vals = {}
+            continue
+        key, sep, v = line.partition(":")
+        if not sep or cur is None:
+            raise ValueError(f"malformed /proc smaps line: {line[:120]!r}")
+        field_name = kb.get(key)
+        if field_name is not None:
+            num, _, unit = v.strip().partition(" ")
+            n = int(num)
+            vals[field_name] = n * 1024 if unit == "kB" else n
+        elif key == "VmFlags":
+            vals["vm_flags"] = frozenset(v.split())
+        elif key == "THPeligible":
+            vals["thp_eligible"] = v.strip() not in ("0", "")
+        elif key == "ProtectionKey":
+            vals["protection_key"] = int(v)
+        # other keys (new kernels add some) are ignored
+    if cur is not None:
+        out.append(SmapsEntry(mapping=cur, **vals))
+    return out
+
+
+def read_smaps(pid: int) -> list[SmapsEntry]:
+    return parse_smaps(_read_text(pid, "smaps"))
