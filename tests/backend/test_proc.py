@@ -1,14 +1,13 @@
-"""backend.proc: the /proc parsers against processes whose state we know (ourselves and
+"""backend.proc (stat, status, comm, threads, tree, limits, links; maps in test_proc_maps.py,
+fds in test_proc_fds.py): the /proc parsers against processes whose state we know (ourselves and
 Python children that set up state and report it back through a pipe)."""
 from __future__ import annotations
 
-import ctypes
 import json
 import mmap
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -181,193 +180,7 @@ def test_threads_are_listed_and_readable_by_tid(spawn):
         assert (s.pid, s.tgid) == (tid, c.pid)
 
 
-# --- maps / smaps -------------------------------------------------------------------------
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-
-
-@pytest.fixture
-def mapper(request):
-    """mmap(2) through libc so the test knows the exact address; unmapped at teardown."""
-    maps: list[tuple[int, int]] = []
-
-    def do(size, prot, flags, fd=-1, offset=0):
-        addr = _libc.mmap(None, size, prot, flags, fd, offset)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), "mmap")
-        maps.append((addr, size))
-        return addr
-
-    def fin():
-        for addr, size in maps:
-            _libc.munmap(addr, size)
-    request.addfinalizer(fin)
-    return do
-
-
-def _covering(maps, addr, size):
-    hits = [m for m in maps if m.start <= addr and addr + size <= m.end]
-    assert len(hits) == 1, f"no single mapping covers {addr:#x}+{size:#x}"
-    return hits[0]
-
-
-def test_maps_show_our_mappings_with_their_perms(mapper, tmp_path):
-    anon = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    ro = mapper(3 * PAGE, mmap.PROT_READ, anon)
-    rw = mapper(5 * PAGE, mmap.PROT_READ | mmap.PROT_WRITE, anon)
-    rx = mapper(2 * PAGE, mmap.PROT_READ | mmap.PROT_EXEC, anon)
-    shm = mapper(4 * PAGE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
-    path = tmp_path / "file with spaces"
-    path.write_bytes(b"x" * 8 * PAGE)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fmap = mapper(2 * PAGE, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 3 * PAGE)
-        st = os.fstat(fd)
-    finally:
-        os.close(fd)
-    gone = tmp_path / "unlinked"
-    gone.write_bytes(b"y" * PAGE)
-    fd = os.open(gone, os.O_RDWR)
-    try:
-        gmap = mapper(PAGE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd)
-    finally:
-        os.close(fd)
-    os.unlink(gone)
-
-    maps = proc.read_maps(os.getpid())
-    assert [m.start for m in maps] == sorted(m.start for m in maps)
-    assert _covering(maps, ro, 3 * PAGE).perms == "r--p"
-    m = _covering(maps, rw, 5 * PAGE)
-    assert m.perms == "rw-p" and m.writable and not m.shared and m.anonymous
-    assert _covering(maps, rx, 2 * PAGE).perms == "r-xp"
-    m = _covering(maps, shm, 4 * PAGE)
-    assert (m.start, m.end, m.perms) == (shm, shm + 4 * PAGE, "rw-s")
-    assert m.path == "/dev/zero" and m.deleted and m.inode != 0
-    m = _covering(maps, fmap, 2 * PAGE)
-    assert (m.start, m.end, m.perms, m.offset) == (fmap, fmap + 2 * PAGE, "r--p", 3 * PAGE)
-    assert m.path == str(path) and not m.deleted
-    assert m.inode == st.st_ino and m.dev == (os.major(st.st_dev), os.minor(st.st_dev))
-    m = _covering(maps, gmap, PAGE)
-    assert m.path == str(gone) and m.deleted and m.perms == "rw-s"
-
-
-def test_special_mappings_are_named():
-    maps = proc.read_maps(os.getpid())
-    names = {m.path for m in maps if m.special}
-    assert {"[vdso]", "[stack]"} <= names
-    stack = next(m for m in maps if m.path == "[stack]")
-    assert stack.contains(ctypes.addressof(ctypes.c_int())) or stack.size > 0
-    vdso = next(m for m in maps if m.path == "[vdso]")
-    assert vdso.executable and vdso.inode == 0 and vdso.anonymous
-    # the layout machine-facts.md describes: [vvar], [vvar_vclock] when present, then [vdso]
-    specials = [m for m in maps if m.path in ("[vvar]", "[vvar_vclock]", "[vdso]")]
-    assert [m.path for m in specials][-1] == "[vdso]"
-    for a, b in zip(specials, specials[1:]):
-        assert a.end == b.start
-
-
-def test_parse_maps_lines():
-    lines = [
-        "7ffd1000-7ffd3000 r--p 00000000 00:00 0                          [vvar_vclock]",
-        "55d0c000-55d0e000 rw-p 00001000 fe:01 1234                       /opt/a b/lib (deleted)",
-        "7f000000-7f001000 ---p 00000000 00:00 0 ",
-        "7f001000-7f002000 rw-s 00000000 00:01 99                         /memfd:buf (deleted)",
-        "7f002000-7f003000 r--p 00000000 fe:01 7                          /tmp/new\\012line",
-    ]
-    m = proc.parse_maps("\n".join(lines) + "\n")
-    assert m[0].path == "[vvar_vclock]" and m[0].special and not m[0].deleted
-    assert (m[1].path, m[1].deleted, m[1].dev, m[1].inode, m[1].offset) == \
-        ("/opt/a b/lib", True, (0xfe, 1), 1234, 0x1000)
-    assert m[2].path == "" and m[2].perms == "---p" and m[2].anonymous
-    assert (m[3].path, m[3].deleted, m[3].shared) == ("/memfd:buf", True, True)
-    assert m[4].path == "/tmp/new\nline"
-    with pytest.raises(ValueError, match="malformed"):
-        proc.parse_maps("not a maps line\n")
-
-
-def test_smaps_sizes_and_vmflags(mapper):
-    anon = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    rw = mapper(6 * PAGE, mmap.PROT_READ | mmap.PROT_WRITE, anon)
-    ro = mapper(2 * PAGE, mmap.PROT_READ, anon)
-    for i in (0, 2, 5):                       # touch three of the six pages
-        ctypes.c_char.from_address(rw + i * PAGE).value = b"z"
-    sm = proc.read_smaps(os.getpid())
-    maps = proc.read_maps(os.getpid())   # other threads may map memory meanwhile: compare ours
-    assert [e.mapping for e in sm] == sorted((e.mapping for e in sm), key=lambda m: m.start)
-    m = _covering([x.mapping for x in sm], rw, 6 * PAGE)
-    assert m == _covering(maps, rw, 6 * PAGE)
-    assert _covering([x.mapping for x in sm], ro, 2 * PAGE) == _covering(maps, ro, 2 * PAGE)
-    e = next(x for x in sm if x.mapping == m)
-    if e.size == 6 * PAGE:                    # not merged with a neighbour
-        assert e.rss == e.anonymous == e.private_dirty == 3 * PAGE
-    else:
-        assert e.anonymous >= 3 * PAGE
-    assert {"rd", "wr", "mr", "mw"} <= e.vm_flags and "ex" not in e.vm_flags
-    assert e.swap == 0 and e.kernel_page_size == PAGE
-    e2 = next(x for x in sm if x.mapping.start <= ro < x.mapping.end)
-    assert "rd" in e2.vm_flags and "wr" not in e2.vm_flags and e2.rss == 0
-    vdso = next(x for x in sm if x.path == "[vdso]")
-    assert "ex" in vdso.vm_flags
-
-
-# --- fds ----------------------------------------------------------------------------------
-
-def _fd(pid, fd):
-    hits = [f for f in proc.read_fds(pid) if f.fd == fd]
-    assert len(hits) == 1, f"fd {fd} not in read_fds({pid})"
-    return hits[0]
-
-
-def test_regular_file_fd_path_pos_flags(tmp_path):
-    path = tmp_path / "data file"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        os.write(fd, b"a" * 100)
-        os.lseek(fd, 37, os.SEEK_SET)
-        f = _fd(os.getpid(), fd)
-        assert f.kind is FdKind.REGULAR and f.path == str(path) and not f.deleted
-        assert f.pos == 37
-        assert f.access_mode == os.O_RDWR and f.flags & os.O_APPEND and f.cloexec
-        assert f.ino == os.fstat(fd).st_ino and f.mnt_id > 0
-        os.unlink(path)
-        f = _fd(os.getpid(), fd)
-        assert f.path == str(path) and f.deleted and f.kind is FdKind.REGULAR
-        assert proc.read_fd(os.getpid(), fd) == f
-    finally:
-        os.close(fd)
-    with pytest.raises(FileNotFoundError, match=f"no fd {fd}"):
-        proc.read_fd(os.getpid(), fd)
-
-
-def test_pipe_socket_dir_device_and_eventfd_fds(tmp_path):
-    r, w = os.pipe()
-    s1, s2 = socket.socketpair()
-    d = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    null = os.open("/dev/null", os.O_WRONLY)
-    efd = os.eventfd(5)
-    try:
-        fds = {f.fd: f for f in proc.read_fds(os.getpid())}
-        for fd, acc in ((r, os.O_RDONLY), (w, os.O_WRONLY)):
-            assert fds[fd].kind is FdKind.PIPE and fds[fd].access_mode == acc
-            assert fds[fd].ino == os.fstat(r).st_ino
-            assert fds[fd].target == f"pipe:[{os.fstat(r).st_ino}]"
-        assert fds[s1.fileno()].kind is FdKind.SOCKET
-        assert fds[s1.fileno()].ino == os.fstat(s1.fileno()).st_ino != fds[s2.fileno()].ino
-        assert fds[d].kind is FdKind.DIRECTORY and fds[d].path == str(tmp_path)
-        assert fds[null].kind is FdKind.CHAR_DEVICE
-        assert fds[null].rdev == os.stat("/dev/null").st_rdev
-        assert fds[efd].kind is FdKind.ANON_INODE and fds[efd].anon_name == "eventfd"
-        assert ("eventfd-count", "5") in fds[efd].extra
-    finally:
-        for fd in (r, w, d, null, efd):
-            os.close(fd)
-        s1.close()
-        s2.close()
-
+# --- fds of a child (the other fd tests are in test_proc_fds.py) ------------------------------
 
 def test_fds_of_a_child(spawn, tmp_path):
     target = tmp_path / "f"
