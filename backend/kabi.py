@@ -746,3 +746,11 @@ class user_cap_data(ctypes.Structure):
 
 
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+# --------------------------------------------------------------------------------------------
+# Yama ptrace permission (include/uapi/linux/prctl.h; Documentation/admin-guide/LSM/Yama.rst):
+# a self-checkpoint lets its helper (not its ancestor) trace it
+# --------------------------------------------------------------------------------------------
+PR_SET_PTRACER = 0x59616D61
+PR_SET_PTRACER_NONE = 0
+YAMA_PTRACE_SCOPE = "/proc/sys/kernel/yama/ptrace_scope"
