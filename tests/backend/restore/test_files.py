@@ -205,3 +205,28 @@ def test_pipes_one_or_both_ends_shared_with_child_and_fifo(c_target, start_targe
     go(d, "go2")
     rep2 = wait_report(str(d / "report2"))
     assert unhex(rep2["fifo2"]) == b"from-outside"
+
+
+# -- the mapping of a deleted file ------------------------------------------------------------
+def test_mapping_of_a_deleted_file_shares_the_fd_inode(c_target, start_target, restarts,
+                                                       tmp_path):
+    d = tmp_path
+    t = start_target(c_target("restore_files"), "mapdel", d)
+    r = restarts(t)
+    pid = r.root
+    assert os.readlink(f"/proc/{pid}/fd/9") == f"{d}/mapped.bin (deleted)"
+    start = t.info["shared"]
+    with open(f"/proc/{pid}/maps") as f:
+        line = next(ln for ln in f if ln.startswith(f"{start:x}-"))
+    assert line.rstrip().endswith(f"{d}/mapped.bin (deleted)") and " rw-s " in line
+    # the mapping and the fd are one inode (and nothing was left at the path)
+    mapped = os.stat(f"/proc/{pid}/map_files/{start:x}-{start + 8192:x}")
+    assert mapped.st_ino == os.stat(f"/proc/{pid}/fd/9").st_ino
+    assert not (d / "mapped.bin").exists()
+    go(d)
+    rep = wait_report(str(d / "report"))
+    assert unhex(rep["shared0"]) == b"mapped file contents, page one"
+    assert unhex(rep["shared1"]) == b"second page, shared write"
+    assert unhex(rep["private0"]) == b"PRIVATEfile contents, page one"
+    assert unhex(rep["fd-read"]) == b"second page, shared write"
+    assert unhex(rep["fd-sees"]) == b"SHARED"
