@@ -1,0 +1,272 @@
+"""backend/api.py: the seed's checkpoint(pid, fd, flags, logfd) and restart(pid, fd, flags,
+logfd) on real processes, through file descriptors, and the self-checkpoint of a Python
+process (the crid in the original, 0 in the restarted one).
+
+The targets are small Python programs writing to a file (a restored process gets a fresh pipe
+for a pipe whose other end was outside its tree, so files are what a test can read after a
+restart). Every process is ended by pid at teardown: originals are killed and reaped, a
+restored tree through its namespace init (this process's child), which is then reaped.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from backend import api
+from ckptsim.cr.context import CheckpointError, RestartError
+from ckptsim.errors import CkptsimError
+from ckptsim.image import core
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="live checkpoint/restart needs root")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+COUNTER = r"""
+import os, sys, time
+out = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+n = 0
+while True:
+    os.write(out, b"%d\n" % n)
+    n += 1
+    time.sleep(0.01)
+"""
+
+SELF_CHECKPOINT = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[3])
+from backend.api import checkpoint
+out = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+image = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+flags = int(sys.argv[4])
+secret = os.urandom(8).hex()          # memory only the restored image can give back
+os.write(out, b"secret %s\n" % secret.encode())
+try:
+    crid = checkpoint(0, image, flags, -1)
+except Exception as e:
+    os.write(out, b"error %s\n" % str(e).encode())
+    crid = -1
+os.write(out, b"crid %d pid %d secret %s\n" % (crid, os.getpid(), secret.encode()))
+for i in range(100000):
+    os.write(out, b"tick %d\n" % i)
+    time.sleep(0.01)
+"""
+
+
+class Processes:
+    """What a test started (Popen) or restored (pids of restored roots and their reaper,
+    this process's child); all ended by pid in ``end_all``."""
+
+    def __init__(self):
+        self.started: list[subprocess.Popen] = []
+        self.restored: list[tuple[int, int]] = []      # (root, our child)
+
+    def start(self, *argv: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.started.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        proc.kill()
+        proc.wait(timeout=10)
+
+    def add_restored(self, root: int, child: int) -> None:
+        self.restored.append((root, child))
+
+    def end_all(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+        for root, child in self.restored:
+            for pid in (root, child):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            _reap(child)
+
+
+def _reap(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"restored process {pid} did not exit")
+
+
+@pytest.fixture
+def procs():
+    p = Processes()
+    try:
+        yield p
+    finally:
+        p.end_all()
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    return text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+
+
+def _wait_for(path: str, predicate, what: str, timeout: float = 20.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = _lines(path)
+        if predicate(lines):
+            return lines
+        if time.monotonic() > deadline:
+            notes = [x for x in lines if not x.startswith("tick ")]
+            pytest.fail(f"timed out waiting for {what}; {path} ends with {lines[-3:]}, "
+                        f"other lines: {notes[:6]}")
+        time.sleep(0.01)
+
+
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[1])
+
+
+# -- checkpoint and restart through fds ---------------------------------------------------
+def test_checkpoint_to_fd_then_restart_from_fd_continues_the_count(procs, tmp_path):
+    out, image = str(tmp_path / "out.txt"), str(tmp_path / "image")
+    target = procs.start("-c", COUNTER, out)
+    _wait_for(out, lambda ls: len(ls) >= 5, "the counter's first lines")
+    log = str(tmp_path / "log")
+    with open(image, "wb") as img, open(log, "w") as logf:
+        os.write(img.fileno(), b"xxx")            # the image goes at the fd's position
+        os.kill(target.pid, signal.SIGSTOP)       # nothing written between image and kill
+        crid = api.checkpoint(target.pid, img.fileno(), core.CHECKPOINT_SUBTREE, logf.fileno())
+        assert crid > 0
+        written = os.lseek(img.fileno(), 0, os.SEEK_CUR)
+        assert written == os.fstat(img.fileno()).st_size > 4096
+    procs.kill(target)
+    assert "checkpoint" in open(log).read()         # the log fd got the debug lines
+    count = len(_lines(out))
+    with open(image, "rb") as img:
+        os.lseek(img.fileno(), 3, os.SEEK_SET)     # unaligned: read, not mmap'd
+        root = api.restart(0, img.fileno(), 0, -1)
+        assert os.lseek(img.fileno(), 0, os.SEEK_CUR) == written
+    reaper = _parent_of(root)
+    procs.add_restored(root, reaper)
+    assert _parent_of(reaper) == os.getpid()
+    os.kill(root, signal.SIGCONT)                  # it was checkpointed stopped
+    lines = _wait_for(out, lambda ls: len(ls) >= count + 10, "the restored counter")
+    assert [int(x) for x in lines] == list(range(len(lines))), "a gap or a repeat"
+
+
+def test_restart_reads_an_image_from_a_pipe_and_mmaps_a_file(procs, tmp_path):
+    out, image = str(tmp_path / "out.txt"), str(tmp_path / "image")
+    target = procs.start("-c", COUNTER, out)
+    _wait_for(out, lambda ls: len(ls) >= 3, "the counter's first lines")
+    with open(image, "wb") as img:
+        assert api.checkpoint(target.pid, img.fileno()) > 0
+    procs.kill(target)
+    data = open(image, "rb").read()
+    with open(image, "rb") as img:
+        mapped = api.read_image_fd(img.fileno())
+        assert type(mapped).__name__ == "mmap" and mapped[:] == data
+        assert os.lseek(img.fileno(), 0, os.SEEK_CUR) == len(data)
+        mapped.close()
+    r, w = os.pipe()
+    feeder = threading.Thread(target=lambda: (os.write(w, data), os.close(w)))
+    feeder.start()
+    try:
+        restored = api.restart_from_fd(r, core.RESTART_FROZEN)
+    finally:
+        feeder.join()
+        os.close(r)
+    procs.add_restored(restored.root, restored.child)
+    with open(f"/proc/{restored.root}/stat") as f:
+        assert f.read().rsplit(")", 1)[1].split()[0] in "Tt"   # RESTART_FROZEN: stopped
+    count = len(_lines(out))
+    os.kill(restored.root, signal.SIGCONT)
+    _wait_for(out, lambda ls: len(ls) >= count + 5, "the restored counter after SIGCONT")
+
+
+# -- self-checkpoint ----------------------------------------------------------------------
+def test_self_checkpoint_returns_the_crid_then_0_after_restart(procs, tmp_path):
+    out, image = str(tmp_path / "out.txt"), str(tmp_path / "image")
+    caller = procs.start("-c", SELF_CHECKPOINT, out, image, ROOT, str(core.CHECKPOINT_SUBTREE))
+    lines = _wait_for(out, lambda ls: any(x.startswith("tick 3") for x in ls), "a few ticks")
+    secret = lines[0].split()[1]
+    (first,) = [x for x in lines if x.startswith("crid ")]
+    assert int(first.split()[1]) > 0, first
+    assert first.endswith(f"pid {caller.pid} secret {secret}")
+    procs.kill(caller)
+    with open(image, "rb") as img:
+        restored = api.restart_from_fd(img.fileno())
+    procs.add_restored(restored.root, restored.child)
+    def ticks_after_second_crid(ls):
+        crids = [i for i, x in enumerate(ls) if x.startswith("crid ")]
+        return ls[crids[1] + 1:] if len(crids) == 2 else []
+
+    after = _wait_for(out, lambda ls: len(ticks_after_second_crid(ls)) >= 5,
+                      "the restarted caller's return and ticks")
+    assert ticks_after_second_crid(after)[:5] == [f"tick {i}" for i in range(5)]
+    second = [x for x in after if x.startswith("crid ")][1]
+    # the same process as far as it can tell (its pid in its namespace, its memory)
+    assert second == f"crid 0 pid {caller.pid} secret {secret}"
+
+
+def test_failed_self_checkpoint_raises_in_the_caller_which_runs_on(procs, tmp_path):
+    out, image = str(tmp_path / "out.txt"), str(tmp_path / "image")
+    procs.start("-c", SELF_CHECKPOINT, out, image, ROOT, "0")   # no SUBTREE: not an init
+    lines = _wait_for(out, lambda ls: any(x.startswith("tick 2") for x in ls), "a few ticks")
+    (error,) = [x for x in lines if x.startswith("error ")]
+    assert "EINVAL" in error and "namespace" in error, error
+    assert any(x.startswith("crid -1 ") for x in lines)
+
+
+# -- bad input ----------------------------------------------------------------------------
+def test_bad_fds_and_flags_are_clear_errors(tmp_path):
+    path = str(tmp_path / "f")
+    open(path, "wb").close()
+    ro = os.open(path, os.O_RDONLY)
+    wo = os.open(path, os.O_WRONLY)
+    closed = os.open(path, os.O_RDONLY)
+    os.close(closed)
+    try:
+        cases = [
+            (lambda: api.checkpoint(os.getpid(), closed), CheckpointError, errno.EBADF, "not open"),
+            (lambda: api.checkpoint(1, ro), CheckpointError, errno.EBADF, "not open for writing"),
+            (lambda: api.checkpoint(1, wo, 0x100), CheckpointError, errno.EINVAL, "unknown checkpoint flags 0x100"),
+            (lambda: api.checkpoint(1, wo, 1, closed), CheckpointError, errno.EBADF, "logfd"),
+            (lambda: api.checkpoint(-3, wo), CheckpointError, errno.ESRCH, "no process -3"),
+            (lambda: api.restart(0, closed), RestartError, errno.EBADF, "not open"),
+            (lambda: api.restart(0, wo), RestartError, errno.EBADF, "not open for reading"),
+            (lambda: api.restart(0, ro, 0x40), RestartError, errno.EINVAL, "unknown restart flags 0x40"),
+            (lambda: api.restart(0, ro, core.RESTART_TASKSELF), RestartError, errno.EOPNOTSUPP,
+             "RESTART_TASKSELF is not supported yet"),
+            (lambda: api.restart(0, ro, core.RESTART_GHOST), RestartError, errno.EOPNOTSUPP,
+             "RESTART_GHOST"),
+            (lambda: api.restart(7, ro), RestartError, errno.EINVAL, "pass 0"),
+            (lambda: api.restart(0, ro), RestartError, errno.EINVAL, "holds no image"),
+            (lambda: api.restart(0, ro, 0, ro), RestartError, errno.EBADF, "logfd"),
+        ]
+        for call, kind, err, words in cases:
+            with pytest.raises(kind) as info:
+                call()
+            assert info.value.errno == err and words in info.value.message, str(info.value)
+        with open(path, "wb") as f:
+            f.write(b"not an image at all" * 100)
+        with pytest.raises(CkptsimError):
+            api.restart(0, ro)
+    finally:
+        os.close(ro)
+        os.close(wo)
