@@ -1,6 +1,7 @@
 """``restart``: the seed's restart(1) for live images.
 
     restart [-i FILE] [--frozen] [--pidns | --no-pidns] [--log FILE] [--wait | --detach] [-v]
+    restart --self      (the seed's RESTART_TASKSELF: refused, not supported yet)
 
 Reads an image written by ``checkpoint`` (from FILE, or standard input) and rebuilds its tree
 as real processes. By default the tree gets a new pid namespace (its pids as in the image) and
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="wait for the restored tree and exit with its root's status (default)")
     how.add_argument("--detach", action="store_true",
                      help="print the root's pid and return; the tree runs on")
+    p.add_argument("--self", action="store_true",
+                   help="restart a one-task image in place of this process (RESTART_TASKSELF): "
+                        "not supported yet")
     p.add_argument("-l", "--log", help="write progress lines to this file")
     p.add_argument("-v", "--verbose", action="store_true", help="print timings and pids")
     return p
@@ -55,6 +59,11 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
+    if args.self:
+        print("restart: error: --self (RESTART_TASKSELF: restart in place of the calling "
+              "process) is not supported yet; restart the image as a new process tree "
+              "(without --self)", file=sys.stderr)
+        return 2
     log_file = None
     try:
         data = _read_input(args.input)

@@ -270,3 +270,54 @@ def test_bad_fds_and_flags_are_clear_errors(tmp_path):
     finally:
         os.close(ro)
         os.close(wo)
+
+
+def test_restart_tool_refuses_self_as_not_supported_yet(capsys):
+    from backend import restore_cli
+    assert restore_cli.main(["--self", "-i", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--self" in err and "not supported yet" in err, err
+
+
+# -- examples/self_checkpoint.c through the checkpoint tool --------------------------------
+def test_c_example_checkpoints_itself_and_carries_on_after_restart(procs, c_example, tmp_path):
+    from ckptsim.image.codec import ImageReader
+    tool = os.path.join(os.path.dirname(sys.executable), "checkpoint")
+    if not os.access(tool, os.X_OK):
+        pytest.skip(f"the checkpoint tool is not installed at {tool} (scripts/setup.sh)")
+    out, image = str(tmp_path / "out.txt"), str(tmp_path / "image")
+    with open(out, "ab") as stdout:               # O_APPEND: both runs add to the end
+        prog = subprocess.Popen([c_example, image, "50"], stdin=subprocess.DEVNULL,
+                                stdout=stdout, stderr=stdout,
+                                env={**os.environ, "CHECKPOINT": tool})
+    procs.started.append(prog)
+    lines = _wait_for(out, lambda ls: any(x.startswith("checkpointed") for x in ls),
+                      "the example's first self-checkpoint")
+    procs.kill(prog)                              # long before its next checkpoint (count 99)
+    lines = _lines(out)
+    at = lines.index(next(x for x in lines if x.startswith("checkpointed")))
+    assert lines[:at] == [f"count {i}" for i in range(50)]
+    crid = int(lines[at].split("=")[1])
+    with open(image, "rb") as img:
+        assert ImageReader(img.read()).expect(core.HEADER)["crid"] == crid
+        img.seek(0)
+        restored = api.restart_from_fd(img.fileno())
+    procs.add_restored(restored.root, restored.child)
+    lines = _wait_for(out, lambda ls: "restarted" in ls and len(ls) - ls.index("restarted") > 5,
+                      "the restarted example's count")
+    after = lines[lines.index("restarted") + 1:]
+    assert after[:5] == [f"count {i}" for i in range(50, 55)]
+
+
+@pytest.fixture(scope="session")
+def c_example(tmp_path_factory):
+    import shutil
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed: examples/self_checkpoint.c cannot be built")
+    exe = str(tmp_path_factory.mktemp("examples") / "self_checkpoint")
+    src = os.path.join(ROOT, "examples", "self_checkpoint.c")
+    r = subprocess.run([gcc, "-O1", "-Wall", "-Wextra", "-Werror", "-o", exe, src],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return exe
