@@ -143,3 +143,22 @@ def test_stream_connected_outside_the_tree_is_refused(c_target, start_target, tm
             conn.close()
     finally:
         listener.close()
+
+
+def test_file_in_flight_and_a_closed_peer(c_target, start_target, restarts, tmp_path):
+    d = tmp_path
+    t = start_target(c_target("restore_sockets"), "more", d)
+    r = restarts(t)
+    pid = r.root
+    assert sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd")) == [0, 1, 2, 3, 4, 5, 6]
+    (d / "go").write_text("1")
+    rep = wait_report(str(d / "report"))
+    # the pipe's read end came through the queue, and it is the pipe whose write end is fd 6
+    assert unhex(rep["scm"]) == b"with-fd" and rep["scm-fd"] == "1"
+    assert unhex(rep["scm-pipe"]) == b"piped"
+    assert rep["scm-pipe-write"] == "4" and unhex(rep["scm-pipe-more"]) == b"more"
+    # the survivor: the queued bytes, then the peer's ECONNRESET, then EOF and EPIPE
+    assert unhex(rep["survivor"]) == b"bye"
+    assert rep["survivor-2-err"] == str(errno.ECONNRESET)
+    assert rep["survivor-3"] == "0"
+    assert rep["survivor-send"] == "-1" and rep["survivor-errno"] == str(errno.EPIPE)

@@ -2,6 +2,10 @@
  *
  *   restore_sockets all DIR ABSTRACT   the sockets below, then READY; after DIR/go each is
  *                                      used and DIR/report written (see restore_files.c)
+ *   restore_sockets more DIR           3, 4: a stream socketpair with a pipe's read end in
+ *                                      flight ("with-fd", the pipe holds "piped"; its write
+ *                                      end is fd 6); 5: a stream socket whose peer closed
+ *                                      leaving "unread" unread: "bye" queued, ECONNRESET
  *   restore_sockets external PATH      a stream socket connected to PATH (a listener of the
  *                                      test, outside the tree), then READY
  *
@@ -216,7 +220,62 @@ static void all_mode(const char *abstract) {
     for (;;) pause();
 }
 
+static void more_mode(void) {
+    int sv[2], p[2];
+    must(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0 && pipe(p) == 0, "pair");
+    put_at(p[1], 16); put_at(p[0], 15); put_at(sv[1], 14); put_at(sv[0], 13);
+    put_at(13, 3); put_at(14, 4); put_at(16, 6);
+    must(write(6, "piped", 5) == 5, "pipe");
+    char data[] = "with-fd", cbuf[CMSG_SPACE(sizeof(int))];
+    struct iovec iov = {.iov_base = data, .iov_len = 7};
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+                       .msg_controllen = sizeof cbuf};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    int passed = 15;
+    memcpy(CMSG_DATA(c), &passed, sizeof passed);
+    must(sendmsg(3, &m, 0) == 7, "sendmsg");
+    close(15);
+    must(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0, "pair");
+    send_str(sv[1], "bye");
+    send_str(sv[0], "unread");
+    close(sv[1]);
+    put_at(sv[0], 5);
+    printf("READY sp0=3 sp1=4 pipew=6 survivor=5\n");
+    fflush(stdout);
+    signal(SIGPIPE, SIG_IGN);
+    wait_go();
+    char buf[64], rbuf[CMSG_SPACE(4 * sizeof(int))];
+    struct iovec riov = {.iov_base = buf, .iov_len = sizeof buf};
+    struct msghdr r = {.msg_iov = &riov, .msg_iovlen = 1, .msg_control = rbuf,
+                       .msg_controllen = sizeof rbuf};
+    ssize_t n = recvmsg(4, &r, MSG_DONTWAIT);
+    hex("scm", buf, n);
+    struct cmsghdr *rc = CMSG_FIRSTHDR(&r);
+    int got = -1;
+    if (rc && rc->cmsg_type == SCM_RIGHTS) memcpy(&got, CMSG_DATA(rc), sizeof got);
+    say("scm-fd %d\n", got >= 0);
+    if (got >= 0) {
+        hex("scm-pipe", buf, read(got, buf, sizeof buf));
+        say("scm-pipe-write %zd\n", write(6, "more", 4));
+        hex("scm-pipe-more", buf, read(got, buf, sizeof buf));
+    }
+    hex("survivor", buf, recv(5, buf, sizeof buf, MSG_DONTWAIT));
+    hex("survivor-2", buf, recv(5, buf, sizeof buf, MSG_DONTWAIT));
+    say("survivor-3 %zd\n", recv(5, buf, sizeof buf, MSG_DONTWAIT));
+    say("survivor-send %zd\n", send(5, "x", 1, 0));
+    say("survivor-errno %d\n", errno);
+    publish();
+    for (;;) pause();
+}
+
 int main(int argc, char **argv) {
+    if (argc == 3 && strcmp(argv[1], "more") == 0) {
+        dir = argv[2];
+        more_mode();
+    }
     if (argc == 4 && strcmp(argv[1], "all") == 0) {
         dir = argv[2];
         all_mode(argv[3]);
