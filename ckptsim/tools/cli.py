@@ -72,7 +72,7 @@ def _cmd_replay(args) -> int:
 
 def _cmd_demo(args) -> int:
     from .demo import run_demo
-    return run_demo(args.seed)
+    return run_demo(args.seed, model=args.model)
 
 
 def _cmd_check(args) -> int:
@@ -136,8 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_conformance)
     s = sub.add_parser("check", help="probe the kernel features the live backend uses")
     s.set_defaults(func=_cmd_check)
-    s = sub.add_parser("demo", help="checkpoint, kill and restart the built-in example")
-    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("demo", help="checkpoint, kill and restart the built-in example "
+                                     "(real processes when the live backend can run here)")
+    s.add_argument("--model", action="store_true",
+                   help="the model's demo, even where the live one can run")
+    s.add_argument("--seed", type=int, default=0, help="the model demo's seed")
     s.set_defaults(func=_cmd_demo)
     return p
 

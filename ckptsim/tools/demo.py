@@ -1,7 +1,11 @@
-"""``ckptsim demo``: the whole story on the built-in counter, in the model.
+"""``ckptsim demo``: the whole story on a built-in counter.
 
-Run the counter to its checkpoint point, checkpoint its container, kill it, restart it from
-the image, let it finish, and compare what it printed with an uninterrupted run.
+On real processes when the live backend can run here (root, ptrace and the kernel features
+it needs; ``demo_live.py``): a running counter is checkpointed, killed, restarted from its
+image and checked to carry on where it was. Otherwise (saying why), or with ``--model``, in
+the model: run the modelled counter to its checkpoint point, checkpoint its container, kill
+it, restart it from the image, let it finish, and compare what it printed with an
+uninterrupted run.
 """
 from __future__ import annotations
 
@@ -20,7 +24,18 @@ def _finish(kernel, root) -> None:
     kernel.run()
 
 
-def run_demo(seed: int = 0, out=print) -> int:
+def run_demo(seed: int = 0, out=print, model: bool = False) -> int:
+    """The live demo if it can run here (else say why), the model's with ``model``."""
+    if not model:
+        from .demo_live import run_live_demo, unavailable_reason
+        reason = unavailable_reason()
+        if reason is None:
+            return run_live_demo(out)
+        out(f"the live demo cannot run here: {reason}; running the model demo instead")
+    return run_model_demo(seed, out)
+
+
+def run_model_demo(seed: int = 0, out=print) -> int:
     # The reference: the same program, never interrupted.
     ref_kernel, ref_root = prepare("counter", seed)
     cut = len(ref_kernel.output)
