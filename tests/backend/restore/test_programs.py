@@ -80,8 +80,8 @@ class Runs:
         if ready:
             lines = prog.wait_for(lambda ls: any(x.startswith("READY") for x in ls),
                                   f"{argv[0]}'s READY line")
-            ready = next(x for x in lines if x.startswith("READY"))
-            prog.ready = {k: int(v) for k, v in (kv.split("=") for kv in ready.split()[1:])}
+            line = next(x for x in lines if x.startswith("READY"))
+            prog.ready = {k: int(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
         return prog
 
     def checkpoint_kill(self, prog: Program, retry_gone: bool = False) -> bytearray:
@@ -119,11 +119,13 @@ class Runs:
     def end_all(self) -> None:
         for restored in self.restorations:
             for pid in restored.pids.values():
-                _kill(pid)
+                if _in_child_pidns(pid):           # not a reused pid of someone else's
+                    _kill(pid)
             _kill(restored.child)
         for prog in self.programs:
-            if prog.proc is not None:
-                _kill(prog.proc.pid)
+            if prog.proc is not None:            # an original still running: its tree too
+                for pid in [prog.proc.pid] + _descendants(prog.proc.pid):
+                    _kill(pid)
                 prog.proc.wait(timeout=10)
         left = []
         for restored in self.restorations:
@@ -140,6 +142,25 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _in_child_pidns(pid: int) -> bool:
+    try:
+        return len(status(pid)["NSpid"].split()) > 1
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _descendants(pid: int) -> list[int]:
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                for child in map(int, f.read().split()):
+                    out += [child] + _descendants(child)
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
 
 
 def _wait_child(pid: int, timeout: float) -> int | None:
