@@ -180,13 +180,23 @@ def test_a_socket_of_another_family_is_refused_cleanly(c_target, start_target, c
     assert t.readline() == "ok ping"
 
 
-def test_files_in_flight_are_refused_and_stay_queued(c_target, start_target, check_untraced):
+def test_files_in_flight_are_saved_and_stay_queued(c_target, start_target, check_untraced):
+    """The target's fd 0 is in flight on sv1 (and still open as fd 0): the queue's buffer names
+    it with SOCKET_SCM, as the same FILE object as fd 0 (one open file description); the
+    target then receives it as before, and the checkpointer kept none of its fds."""
     t = start_target(c_target("sockets"), "scm")
-    with pytest.raises(CheckpointError) as e:
-        checkpoint(t.pid, io.BytesIO())
-    assert e.value.errno == errno.ENOSYS
-    assert f"task {t.pid}" in e.value.message and "SCM_RIGHTS" in e.value.message
-    assert f"fd {t.info['sv1']}" in e.value.message
+    ours = set(os.listdir("/proc/self/fd"))
+    buf = io.BytesIO()
+    checkpoint(t.pid, buf)
+    assert set(os.listdir("/proc/self/fd")) <= ours, "fds brought by the peek were left open"
     check_untraced(t.pid)
+    recs = decode_all(buf.getvalue())
+    socks, fd_sock = sockets_of(recs)
+    assert socks[fd_sock[t.info["sv1"]]]["buffers"] == [(b"", b"with-fd")]
+    (buffer,) = [r for r in recs if r.layout.name == "SOCKET_BUFFER"]
+    assert buffer["nr_files"] == 1
+    (scm,) = [r for r in recs if r.layout.name == "SOCKET_SCM"]
+    fd0 = next(r["fd_objref"] for r in recs if r.layout.name == "FILE_DESC" and r["fd_descriptor"] == 0)
+    assert scm["file_objref"] == fd0, "the file in flight is fd 0's open file description"
     t.write(b"drain\n")
     assert t.readline() == f"scm {b'with-fd'.hex()} 1"

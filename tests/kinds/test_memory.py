@@ -53,6 +53,7 @@ class FakeImage:
         self.objs = []             # checkpointed objects, objref = index + 1
         self.uses = {}
         self.kernel = None
+        self.page_sink = None      # restart: pages go into the model mm (no live restore)
 
     # checkpoint side
     def write(self, lay, var=None, **fields):
