@@ -65,6 +65,12 @@ class FileFactory:
             self._sockets.close()
             self._sockets = None
 
+    def abort(self) -> None:
+        """After a failed restart (job.py's abort, before close): the socket files this
+        restart bound go too, so that nothing it made is left behind."""
+        if self._sockets is not None:
+            self._sockets.abort()
+
     def open_path(self, file, mode: int) -> int:
         """A fresh description of the file a mapping or the exe names (not the fd's own)."""
         path = file.path
