@@ -57,18 +57,46 @@ def _tree_order(root: int) -> list[int]:
 
 
 def _write_tree(ctx, processes: list[LiveProcess]) -> list:
-    members = {p.pid for p in processes}
+    """TREE, with pids as the root's pid namespace sees them (what the tasks themselves see
+    when the root is a namespace init, as a container's is); 0 for a group or session, or
+    the root's parent, outside the tree."""
+    vpid = _vpids(processes)
     tasks, entries = [], []
     for p in processes:
         st = p.stat
-        ppid = st.ppid if st.ppid in members and p is not processes[0] else 0
-        pgid = st.pgrp if st.pgrp in members else 0
-        sid = st.session if st.session in members else 0
+        ppid = vpid.get(st.ppid, 0) if p is not processes[0] else 0
+        pgid, sid = vpid.get(st.pgrp, 0), vpid.get(st.session, 0)
         for t in p.threads:
-            entries.append((t.tid, ppid, p.pid, pgid, sid, 0))
+            entries.append((vpid[t.tid], ppid, vpid[p.pid], pgid, sid, 0))
             tasks.append(t)
     ctx.write(TREE, nr_tasks=len(entries), var=entries)
     return tasks
+
+
+def _vpids(processes: list[LiveProcess]) -> dict[int, int]:
+    """Global pid (and tid) -> the number in the root's pid namespace. A task in a pid
+    namespace nested below the root's is refused (its inner pids are not saved yet)."""
+    def nspid(path: str) -> tuple[int, ...]:
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.startswith("NSpid:"):
+                        return tuple(int(x) for x in line.split()[1:])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        return ()
+
+    root = processes[0]
+    level = max(len(nspid(f"/proc/{root.pid}/status")) - 1, 0)
+    out = {}
+    for p in processes:
+        for t in p.threads:
+            numbers = nspid(f"/proc/{p.pid}/task/{t.tid}/status") or (t.tid,) * (level + 1)
+            if len(numbers) != level + 1:
+                raise CheckpointError(errno.EOPNOTSUPP, f"task {t.tid} is in a pid namespace "
+                                                        f"nested below the root's: not supported")
+            out[t.tid] = numbers[level]
+    return out
 
 
 def _write_tasks(ctx, tasks) -> None:

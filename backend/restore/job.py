@@ -32,8 +32,8 @@ from ckptsim.image.codec import ImageReader
 from .files import FileFactory, restore_fdtable, restore_fs_context
 from .memory import PageSink, SharedSegments, free_spot, restore_mm, stub_maps
 from .stub import PAGE, Stub, StubError, Watchdog
-from .task import (check_creds, queue_pending, restore_creds, restore_handlers,
-                   restore_rlimits, restore_thread_basics, set_cpu)
+from .task import (caller_cred_matches, check_creds, queue_pending, restore_creds,
+                   restore_handlers, restore_rlimits, restore_thread_basics, set_cpu)
 from .transport import Transport
 from .tree import THREAD_FLAGS, become_reaper, clone_child, map_trampoline, set_options, \
     spawn_seed
@@ -165,6 +165,7 @@ class _Job:
                                               pgid_of[vppid])
         for vpid, stub in list(self.stubs.items()):
             if self.by_vpid[vpid].state == "zombie":
+                restore_thread_basics(stub, self.by_vpid[vpid])
                 _make_zombie(stub, self.by_vpid[vpid].exit_code, vpid)
                 del self.stubs[vpid]
         self.timings["tree"] = time.perf_counter() - t0
@@ -193,9 +194,9 @@ class _Job:
             for tid, stub in group:
                 task = self.by_vpid[tid]
                 restore_thread_basics(stub, task)
-                if not _is_caller(task.cred):
+                if not caller_cred_matches(task.cred):
                     restore_creds(stub, task.cred)
-                queue_pending(stub, task, leader=tid == vpid)
+                queue_pending(stub, task, tid == vpid, vpid, tid)
             leader = group[0][1]
             leader.syscall(kabi.SYS_munmap, leader.tramp, PAGE, what="munmap of the trampoline")
             for tid, stub in group:
@@ -212,6 +213,8 @@ class _Job:
                 stub.detach()
         if use_reaper:
             seed.detach()
+        if frozen:
+            _wait_stopped([group[0][1].pid for group in threads.values()])
         self.timings["total"] = time.perf_counter() - t0
         pids = {vpid: stub.tid for group in threads.values() for vpid, stub in group}
         return Restored(root=root_stub.pid, pids=pids,
@@ -262,10 +265,18 @@ class _Job:
         self.segments.close()
 
 
-def _is_caller(cred) -> bool:
-    return (cred.uid, cred.euid, cred.suid, cred.gid, cred.egid, cred.sgid) == \
-        (os.getuid(), os.geteuid(), os.getuid(), os.getgid(), os.getegid(), os.getgid()) \
-        and tuple(cred.groups) == tuple(sorted(os.getgroups()))
+def _wait_stopped(pids: list[int], timeout: float = 10.0) -> None:
+    """Until every process of ``pids`` shows the stopped state (its SIGSTOP taken)."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while True:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+            if state in ("T", "t"):
+                break
+            if time.monotonic() > deadline:
+                raise RestoreError(errno.ETIMEDOUT, f"restored process {pid} did not stop")
+            time.sleep(0.001)
 
 
 def _make_zombie(stub: Stub, exit_code: int, vpid: int) -> None:

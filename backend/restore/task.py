@@ -61,8 +61,8 @@ def restore_rlimits(pid: int, rlimits) -> None:
 
 
 def restore_thread_basics(stub: Stub, task) -> None:
-    alt = task.sigstate.altstack
-    if alt.size or alt.sp:
+    alt = task.sigstate.altstack if task.sigstate is not None else None
+    if alt is not None and (alt.size or alt.sp):
         addr = stub.put_scratch(struct.pack("<QiiQ", alt.sp, alt.flags & ~1, 0, alt.size), 0)
         stub.syscall(kabi.SYS_sigaltstack, addr, 0, what="sigaltstack")
     if task.comm:
@@ -102,16 +102,26 @@ def check_creds(creds) -> None:
                                          "the caller's")
 
 
+SECBIT_KEEP_CAPS = 1 << 4
+PR_SET_KEEPCAPS, PR_SET_SECUREBITS, PR_CAPBSET_DROP = 8, 28, 24
+CAP_LAST_CAP = 40
+
+
 def restore_creds(stub: Stub, cred) -> None:
-    """Set ``cred`` in the stub (it runs as the caller until now)."""
-    if cred.groups or os.getgroups():
-        data = struct.pack(f"<{len(cred.groups)}I", *cred.groups)
-        addr = stub.put_scratch(data or b"\0", 0)
-        stub.syscall(kabi.SYS_setgroups, len(cred.groups), addr, what="setgroups")
+    """Set ``cred`` in the stub (it runs as the caller until now). Order: the bounding set
+    and securebits while the stub still has every capability (with KEEP_CAPS, so that the
+    uid change below keeps the permitted set), then groups, gids, uids, the three capability
+    sets, and KEEP_CAPS back as the image has it."""
+    for cap in range(CAP_LAST_CAP + 1):
+        if not cred.cap_bounding >> cap & 1:
+            stub.syscall(kabi.SYS_prctl, PR_CAPBSET_DROP, cap, 0, 0, 0,
+                         what=f"prctl(PR_CAPBSET_DROP, {cap})")
+    stub.syscall(kabi.SYS_prctl, PR_SET_SECUREBITS, cred.securebits | SECBIT_KEEP_CAPS,
+                 0, 0, 0, what="prctl(PR_SET_SECUREBITS)")
+    data = struct.pack(f"<{len(cred.groups)}I", *cred.groups)
+    addr = stub.put_scratch(data or b"\0", 0)
+    stub.syscall(kabi.SYS_setgroups, len(cred.groups), addr, what="setgroups")
     stub.syscall(kabi.SYS_setresgid, cred.gid, cred.egid, cred.sgid, what="setresgid")
-    if (cred.uid, cred.euid, cred.suid) != (0, 0, 0):
-        # keep the capabilities across the uid change; capset below sets the saved ones
-        stub.syscall(kabi.SYS_prctl, 8, 1, 0, 0, 0, what="prctl(PR_SET_KEEPCAPS)")
     stub.syscall(kabi.SYS_setresuid, cred.uid, cred.euid, cred.suid, what="setresuid")
     hdr = kabi.user_cap_header(version=kabi.LINUX_CAPABILITY_VERSION_3, pid=0)
     data = (kabi.user_cap_data * 2)()
@@ -122,11 +132,27 @@ def restore_creds(stub: Stub, cred) -> None:
     hdr_addr = stub.put_scratch(bytes(hdr), 0)
     data_addr = stub.put_scratch(bytes(data), 64)
     stub.syscall(kabi.SYS_capset, hdr_addr, data_addr, what="capset")
-    if cred.securebits:
-        stub.syscall(kabi.SYS_prctl, 28, cred.securebits, 0, 0, 0,
-                     what="prctl(PR_SET_SECUREBITS)")
-    elif (cred.uid, cred.euid, cred.suid) != (0, 0, 0):
-        stub.syscall(kabi.SYS_prctl, 8, 0, 0, 0, 0, what="prctl(PR_SET_KEEPCAPS, 0)")
+    if not cred.securebits & SECBIT_KEEP_CAPS:
+        stub.syscall(kabi.SYS_prctl, PR_SET_KEEPCAPS, 0, 0, 0, 0,
+                     what="prctl(PR_SET_KEEPCAPS, 0)")
+
+
+def caller_cred_matches(cred) -> bool:
+    """Whether ``cred`` is exactly what a stub has from the caller (then nothing is set)."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value.split()
+    uids = tuple(int(x) for x in fields["Uid"][:3])
+    gids = tuple(int(x) for x in fields["Gid"][:3])
+    groups = tuple(sorted(int(x) for x in fields.get("Groups", [])))
+    caps = tuple(int(fields[k][0], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd"))
+    return (uids == (cred.uid, cred.euid, cred.suid) and gids == (cred.gid, cred.egid, cred.sgid)
+            and groups == tuple(sorted(cred.groups))
+            and caps == (cred.cap_inheritable, cred.cap_permitted, cred.cap_effective,
+                         cred.cap_bounding)
+            and cred.securebits == 0)
 
 
 def final_regs(x86) -> kabi.user_regs_struct:
@@ -151,9 +177,10 @@ def _siginfo(info) -> bytes:
     return bytes(raw)
 
 
-def queue_pending(stub: Stub, task, leader: bool) -> None:
+def queue_pending(stub: Stub, task, leader: bool, vpid: int, vtid: int) -> None:
     """Queue the task's pending signals (every signal blocked meanwhile); the shared queue
-    with the leader."""
+    with the leader. ``vpid``/``vtid``: the task's own ids in its namespace (the kernel lets
+    a task queue any siginfo to itself only)."""
     set_sigmask(stub.tid, _ALL)
     queues = [(task.sigstate.pending.items, True)]
     if leader:
@@ -162,10 +189,10 @@ def queue_pending(stub: Stub, task, leader: bool) -> None:
         for info in items:
             addr = stub.put_scratch(_siginfo(info), 0)
             if private:
-                stub.syscall(kabi.SYS_rt_tgsigqueueinfo, stub.pid, stub.tid, info.signo, addr,
+                stub.syscall(kabi.SYS_rt_tgsigqueueinfo, vpid, vtid, info.signo, addr,
                              what=f"rt_tgsigqueueinfo({info.signo})")
             else:
-                stub.syscall(kabi.SYS_rt_sigqueueinfo, stub.pid, info.signo, addr,
+                stub.syscall(kabi.SYS_rt_sigqueueinfo, vpid, info.signo, addr,
                              what=f"rt_sigqueueinfo({info.signo})")
 
 

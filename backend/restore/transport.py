@@ -13,6 +13,7 @@ description is sent to each of them.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import struct
@@ -26,14 +27,16 @@ _CMSG_SPACE_INT = kabi.CMSG_HDR_SIZE + 8     # CMSG_SPACE(sizeof(int))
 class Transport:
     """The socket pair; ``fd`` is the stubs' end's number in every stub."""
 
-    def __init__(self, fd: int):
-        self.fd = fd
+    def __init__(self, min_fd: int):
+        """``min_fd``: the stubs' end gets the lowest number from there that is free in this
+        process (and so, inherited, in the stubs), above every fd the image restores."""
         self.local, remote = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            os.dup2(remote.fileno(), fd, inheritable=True)
+            self.fd = fcntl.fcntl(remote.fileno(), fcntl.F_DUPFD, min_fd)
+            os.set_inheritable(self.fd, True)
         finally:
             remote.close()
-        self._restorer_copy = fd         # the restorer's own copy, closed once the seed has it
+        self._restorer_copy = self.fd     # the restorer's own copy, closed once the seed has it
 
     def seed_spawned(self) -> None:
         if self._restorer_copy is not None:

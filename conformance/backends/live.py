@@ -16,8 +16,10 @@ scenario asks for one, CHECKPOINT_SUBTREE otherwise); ``check_image`` decodes th
 replays it in the model with the round trip. ``resume``/``verdict`` release the points and
 collect the program's own checks (they run the program to its end without a restart).
 
-Live restart does not exist yet (issue 5): ``can_restart`` is False, and the runner runs the
-checkpoint-only path (conformance/runner.py): such a scenario is never counted as passed.
+``restart`` is backend.restore.job.restart_image in a new pid namespace: the container init
+(pid 1 in the image) is restored as pid 1 of a new namespace, a child of this process; from
+then on ``run.root`` is the restored init and ``run.restored`` what the restart made, and
+``kill``/``resume`` wait for that child instead of `unshare`.
 """
 from __future__ import annotations
 
@@ -40,7 +42,6 @@ START_TIMEOUT = 20.0
 QUIET_POLLS = 3          # the tree must look the same this many polls in a row
 POLL = 0.02
 END_TIMEOUT = 20.0
-RESTART_REASON = "live restart is not implemented yet (issue 5)"
 
 
 class LiveRun:
@@ -54,6 +55,7 @@ class LiveRun:
         self.release_fd: int | None = None
         self.leak_fd: int | None = None
         self.exit_status: int | None = None
+        self.restored = None                         # backend.restore.job.Restored
 
 
 SOCKET_NAME_OPS = {"bind", "connect", "sendto", "sendmsg"}
@@ -81,9 +83,24 @@ def rewrite_program(ops: list, tmp: str, tag: str) -> list:
     return out
 
 
+def _merge_anonymous(vmas: list[list]) -> list[list]:
+    """Adjacent anonymous mappings with the same protection as one: a process cannot tell
+    them apart, and the kernel keeps them apart or merges them by history (a heap split by a
+    fork stays two VMAs; mapped afresh by a restart, the two parts merge)."""
+    out: list[list] = []
+    for vma in vmas:
+        last = out[-1] if out else None
+        if (last is not None and last[1] == vma[0] and last[2] == vma[2]
+                and last[3] == vma[3] and vma[3] in ("", "[heap]")):
+            last[1] = vma[1]
+        else:
+            out.append(list(vma))
+    return out
+
+
 class LiveBackend(Backend):
     name = "live"
-    can_restart = False
+    can_restart = True
 
     # -- what can run ------------------------------------------------------------------------
     def unsupported(self, scenario: Scenario) -> str | None:
@@ -99,6 +116,10 @@ class LiveBackend(Backend):
         if not scenario.freeze:
             return ("the live checkpoint stops the tree itself (ptrace): an unfrozen tree is "
                     "not refused with EBUSY")
+        from ckptsim.image import core
+        if scenario.restart_flags & ~core.RESTART_FROZEN:
+            return (f"restart flags {scenario.restart_flags:#x}: the live restart supports "
+                    "RESTART_FROZEN only")
         if scenario.needs:
             return f"needs {', '.join(sorted(scenario.needs))}: the interpreter's stack and layout are Python's"
         if shutil.which("unshare") is None:
@@ -259,7 +280,8 @@ class LiveBackend(Backend):
                                    "cloexec": f.cloexec, "path": back(f.path),
                                    "object": name_of(("ino", f.dev, f.ino), f.kind.value)}
                 fds[v] = {"fds": table}
-                maps[v] = {"vmas": [[m.start, m.end, m.perms, back(m.path)] for m in proc.read_maps(pid)]}
+                maps[v] = {"vmas": _merge_anonymous(
+                    [[m.start, m.end, m.perms, back(m.path)] for m in proc.read_maps(pid)])}
             except proc.ProcessGone:
                 continue
             signals[v] = {"blocked": st.sigblk, "pending": st.sigpnd, "shared_pending": st.shdpnd,
@@ -321,7 +343,11 @@ class LiveBackend(Backend):
         return problems
 
     def kill(self, run: LiveRun) -> None:
-        """SIGKILL the init (the pid namespace dies with it) and reap `unshare`."""
+        """SIGKILL the init (the pid namespace dies with it) and reap it (`unshare`, or the
+        restored init, this process's child)."""
+        if run.restored is not None:
+            self._kill_restored(run)
+            return
         if run.proc is None:
             return
         if run.proc.poll() is None and run.root:
@@ -340,6 +366,32 @@ class LiveBackend(Backend):
             run.proc.stderr.close()
         self._wait_gone(run)
 
+    def _kill_restored(self, run: LiveRun) -> None:
+        child = run.restored.child
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._reap_restored(run, END_TIMEOUT)
+        self._wait_gone(run)
+
+    def _reap_restored(self, run: LiveRun, timeout: float) -> None:
+        """Wait (at most ``timeout``) for the restored init; its status as Popen reports one."""
+        child = run.restored.child
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pid, status = os.waitpid(child, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                run.exit_status = (-os.WTERMSIG(status) if os.WIFSIGNALED(status)
+                                   else os.WEXITSTATUS(status))
+                return
+            if time.monotonic() > deadline:
+                return
+            time.sleep(POLL)
+
     def _wait_gone(self, run: LiveRun) -> None:
         deadline = time.monotonic() + END_TIMEOUT
         while time.monotonic() < deadline:
@@ -349,13 +401,37 @@ class LiveBackend(Backend):
             time.sleep(POLL)
 
     def restart(self, run, image: bytes) -> None:
-        raise CheckpointFailed(errno.ENOSYS, RESTART_REASON)
+        from backend.restore.job import restart_image
+        from ckptsim.cr.context import CheckpointError
+        from ckptsim.errors import CkptsimError
+        from ckptsim.image import core
+        frozen = bool(run.scenario.restart_flags & core.RESTART_FROZEN)
+        try:
+            restored = restart_image(image, pidns=True, frozen=frozen)
+        except (CheckpointError, CkptsimError, OSError) as e:
+            raise CheckpointFailed(getattr(e, "errno", None) or errno.EIO, str(e)) from None
+        if run.proc is not None and run.proc.stderr is not None:
+            run.proc.stderr.close()
+        run.restored = restored
+        run.root = restored.root
+        run.seen.update(restored.pids.values())
+        run.seen.add(restored.child)
+        run.exit_status = None
+        if not frozen:
+            self._wait_quiet(run)
 
     def is_frozen(self, run) -> bool:
-        raise NotImplementedError(RESTART_REASON)
+        from backend import proc
+        states = [proc.read_stat(pid).state for pid in self.tree(run)]
+        return bool(states) and all(s in ("T", "t", "Z") for s in states)
 
     def thaw(self, run) -> None:
-        raise NotImplementedError(RESTART_REASON)
+        for pid in self.tree(run):
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        self._wait_quiet(run)
 
     def resume(self, run: LiveRun) -> None:
         """Release every point (now and later) and let the program run to its end."""
@@ -364,6 +440,9 @@ class LiveBackend(Backend):
         if run.leak_fd is not None:
             os.close(run.leak_fd)
             run.leak_fd = None
+        if run.restored is not None:
+            self._reap_restored(run, END_TIMEOUT)
+            return
         try:
             run.proc.wait(timeout=END_TIMEOUT)
         except subprocess.TimeoutExpired:
