@@ -244,11 +244,11 @@ class SocketFactory:
                     server, client, listener = a, b, lis
                     break
         if server is None:
-            if peer.state != SockState.CLOSED and sock.address is not None \
-                    and peer.address is not None:
-                raise self._fail(sock, errno.EOPNOTSUPP, "connected to "
-                                 f"{_show(peer.address)}, a name no restored listener has: "
-                                 "not restorable yet")
+            named = peer.address if peer.address is not None else sock.address
+            if peer.state != SockState.CLOSED and named is not None:
+                # a socketpair would lose the accepted side's name (its listener is gone)
+                raise self._fail(sock, errno.EOPNOTSUPP, f"a connection named {_show(named)}"
+                                 ", a name no restored listener has: not restorable yet")
             self._socketpair(sock, peer)
             return
         s = self._client(client)
