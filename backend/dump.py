@@ -61,16 +61,32 @@ def _write_tree(ctx, processes: list[LiveProcess]) -> list:
     when the root is a namespace init, as a container's is); 0 for a group or session, or
     the root's parent, outside the tree."""
     vpid = _vpids(processes)
+    container = vpid.get(processes[0].pid) == 1
     tasks, entries = [], []
     for p in processes:
         st = p.stat
         ppid = vpid.get(st.ppid, 0) if p is not processes[0] else 0
         pgid, sid = vpid.get(st.pgrp, 0), vpid.get(st.session, 0)
+        if container:   # a group or session whose leader is gone still lives in the container
+            pgid, sid = pgid or _ns_number(p.pid, "NSpgid"), sid or _ns_number(p.pid, "NSsid")
         for t in p.threads:
             entries.append((vpid[t.tid], ppid, vpid[p.pid], pgid, sid, 0))
             tasks.append(t)
     ctx.write(TREE, nr_tasks=len(entries), var=entries)
     return tasks
+
+
+def _ns_number(pid: int, field: str) -> int:
+    """The innermost number of /proc/PID/status's ``field`` (NSpgid, NSsid): the group or
+    session as the process's own namespace sees it (0: not visible there)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[-1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
 
 
 def _vpids(processes: list[LiveProcess]) -> dict[int, int]:
@@ -132,6 +148,8 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
         raise CheckpointError(errno.ENOSYS, str(e)) from None
     if pid <= 0 or not proc.process_exists(pid):
         raise CheckpointError(errno.ESRCH, f"no process {pid}")
+    if proc.read_stat(pid).state in ("Z", "X"):
+        raise CheckpointError(errno.ESRCH, f"process {pid} is a zombie: nothing to checkpoint")
     if os.getpid() in proc.subtree(pid):
         raise CheckpointError(errno.EINVAL, f"the tree of {pid} contains this checkpointer "
                                             f"({os.getpid()}): it cannot stop itself")
@@ -173,6 +191,7 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
         for p in processes:
             if p.mm is not None:
                 p.mm.close()
+        gatherer.close()            # the fds that peeks at files in flight brought here
     log.debug(ctx.writer.offset, f"checkpoint {crid}: {sum(len(p.threads) for p in processes)} tasks")
     return crid
 

@@ -127,6 +127,9 @@ class _Job:
                                                  "restorable live yet")
         root_vpid = self.entries[0][0]
         root = self.by_vpid[root_vpid]
+        if root.state == "zombie" or root.mm is None:
+            raise RestoreError(errno.EINVAL, f"the image's root {root_vpid} is a zombie: "
+                                             "nothing to restart")
         exe = root.mm.exe_file.path if root.mm.exe_file is not None else None
         if exe is None:
             raise RestoreError(errno.EINVAL, f"task {root_vpid} has no executable in the image")
@@ -152,17 +155,36 @@ class _Job:
             root_stub = seed
         self.stubs[root_vpid] = root_stub
         pgid_of = {root_vpid: self._join_groups(root_stub, self.entries[0], None)}
+        members = {e[0] for e in self.entries}
+        helpers: list[tuple[Stub, Stub, int]] = []    # (helper, its parent, its pid)
         for vpid, vppid, vtgid, vpgid, vsid, _ in self.entries[1:]:
             if vtgid != vpid:
                 continue
             task = self.by_vpid[vpid]
             parent = self.stubs[vppid]
+            if vsid and vsid not in members and vsid != pgid_of.get(vppid) and \
+                    not any(h[2] == vsid for h in helpers):
+                if vsid != self._session_of(vppid):
+                    raise RestoreError(errno.EOPNOTSUPP, f"task {vpid}: its session {vsid} "
+                                                         "has no leader in the image: not "
+                                                         "restorable live yet")
+            if vpgid and vpgid not in members and vpgid != pgid_of[vppid] and \
+                    not any(h[2] == vpgid for h in helpers):
+                # a process group whose leader is gone: a helper with its pid leads it
+                # until every member has joined, then exits and is reaped by its parent
+                helper = clone_child(parent, vpgid, what=f"clone3 of a leader for group {vpgid}")
+                self._created(helper.pid)
+                helper.syscall(kabi.SYS_setpgid, 0, 0, what=f"setpgid of group {vpgid}")
+                helpers.append((helper, parent, vpgid))
             stub = clone_child(parent, vpid, exit_signal=max(task.exit_signal, 0),
                                what=f"clone3 of {vpid} in {vppid}")
             self._created(stub.pid)
             self.stubs[vpid] = stub
             pgid_of[vpid] = self._join_groups(stub, (vpid, vppid, vtgid, vpgid, vsid, 0),
                                               pgid_of[vppid])
+        for helper, parent, gid in helpers:
+            _make_zombie(helper, 0, gid)
+            parent.syscall(kabi.SYS_wait4, gid, 0, 0, 0, what=f"wait4 for the group {gid} helper")
         for vpid, stub in list(self.stubs.items()):
             if self.by_vpid[vpid].state == "zombie":
                 restore_thread_basics(stub, self.by_vpid[vpid])
@@ -237,6 +259,12 @@ class _Job:
             pgid = vpgid
         return pgid
 
+    def _session_of(self, vpid: int) -> int:
+        for e in self.entries:
+            if e[0] == vpid:
+                return e[4]
+        return 0
+
     def _created(self, pid: int) -> None:
         self.created.append(pid)
         if self.watchdog is not None:
@@ -244,7 +272,11 @@ class _Job:
 
     # -- failure and the end ---------------------------------------------------------------
     def abort(self) -> None:
-        """Kill and reap everything this restart made."""
+        """Kill and reap everything this restart made (and remove the socket files it bound)."""
+        try:
+            self.factory.abort()
+        except OSError:
+            pass
         for pid in reversed(self.created):
             try:
                 os.kill(pid, signal.SIGKILL)

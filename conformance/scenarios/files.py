@@ -114,7 +114,7 @@ def files_append(p):
 @scenario("files", "dup'ed fds share one description after restart: a read through one moves the other")
 def files_dup_shared_offset(p):
     buf = buffer(p)
-    a = p.open("/data/d", RW_CREAT, 0o644)
+    a = p.open("/data/d", RW_CREAT | O_LARGEFILE, 0o644)   # F_GETFL is read below
     write_text(p, a, buf, TEXT)
     p.do("lseek", a, 4, SEEK_SET)
     b = p.dup(a)
@@ -127,7 +127,8 @@ def files_dup_shared_offset(p):
     read_check(p, c, buf, "78", "read through the F_DUPFD copy")
     offset_is(p, a, 9, "the copy's read moved the first fd's offset")
     p.check(sc(p, "fcntl", a, F_SETFL, O_APPEND), "==", 0, "F_SETFL O_APPEND on one fd")
-    p.check(sc(p, "fcntl", b, F_GETFL), "==", O_RDWR | O_APPEND, "status flags are shared too")
+    p.check(sc(p, "fcntl", b, F_GETFL), "==", O_RDWR | O_APPEND | O_LARGEFILE,
+            "status flags are shared too")
 
 
 @scenario("files", "parent and child share a description inherited over fork after restart")
