@@ -14,6 +14,7 @@ a message naming the task and the object.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -202,7 +203,25 @@ def _stopped(pid: int, freezer: bool | int):
     if freezer:
         from .freezer import frozen_seized
         return frozen_seized(pid, version=None if freezer is True else int(freezer))
-    return ptrace.seized(_tree_order(pid))
+    return _seized_tree(pid)
+
+
+@contextlib.contextmanager
+def _seized_tree(pid: int):
+    """ptrace.seized for the tree at ``pid``: a descendant that exits (and is reaped) between
+    the listing and its turn is skipped, and the tree is re-read until no new process shows
+    up (a parent stopped forks no more)."""
+    with ptrace.seized(pid) as s:
+        for _ in range(100):
+            new = [p for p in _tree_order(pid) if p not in s.threads]
+            if not new:
+                break
+            for p in new:
+                try:
+                    s.add(p)
+                except ptrace.ThreadGone:
+                    pass                      # gone before its turn: not part of the tree
+        yield s
 
 
 class _Root:

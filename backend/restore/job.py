@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -75,16 +76,25 @@ def restart_image(data, *, pidns: bool = True, frozen: bool = False, log=None,
     from ckptsim.model.kernel import Kernel
 
     t0 = time.perf_counter()
-    header = ImageReader(data).expect(core.HEADER)
+    reader = ImageReader(data, checksum=False)
+    header = reader.expect(core.HEADER)
     if not header["image_flags"] & core.IMAGE_LIVE:
         raise RestoreError(errno.EINVAL, "this is a model image: run it with `ckptsim replay`"
                                          " (only live images restart into real processes)")
     if header["arch"] != core.ARCH_X86_64:
         raise RestoreError(errno.EINVAL, f"image architecture {header['arch']} is not x86-64")
+    # The CRC pass runs on a helper thread (zlib releases the GIL) while the records are
+    # decoded and the pages written; job.run checks it before any restored process runs.
+    checksum = _Checksum(reader)
     kernel, sink = Kernel(0), PageSink()
-    tasks, rctx = restart_job(kernel, kernel.init, 0, data, core.RESTART_FROZEN,
-                              restore_fs=True, page_sink=sink)
+    try:
+        tasks, rctx = restart_job(kernel, kernel.init, 0, data, core.RESTART_FROZEN,
+                                  restore_fs=True, page_sink=sink, checksum=False)
+    except BaseException:
+        checksum.result()              # a corrupted image is reported as such first
+        raise
     job = _Job(kernel, rctx, sink, log)
+    job.checksum = checksum
     job.timings["decode"] = time.perf_counter() - t0
     try:
         check_creds([t.cred for t in tasks if t.state != "zombie"])
@@ -100,6 +110,27 @@ def restart_image(data, *, pidns: bool = True, frozen: bool = False, log=None,
         raise
     finally:
         job.close()
+
+
+class _Checksum:
+    """The image's CRC-32, computed on a helper thread; ``result()`` raises its ImageError."""
+
+    def __init__(self, reader: ImageReader):
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(reader,), daemon=True,
+                                        name="image-checksum")
+        self._thread.start()
+
+    def _run(self, reader: ImageReader) -> None:
+        try:
+            reader.verify_checksum()
+        except BaseException as e:       # handed to the restoring thread
+            self._error = e
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 class _Job:
@@ -226,7 +257,9 @@ class _Job:
         if use_reaper:
             become_reaper(seed, (seed.tramp, seed.tramp + PAGE), root_vpid)
         self.timings["tasks"] = time.perf_counter() - t0
-        # 6. let go
+        # 6. let go, once the image is known to be intact
+        self.checksum.result()
+        self.timings["checksum wait"] = time.perf_counter() - t0 - self.timings["tasks"]
         self.watchdog.disarm()
         for vpid, group in threads.items():
             if frozen:

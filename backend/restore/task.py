@@ -155,19 +155,54 @@ def caller_cred_matches(cred) -> bool:
             and cred.securebits == 0)
 
 
-def final_regs(x86) -> kabi.user_regs_struct:
+def final_regs(x86, task=None) -> kabi.user_regs_struct:
     """The registers to resume with, syscall restart decided as Linux does without a
     handler to run."""
     regs = kabi.user_regs_struct(**{name: x86.regs[name] & _U64 for name in X86_REGS})
     nr = regs.orig_rax if regs.orig_rax < (1 << 63) else -1
     ret = regs.rax - (1 << 64) if regs.rax >= (1 << 63) else regs.rax
-    if nr >= 0 and -ret in (kabi.ERESTARTSYS, kabi.ERESTARTNOINTR, kabi.ERESTARTNOHAND):
-        regs.rip -= 2
-        regs.rax = nr
-    elif nr >= 0 and -ret == kabi.ERESTART_RESTARTBLOCK:
-        regs.rax = (-errno.EINTR) & _U64
+    if nr >= 0 and -ret in (kabi.ERESTARTSYS, kabi.ERESTARTNOINTR, kabi.ERESTARTNOHAND,
+                            kabi.ERESTART_RESTARTBLOCK):
+        if -ret == kabi.ERESTARTNOINTR or task is None or not _handler_interrupts(task, -ret):
+            regs.rip -= 2
+            regs.rax = nr
+            if -ret == kabi.ERESTART_RESTARTBLOCK:
+                _resume_from_remaining(regs, nr)
+        else:
+            regs.rax = (-errno.EINTR) & _U64
     regs.orig_rax = _U64
     return regs
+
+
+def _resume_from_remaining(regs, nr: int) -> None:
+    """A relative sleep interrupted with a remaining-time pointer: the kernel wrote the time
+    left there (it is in the saved memory), so the restarted call sleeps only that long, as
+    Linux's restart block would. Other restart-block calls (poll, futex waits, sleeps without
+    the pointer) start again with their original timeout: they may wait longer, never fail."""
+    if nr == kabi.SYS_nanosleep and regs.rsi:
+        regs.rdi = regs.rsi
+    elif nr == kabi.SYS_clock_nanosleep and regs.r10:
+        regs.rdx = regs.r10
+
+
+_SA_RESTART = 0x10000000
+
+
+def _handler_interrupts(task, code: int) -> bool:
+    """Whether a handler runs first on resume (an unblocked pending signal with a handler),
+    making the syscall return EINTR as Linux's handle_signal decides: always for
+    ERESTARTNOHAND and ERESTART_RESTARTBLOCK, without SA_RESTART for ERESTARTSYS."""
+    pending = list(task.sigstate.pending.items) + list(task.signal.shared_pending.items)
+    for info in pending:
+        if task.sigstate.blocked >> (info.signo - 1) & 1:
+            continue
+        act = task.sighand.action(info.signo)
+        if act.handler in (0, 1):        # SIG_DFL, SIG_IGN: no handler runs
+            continue
+        if code == kabi.ERESTARTSYS and act.flags & _SA_RESTART:
+            return False
+        return True
+    return False
 
 
 def _siginfo(info) -> bytes:
@@ -204,5 +239,5 @@ def set_cpu(stub: Stub, task) -> None:
         raise StubError(errno.EINVAL, f"task {stub.tid} has no x86-64 state in the image "
                                       "(a model image cannot run on Linux)")
     set_xstate(stub.tid, x86.xstate)
-    stub.set_final_regs(final_regs(x86))
+    stub.set_final_regs(final_regs(x86, task))
     set_sigmask(stub.tid, task.sigstate.blocked & ~((1 << 8) | (1 << 18)))

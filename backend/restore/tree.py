@@ -77,8 +77,16 @@ def spawn_seed(exe: str, pid: int, new_pidns: bool) -> int:
             raise StubError(errno.EBUSY, f"pid {pid} is in use in this pid namespace "
                                          "(restart with a new pid namespace: --pidns)") from None
         raise StubError(e.errno, f"cannot create the first restored process: {e}") from None
-    if child == 0:                       # the seed: no Python work beyond these two calls
+    if child == 0:                       # the seed: nothing but what it needs
         try:
+            # the restorer's ignored signals (Python ignores SIGPIPE, SIGXFSZ) would survive
+            # the exec into every restored task: each starts from the defaults instead
+            for sig in range(1, signal.NSIG):
+                if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                    try:
+                        signal.signal(sig, signal.SIG_DFL)
+                    except (OSError, ValueError):
+                        pass
             kabi.syscall(kabi.SYS_ptrace, kabi.PTRACE_TRACEME, 0, 0, 0)
             os.execv(exe, [exe])
         finally:

@@ -13,6 +13,7 @@ Errors raise CheckpointError / RestartError (carrying ``.errno``) or ImageError.
 from __future__ import annotations
 
 import errno
+import mmap
 import hashlib
 import io
 import struct
@@ -241,7 +242,8 @@ def restart_tasks(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
 
 
 def restart_job(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
-                restore_fs: bool = False, pidns: bool | None = None, page_sink=None):
+                restore_fs: bool = False, pidns: bool | None = None, page_sink=None,
+                checksum: bool = True):
     """``restart_tasks``, also returning the finished restart's context: its ``header``,
     ``live`` (a live image) and ``placeholders`` (paths created for a live image, or absent)."""
     load_all()
@@ -252,7 +254,7 @@ def restart_job(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
         raise RestartError(errno.EINVAL, "the model creates the restored tree itself: pass pid 0")
     _check_privilege(kernel, caller, True, RestartError)
     data = _read_image(kernel, caller, fd)
-    reader = ImageReader(data)
+    reader = ImageReader(data, checksum=checksum)  # False: the caller verifies it (see codec)
     job = RestoreJob(kernel, caller, reader, log, flags, restore_fs, pidns)
     job.ctx.page_sink = page_sink
     try:
@@ -272,7 +274,7 @@ def _read_image(kernel, caller, fd):
     if isinstance(fd, int):
         f = caller.files.get(fd)
         return f.inode.read_at(0, f.inode.size)
-    if isinstance(fd, (bytes, bytearray, memoryview)):
-        return fd
+    if isinstance(fd, (bytes, bytearray, memoryview, mmap.mmap)):
+        return fd                          # an mmap'd image file is read in place, not copied
     return fd.read()
 

@@ -257,16 +257,20 @@ class ImageReader:
     objref fields are checked as they are read.
     """
 
-    def __init__(self, data):
+    def __init__(self, data, *, checksum: bool = True):
+        """``checksum=False`` skips only the CRC pass: for a caller that verifies it itself
+        (``checksum_ok``) before anything it built from the records takes effect (the live
+        restart checksums on a helper thread while it writes pages, and lets no process run
+        before the sum is right)."""
         self.data = memoryview(data).cast("B")
         self.end = len(self.data) - core.TAIL_SIZE
         self.pos = 0
         self.count = 0
         self.objtypes: dict[int, ObjType] = {}  # objref -> type, as declared so far
-        self._check_tail()
+        self._check_tail(checksum)
 
     # -- whole-image checks -------------------------------------------------------------
-    def _check_tail(self) -> None:
+    def _check_tail(self, checksum: bool = True) -> None:
         size = len(self.data)
         if size < core.TAIL_SIZE + 8:
             raise ImageError(0, None, f"image of {size} bytes is too short to hold a header and a tail")
@@ -276,13 +280,20 @@ class ImageReader:
         rtype, rlen = _HDR.unpack_from(self.data, tail)
         if rtype != core.TAIL.type_id or rlen != core.TAIL_SIZE:
             raise ImageError(tail, "TAIL", f"no tail record at the end (found type {rtype}, len {rlen}): truncated image?")
-        magic, nr, checksum, pad = core.TAIL.struct.unpack_from(self.data, tail + 8)
+        magic, nr, tail_sum, pad = core.TAIL.struct.unpack_from(self.data, tail + 8)
         if magic != MAGIC_TAIL or pad:
             raise ImageError(tail, "TAIL", f"bad tail magic {magic:#x}")
-        actual = zlib.crc32(self.data[:tail])
-        if actual != checksum:
-            raise ImageError(tail, "TAIL", f"checksum mismatch: image says {checksum:#010x}, bytes give {actual:#010x}")
+        self.tail_checksum = tail_sum
         self.tail_nr_records = nr
+        if checksum:
+            self.verify_checksum()
+
+    def verify_checksum(self) -> None:
+        """The CRC-32 of everything before the tail must be the tail's (ImageError if not)."""
+        actual = zlib.crc32(self.data[:self.end])
+        if actual != self.tail_checksum:
+            raise ImageError(self.end, "TAIL", f"checksum mismatch: image says "
+                                               f"{self.tail_checksum:#010x}, bytes give {actual:#010x}")
 
     # -- records --------------------------------------------------------------------------
     def at_end(self) -> bool:

@@ -449,10 +449,6 @@ def test_blocked_in_relative_nanosleep_carries_on(c_target, restore_runs):
     assert not [x for x in lines if x.startswith("error")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "restart bug: a thread checkpointed in a relative clock_nanosleep (-ERESTART_RESTARTBLOCK)"
-    " is resumed with EINTR (backend/restore/task.py final_regs) although no handler runs: "
-    "Linux restarts the sleep (restart_syscall), so a program without handlers never sees it"))
 def test_blocked_in_relative_nanosleep_sees_no_eintr(c_target, restore_runs):
     exe = c_target("restore_prog_syscalls")
     prog = restore_runs.start([exe, "nanosleep", "300"])
@@ -463,10 +459,6 @@ def test_blocked_in_relative_nanosleep_sees_no_eintr(c_target, restore_runs):
     assert [x for x in lines if not x.startswith("READY")][0] == "slept 0", lines
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "checkpoint bug: backend/snapshot.py LiveTask of a non-leader thread takes the process's "
-    "comm (p.stat.comm), not /proc/PID/task/TID/comm, so thread names come back as the "
-    "leader's"))
 def test_thread_names_survive(c_target, restore_runs):
     exe = c_target("restore_prog_threads")
     prog = restore_runs.start([exe, "2"])
@@ -477,10 +469,6 @@ def test_thread_names_survive(c_target, restore_runs):
     assert sorted(names.values()) == ["cnt0", "cnt1", "restore_prog_th"], names
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "restart bug: the seed inherits the restorer's ignored signals across its exec (CPython "
-    "ignores SIGPIPE and SIGXFSZ; `nohup` would add SIGHUP) and restore_handlers skips "
-    "SIG_DFL actions, so they stay ignored in every restored process"))
 def test_ignored_signals_are_the_images(c_target, restore_runs):
     exe = c_target("restore_prog_counter")
     prog = restore_runs.start([exe, "1", "1"])
