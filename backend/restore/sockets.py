@@ -13,8 +13,9 @@ fd, in flight, or as a listener's pending connection) is rebuilt at once, in thi
      found at the path is removed only if it is a socket nobody listens on (a stale one);
   2. connections: stream/seqpacket pairs through their listener (connect, then accept: the
      accepted side gets the listener's name as on Linux) when one of the restored listeners
-     has the server side's name, else as a socketpair (no name on either side, or the peer
-     closed); then each listener's pending connections, in accept order, by connect only;
+     has the server side's name; through a temporary listener of the restorer's with that
+     name when the listener had closed; else as a socketpair (no name on either side, or the
+     peer closed); then each listener's pending connections, in accept order, by connect only;
   3. queued data, sent by the socket that sent it (the peer, or the datagram sender named by
      its address, or an unnamed socket for unnamed senders), segment by segment with the files
      in flight as SCM_RIGHTS (opened by the FileFactory like any file);
@@ -23,8 +24,7 @@ fd, in flight, or as a listener's pending connection) is rebuilt at once, in thi
      bits, and the closed peers are closed.
 
 Refused with a message naming the socket's first holder (pid, fd) and why: a stream or
-seqpacket socket connected to a socket outside the tree, a connected pair whose server side
-has a name no restored listener owns, a datagram queued from a sender that cannot be rebuilt,
+seqpacket socket connected to a socket outside the tree, a datagram queued from a sender that cannot be rebuilt,
 a name held by a live socket or a file that is not a socket, a queue that does not fit.
 """
 from __future__ import annotations
@@ -246,9 +246,10 @@ class SocketFactory:
         if server is None:
             named = peer.address if peer.address is not None else sock.address
             if peer.state != SockState.CLOSED and named is not None:
-                # a socketpair would lose the accepted side's name (its listener is gone)
-                raise self._fail(sock, errno.EOPNOTSUPP, f"a connection named {_show(named)}"
-                                 ", a name no restored listener has: not restorable yet")
+                # its listener is gone (a socketpair would lose the accepted side's name): a
+                # listener of the restorer's own takes the name just long enough to accept
+                self._through_temporary_listener(sock, peer, named)
+                return
             self._socketpair(sock, peer)
             return
         s = self._client(client)
@@ -257,6 +258,25 @@ class SocketFactory:
             accepted, _ = self._socks[id(listener)].accept()
         except OSError as e:
             raise self._fail(client, e.errno, f"accept on its listener: {e.strerror}") from None
+        accepted.setblocking(False)
+        self._socks[id(server)] = accepted
+
+    def _through_temporary_listener(self, sock, peer, named) -> None:
+        server = peer if peer.address is not None else sock     # the accepted side
+        client = sock if server is peer else peer
+        temporary = socket.socket(socket.AF_UNIX, server.type | socket.SOCK_CLOEXEC)
+        try:
+            self._bind(temporary, server, named)
+            temporary.listen(1)
+            s = self._client(client)
+            self._connect(s, client, named, server)
+            try:
+                accepted, _ = temporary.accept()
+            except OSError as e:
+                raise self._fail(server, e.errno, f"accept on a listener for {_show(named)}: "
+                                 f"{e.strerror}") from None
+        finally:
+            temporary.close()          # the name's file stays, as its listener's did
         accepted.setblocking(False)
         self._socks[id(server)] = accepted
 
