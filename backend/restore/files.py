@@ -195,7 +195,20 @@ class FileFactory:
         r = w = -1
         try:
             if file.kind == "fifo":
-                r = os.open(file.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+                unlinked = file.linked_path(self.kernel) is None
+                if unlinked:         # made again at its old path, opened, unlinked again
+                    try:
+                        os.mkfifo(file.path, 0o600)
+                    except FileExistsError:
+                        raise StubError(errno.EEXIST, f"{where}: the FIFO {file.path} was "
+                                        "unlinked when checkpointed and the path exists again:"
+                                        " not replaced") from None
+                try:
+                    r = os.open(file.path,
+                                os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+                finally:
+                    if unlinked:
+                        os.unlink(file.path)
                 if not stat.S_ISFIFO(os.fstat(r).st_mode):
                     raise StubError(errno.EINVAL, f"{where}: {file.path} is not a FIFO any more")
                 w = os.open(f"/proc/self/fd/{r}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -24,7 +24,8 @@ fd, in flight, or as a listener's pending connection) is rebuilt at once, in thi
      bits, and the closed peers are closed.
 
 Refused with a message naming the socket's first holder (pid, fd) and why: a stream or
-seqpacket socket connected to a socket outside the tree, a datagram queued from a sender that cannot be rebuilt,
+seqpacket socket connected to a socket outside the tree, a datagram queued from a sender
+that cannot be rebuilt,
 a name held by a live socket or a file that is not a socket, a queue that does not fit.
 """
 from __future__ import annotations
