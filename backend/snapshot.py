@@ -26,7 +26,7 @@ from ckptsim.kinds.memory import SPECIAL_MAPPINGS
 from ckptsim.model.creds import Cred
 from ckptsim.model.signals import AltStack, SigAction, SigHand, SigInfo, SignalStruct, SigPending, ThreadSignals
 
-from . import kabi, proc, ptrace
+from . import elf_ids, kabi, proc, ptrace
 from .memory import ProcessMemory, VmaKind, classify, describe, drop_zero_pages
 
 RLIM_INFINITY_U64 = (1 << 64) - 1
@@ -214,6 +214,8 @@ class LiveMM:
         self.arg_start, self.arg_end = stat.arg_start, stat.arg_end
         self.env_start, self.env_end = stat.env_start, stat.env_end
         self._memory: ProcessMemory | None = None
+        self.file_ids: dict = {}              # LiveFile -> FileIdentity (backend/elf_ids.py)
+        self.vdso_layout = None
 
     @property
     def map_count(self) -> int:
@@ -753,7 +755,9 @@ class Gatherer:
         exe_file = None
         if exe:
             exe_file = next((f for f in self.mapped.values() if f.path == exe.removesuffix(" (deleted)")), None)
-        return LiveMM(pid, stat, vmas, exe_file)
+        mm = LiveMM(pid, stat, vmas, exe_file)
+        mm.file_ids, mm.vdso_layout = elf_ids.mm_identities(pid, vmas, exe_file)
+        return mm
 
     def _shared_anon(self, pid: int, entry, vma: LiveVMA) -> None:
         """A shared anonymous mapping names its segment: one LiveShmem per (dev, inode)."""

@@ -153,6 +153,8 @@ class _Job:
     # -- the steps -------------------------------------------------------------------------
     def run(self, pidns: bool, frozen: bool, timeout: float) -> Restored:
         t0 = time.perf_counter()
+        from .elfcheck import verify   # executables and vdso still match, before anything runs
+        verify(self.by_vpid.values(), self._log)
         if any(e[5] for e in self.entries):
             raise RestoreError(errno.EOPNOTSUPP, "the image holds nested pid namespaces: not "
                                                  "restorable live yet")

@@ -6,15 +6,28 @@ Image, after Linux-CR's ckpt_hdr_mm / ckpt_hdr_vma:
     per VMA, in address order: [OBJREF FILE / OBJREF SHMEM + SHMEM + pages] VMA{...}"name"
         private VMAs (ANON, FILE): page chunks (PGARR + BUFFER)... PGARR{0}
     MM_CONTEXT{vdso}
+    MM_ELF{nr_file_ids, nr_vdso}
+        FILE_ID{file_objref, ...}"id"                 (nr_file_ids of them)
+        VDSO_LAYOUT{sizes, nr_symbols}"build id"      (nr_vdso: 0 or 1)
+            VDSO_SYMBOL{offset, size}"name"             (nr_symbols of them)
 
 A shared anonymous segment is an object: its pages follow its SHMEM record once, and every VMA
 mapping it names it by ino_objref (SHM_ANON the first time, SHM_ANON_SKIP afterwards). Shared
 file mappings (SHM_FILE) carry no pages: their contents are the file's. The vdso carries none.
 Deviation: no saved_auxv BUFFER after MM (the model has no auxv).
+
+MM_ELF and what follows it are ours (live images; the model writes MM_ELF{0, 0}): the identity
+of every file mapped with PROT_EXEC and of the executable (FILE_ID: its ELF build id, else a
+SHA-256 of its contents, with its size and mtime), and the vdso's layout (VDSO_LAYOUT: the sizes
+of [vvar], [vvar_vclock] and [vdso], the vdso's build id, and its exported dynamic symbols with
+their offsets in the vdso). The live restart (backend/restore/elfcheck.py) refuses an image whose
+executable files or vdso layout no longer match. They are restored as ``mm.file_ids`` (File ->
+FileIdentity) and ``mm.vdso_layout`` (a VdsoLayout or None), and written back unchanged.
 """
 from __future__ import annotations
 
 import errno
+from dataclasses import dataclass
 
 from ..image.core import MAX_PAGES_PER_CHUNK
 from ..image.schema import ENUMS, layout
@@ -49,6 +62,54 @@ MM_CONTEXT = layout(404, "MM_CONTEXT", [
     ("vdso", "u64", "hex"), ("ldt_entry_size", "u32"), ("nldt", "u32"),
 ], subsystem="mm")
 SHMEM_REC = layout(405, "SHMEM", [("size", "u64", "hex"), ("nr_pages", "u64")], subsystem="mm")
+ID_BUILD_ID, ID_SHA256 = 1, 2
+ENUMS["file_id_kind"] = {ID_BUILD_ID: "BUILD_ID", ID_SHA256: "SHA256"}
+MM_ELF = layout(406, "MM_ELF", [("nr_file_ids", "u32"), ("nr_vdso", "u32")], subsystem="mm")
+FILE_ID = layout(407, "FILE_ID", [
+    ("file_objref", "i32", "objref:FILE"), ("id_kind", "u32", "enum:file_id_kind"),
+    ("size", "u64"), ("mtime_ns", "u64"),
+], var="bytes", max_var=64, subsystem="mm")
+VDSO_LAYOUT = layout(408, "VDSO_LAYOUT", [
+    ("vvar_size", "u64", "hex"), ("vvar_vclock_size", "u64", "hex"),
+    ("vdso_size", "u64", "hex"), ("nr_symbols", "u32"), ("pad", "u32"),
+], var="bytes", max_var=64, subsystem="mm")
+VDSO_SYMBOL = layout(409, "VDSO_SYMBOL", [("offset", "u64", "hex"), ("size", "u64", "hex")],
+                     var="str", max_var=256, subsystem="mm")
+MAX_VDSO_SYMBOLS = 4096
+SHA256_SIZE = 32
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What a mapped executable file was at checkpoint: ``kind`` ID_BUILD_ID (``value`` is
+    its NT_GNU_BUILD_ID note) or ID_SHA256 (``value`` is the SHA-256 of its contents)."""
+    kind: int
+    value: bytes
+    size: int
+    mtime_ns: int
+
+    def describe(self) -> str:
+        return f"{'build id' if self.kind == ID_BUILD_ID else 'SHA-256'} {self.value.hex()}"
+
+
+@dataclass(frozen=True)
+class VdsoLayout:
+    """The vdso a process had: the sizes of the special mappings around it, its build id
+    (b"" if none) and its exported symbols as (name, offset in the vdso, size)."""
+    vvar_size: int
+    vvar_vclock_size: int
+    vdso_size: int
+    build_id: bytes
+    symbols: tuple[tuple[str, int, int], ...]
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {"[vvar]": self.vvar_size, "[vvar_vclock]": self.vvar_vclock_size,
+                "[vdso]": self.vdso_size}
+
+    @property
+    def offsets(self) -> dict[str, int]:
+        return {name: offset for name, offset, _ in self.symbols}
 
 # The vm_flags bits a model VMA derives from prot, maxprot and flags (VMA.vm_flags); others
 # (VM_ACCOUNT, ... in live images) are kept on the VMA as ``vm_extra`` and written back.
@@ -74,9 +135,12 @@ def save_mm(ctx, mm: MM) -> None:
     ctx.write(MM_REC, map_count=mm.map_count, exe_objref=exe_ref, def_flags=mm.def_flags,
               flags=mm.flags, **{name: getattr(mm, name) for name in _MM_ADDRS})
     vdso = 0
+    file_refs = {id(mm.exe_file): exe_ref} if mm.exe_file is not None else {}
     for vma in list(mm.vmas):
         vtype = _vma_type(vma)
         file_ref = ctx.ref(vma.file)          # one ctx.ref per reference the VMA holds
+        if vma.file is not None:
+            file_refs.setdefault(id(vma.file), file_ref)
         shm_ref = 0
         if vma.shmem is not None:
             shm_ref, first = ctx.ref_first(vma.shmem)
@@ -95,6 +159,60 @@ def save_mm(ctx, mm: MM) -> None:
                     ctx.write_pages(addrs, blob)
             ctx.end_pages()
     ctx.write(MM_CONTEXT, vdso=vdso, ldt_entry_size=0, nldt=0)
+    _save_elf(ctx, mm, file_refs)
+
+
+def _save_elf(ctx, mm, file_refs: dict[int, int]) -> None:
+    """MM_ELF and its records; a file this mm no longer maps keeps no FILE_ID."""
+    ids = [(file_refs[id(file)], ident) for file, ident in getattr(mm, "file_ids", {}).items()
+           if id(file) in file_refs]
+    vdso = getattr(mm, "vdso_layout", None)
+    ctx.write(MM_ELF, nr_file_ids=len(ids), nr_vdso=int(vdso is not None))
+    for ref, ident in ids:
+        ctx.write(FILE_ID, file_objref=ref, id_kind=ident.kind, size=ident.size,
+                  mtime_ns=ident.mtime_ns, var=ident.value)
+    if vdso is not None:
+        ctx.write(VDSO_LAYOUT, vvar_size=vdso.vvar_size, vvar_vclock_size=vdso.vvar_vclock_size,
+                  vdso_size=vdso.vdso_size, nr_symbols=len(vdso.symbols), pad=0,
+                  var=vdso.build_id)
+        for name, offset, size in vdso.symbols:
+            ctx.write(VDSO_SYMBOL, offset=offset, size=size, var=name)
+
+
+def _load_elf(ctx, mm: MM) -> None:
+    rec = ctx.read(MM_ELF)
+    if rec["nr_vdso"] > 1:
+        ctx.fail(errno.EINVAL, f"MM_ELF announces {rec['nr_vdso']} vdso layouts (at most 1)")
+    mapped = {id(v.file): v.file for v in mm.vmas if v.file is not None}
+    if mm.exe_file is not None:
+        mapped[id(mm.exe_file)] = mm.exe_file
+    for _ in range(rec["nr_file_ids"]):
+        id_rec = ctx.read(FILE_ID)
+        file = ctx.obj(id_rec["file_objref"], ObjType.FILE)
+        kind, value = id_rec["id_kind"], bytes(id_rec.var)
+        if file is None or id(file) not in mapped:
+            ctx.fail(errno.EINVAL, f"FILE_ID names objref {id_rec['file_objref']}, which is "
+                                   "not a file this mm maps")
+        if file in mm.file_ids:
+            ctx.fail(errno.EINVAL, f"FILE_ID: two identities for {file.path}")
+        if kind not in ENUMS["file_id_kind"] or not value or \
+                (kind == ID_SHA256 and len(value) != SHA256_SIZE):
+            ctx.fail(errno.EINVAL, f"FILE_ID of {file.path}: bad identity (kind {kind}, "
+                                   f"{len(value)} bytes)")
+        mm.file_ids[file] = FileIdentity(kind, value, id_rec["size"], id_rec["mtime_ns"])
+    if rec["nr_vdso"]:
+        lay = ctx.read(VDSO_LAYOUT)
+        if lay["nr_symbols"] > MAX_VDSO_SYMBOLS:
+            ctx.fail(errno.EINVAL, f"VDSO_LAYOUT announces {lay['nr_symbols']} symbols")
+        symbols = []
+        for _ in range(lay["nr_symbols"]):
+            sym = ctx.read(VDSO_SYMBOL)
+            if not sym.var or sym["offset"] >= lay["vdso_size"]:
+                ctx.fail(errno.EINVAL, f"VDSO_SYMBOL {sym.var!r} at {sym['offset']:#x} lies "
+                                       f"outside the {lay['vdso_size']:#x}-byte vdso")
+            symbols.append((sym.var, sym["offset"], sym["size"]))
+        mm.vdso_layout = VdsoLayout(lay["vvar_size"], lay["vvar_vclock_size"],
+                                    lay["vdso_size"], bytes(lay.var), tuple(symbols))
 
 
 def _restore_vma(ctx, mm: MM, rec) -> None:
@@ -152,6 +270,7 @@ def load_mm(ctx) -> MM:
     vdso = mm.find_vma(ctx_rec["vdso"]) if ctx_rec["vdso"] else None
     if ctx_rec["vdso"] and (vdso is None or vdso.name != "[vdso]"):
         ctx.fail(errno.EINVAL, f"MM_CONTEXT names vdso {ctx_rec['vdso']:#x}, which is no vdso VMA")
+    _load_elf(ctx, mm)
     mm.clear_dirty()
     return mm
 
@@ -187,7 +306,8 @@ def load_shmem(ctx) -> Shmem:
 
 
 register(Kind(name="mm", objtype=ObjType.MM, model_types=(MM,),
-              layouts=(MM_REC, VMA_REC, MM_CONTEXT), save_object=save_mm, load_object=load_mm,
+              layouts=(MM_REC, VMA_REC, MM_CONTEXT, MM_ELF, FILE_ID, VDSO_LAYOUT, VDSO_SYMBOL),
+              save_object=save_mm, load_object=load_mm,
               doc="address spaces: MM, VMAs and private pages"))
 register(Kind(name="shmem", objtype=ObjType.SHMEM, model_types=(Shmem,), layouts=(SHMEM_REC,),
               save_object=save_shmem, load_object=load_shmem,

@@ -132,6 +132,10 @@ class MM(Shared):
         self.flags = 0
         for name in self.FIELDS:
             setattr(self, name, 0)
+        # What a live image recorded (kinds/memory.py): File -> FileIdentity of the mapped
+        # executables, and the vdso's VdsoLayout. The model's own mms have neither.
+        self.file_ids: dict = {}
+        self.vdso_layout = None
 
     @classmethod
     def new(cls, kernel) -> "MM":
@@ -255,6 +259,7 @@ class MM(Shared):
 
         Takes its own references on exe_file (one for mm.exe_file, one for the text VMA)."""
         self._drop_all(kernel)
+        self.file_ids, self.vdso_layout = {}, None
         text_len = PAGE_SIZE
         if exe_file is not None:
             text_len = max(page_align(exe_file.inode.size), PAGE_SIZE)
@@ -287,6 +292,7 @@ class MM(Shared):
         child._dirty = set(self._dirty)
         child.exe_file = self.exe_file.get() if self.exe_file is not None else None
         child.def_flags, child.flags = self.def_flags, self.flags
+        child.file_ids, child.vdso_layout = dict(self.file_ids), self.vdso_layout
         for name in self.FIELDS:
             setattr(child, name, getattr(self, name))
         return child
