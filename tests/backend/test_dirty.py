@@ -1,0 +1,271 @@
+"""backend.dirty (userfaultfd write-protect + PAGEMAP_SCAN dirty tracking) against real
+processes (tests/backend/targets/dirty_target.c).
+
+Every test ends its targets by pid (the start_target fixture; forked children here) and checks
+that no process is left traced or stopped."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from backend import kabi, ptrace
+from backend.dirty import DirtyTrackingError, WriteTracker
+from backend.memory_pages import PAGE_SIZE
+from backend.proc import read_smaps
+
+A_PAGES, A_POPULATED, F_PAGES = 64, 48, 8       # as in dirty_target.c
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dirty") / "data"
+    path.write_bytes(bytes(range(1, 256)) * (F_PAGES * PAGE_SIZE // 255 + 1))
+    return str(path)
+
+
+@pytest.fixture
+def target(c_target, start_target, data_file, check_untraced):
+    t = start_target(c_target("dirty_target"), data_file)
+    yield t
+    check_untraced(t.pid)
+
+
+@pytest.fixture
+def trackers():
+    """``trackers(pid, **kw)``: a WriteTracker set up while pid is seized (then released);
+    every one is closed at teardown."""
+    made: list[WriteTracker] = []
+
+    def track(pid: int, **kw) -> WriteTracker:
+        with ptrace.seized(pid):
+            tr = WriteTracker(pid, **kw)
+        made.append(tr)
+        return tr
+
+    yield track
+    for tr in made:
+        tr.close()
+
+
+@pytest.fixture
+def kill_later():
+    """Pids (forked grandchildren) to SIGKILL at teardown, whatever happened."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def cmd(t, line: str) -> str:
+    t.write(line.encode() + b"\n")
+    reply = t.readline(timeout=10)
+    assert reply is not None, f"target {t.pid} did not answer {line!r}"
+    return reply
+
+
+def region_pages(addrs, base: int, npages: int) -> set[int]:
+    """The page indices of ``addrs`` inside [base, base + npages pages)."""
+    end = base + npages * PAGE_SIZE
+    return {(a - base) // PAGE_SIZE for a in addrs if base <= a < end}
+
+
+def uffd_flagged(pid: int) -> list[str]:
+    return [f"{e.start:#x}" for e in read_smaps(pid) if "uw" in e.vm_flags]
+
+
+def fd_table(pid: int) -> dict[str, str]:
+    d = f"/proc/{pid}/fd"
+    return {fd: os.readlink(f"{d}/{fd}") for fd in os.listdir(d)}
+
+
+def process_vm_write(pid: int, addr: int, data: bytes) -> None:
+    buf = ctypes.create_string_buffer(data, len(data))
+    local = kabi.iovec(ctypes.addressof(buf), len(data))
+    remote = kabi.iovec(addr, len(data))
+    n = kabi.syscall(kabi.SYS_process_vm_writev, pid, ctypes.byref(local), 1,
+                     ctypes.byref(remote), 1, 0, what="process_vm_writev")
+    assert n == len(data)
+
+
+# --------------------------------------------------------------------------------------------
+def test_exactly_the_written_pages_then_only_those_since(target, trackers):
+    a, f = target.info["a"], target.info["f"]
+    tr = trackers(target.pid)
+    assert tr.registered and not tr.untracked
+    assert tr.features & kabi.UFFD_FEATURE_WP_ASYNC
+    assert region_pages(tr.written_pages(reprotect=False), a, A_PAGES) == set()
+    cmd(target, "w a 3 5")          # populated before tracking
+    cmd(target, "w a 50 52")        # never populated before
+    cmd(target, "r a 10 12")
+    cmd(target, "r a 55 57")        # read-faults an unpopulated page (the zero page)
+    cmd(target, "w f 2 3")          # copy-on-write of a private file page
+    cmd(target, "r f 5 6")
+    with ptrace.seized(target.pid):     # as a checkpoint scans: target stopped
+        peek = tr.written_pages(reprotect=False)
+        written = tr.written_pages()
+    assert list(peek) == list(written)
+    assert list(written) == sorted(written)
+    assert region_pages(written, a, A_PAGES) == {3, 4, 50, 51}
+    assert region_pages(written, f, F_PAGES) == {2}
+    # reprotected: nothing until the next writes, then only those
+    assert region_pages(tr.written_pages(), a, A_PAGES) == set()
+    cmd(target, "w a 4 6")
+    cmd(target, "w a 50 51")
+    cmd(target, "w f 2 4")
+    again = tr.written_pages()
+    assert region_pages(again, a, A_PAGES) == {4, 5, 50}
+    assert region_pages(again, f, F_PAGES) == {2, 3}
+    assert cmd(target, "s a 0 64") == f"SUM={A_POPULATED + 2 + 2 + 2 + 1}"     # writes landed
+
+
+@pytest.mark.parametrize("user_mode_only", [False, True])
+def test_kernel_and_foreign_writes_are_seen(target, trackers, user_mode_only):
+    a = target.info["a"]
+    tr = trackers(target.pid, user_mode_only=user_mode_only)
+    assert tr.user_mode_only is user_mode_only
+    process_vm_write(target.pid, a + 7 * PAGE_SIZE + 8, b"\x55")
+    process_vm_write(target.pid, a + 60 * PAGE_SIZE + 8, b"\x66")    # unpopulated
+    cmd(target, "i a 20 22")        # pread() into the pages: written by the kernel
+    assert region_pages(tr.written_pages(), a, A_PAGES) == {7, 20, 21, 60}
+    assert cmd(target, "s a 60 61") == "SUM=102"
+
+
+def test_target_fd_table_unchanged(target, trackers):
+    before = fd_table(target.pid)
+    tr = trackers(target.pid)
+    assert fd_table(target.pid) == before
+    assert not any("userfaultfd" in link for link in before.values())
+    # ours is close-on-exec here
+    assert fcntl_cloexec(tr._uffd)
+
+
+def fcntl_cloexec(fd: int) -> bool:
+    import fcntl
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+
+
+def test_changed_vmas_new_gone_and_moved(target, trackers):
+    a = target.info["a"]
+    tr = trackers(target.pid)
+    assert not tr.changed_vmas(), tr.changed_vmas()
+    mapped = int(cmd(target, "m 4").split("=")[1], 16)
+    cmd(target, "u a 40 44")
+    moved = int(cmd(target, "M a 10 12").split("=")[1], 16)
+    cmd(target, f"w a 12 13")
+    with ptrace.seized(target.pid):
+        changes = tr.changed_vmas()
+        written = tr.written_pages()
+    new = {(m.start, m.end) for m in changes.new}
+    assert (mapped, mapped + 4 * PAGE_SIZE) in new
+    assert (moved, moved + 2 * PAGE_SIZE) in new
+    assert len(new) == 2, changes.new
+    assert changes.gone == [(a + 10 * PAGE_SIZE, a + 12 * PAGE_SIZE),
+                            (a + 40 * PAGE_SIZE, a + 44 * PAGE_SIZE)]
+    # pages of the new VMAs are not in written_pages (they are taken whole)
+    assert region_pages(written, mapped, 4) == set() and region_pages(written, moved, 2) == set()
+    assert region_pages(written, a, A_PAGES) == {12}
+
+
+def test_fork_child_writes_are_the_childs(target, trackers, kill_later):
+    a = target.info["a"]
+    parent = trackers(target.pid)
+    child = int(cmd(target, "F").split("=")[1])
+    kill_later.append(child)
+    # the kernel dropped the registration in the child (no UFFD_FEATURE_EVENT_FORK)
+    assert uffd_flagged(child) == []
+    assert uffd_flagged(target.pid)
+    cmd(target, "w a 3 5")                                   # the child answers now
+    own = trackers(child)
+    cmd(target, "w a 6 8")
+    assert region_pages(own.written_pages(), a, A_PAGES) == {6, 7}
+    assert region_pages(parent.written_pages(), a, A_PAGES) == set()
+    target.write(b"x\n")
+    assert target.readline(timeout=10) == "REAPED=0"
+    own.close()
+    cmd(target, "w a 9 10")
+    assert region_pages(parent.written_pages(), a, A_PAGES) == {9}
+    assert cmd(target, "s a 3 8") == "SUM=5"                  # the parent's copies: all 1
+
+
+def test_close_lets_the_target_run_on(target, trackers):
+    tr = trackers(target.pid)
+    cmd(target, "w a 0 4")
+    tr.close()                       # target running, not seized
+    assert uffd_flagged(target.pid) == []
+    # protected pages, unpopulated pages, file pages: all plain writes now
+    assert cmd(target, "w a 0 64") == "OK"
+    assert cmd(target, "w f 0 8") == "OK"
+    assert cmd(target, "s a 0 64") == f"SUM={4 * 3 + 44 * 2 + 16 * 1}"
+    tr.close()                       # idempotent
+    with pytest.raises(DirtyTrackingError) as e:
+        tr.written_pages()
+    assert e.value.errno == errno.EBADF and str(target.pid) in str(e.value)
+
+
+def test_dropped_fd_releases_the_registration(target, trackers):
+    """A checkpointer that dies without close(): the kernel's release clears everything."""
+    tr = trackers(target.pid)
+    cmd(target, "w a 0 2")
+    os.close(tr._uffd)               # what exiting does
+    tr._uffd = None
+    assert uffd_flagged(target.pid) == []
+    assert cmd(target, "w a 0 64") == "OK"
+    assert cmd(target, "s a 0 2") == "SUM=6"
+
+
+def test_exec_makes_everything_new(c_target, start_target, data_file, trackers, kill_later,
+                                   check_untraced):
+    """After an exec the registered mm is gone: nothing is ours, every VMA is new."""
+    proc = subprocess.Popen(["sh", "-c", "read line; exec sleep 60"], stdin=subprocess.PIPE)
+    kill_later.append(proc.pid)
+    try:
+        time.sleep(0.1)
+        tr = trackers(proc.pid)
+        assert tr.registered and not tr.changed_vmas()
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{proc.pid}/comm").read().strip() != "sleep":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        changes = tr.changed_vmas()
+        assert changes.new and changes.gone == tr.registered
+        assert len(tr.written_pages()) == 0
+        tr.close()
+        check_untraced(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_errors_name_the_process(target, trackers):
+    # not stopped by us: nothing can be injected
+    with pytest.raises(DirtyTrackingError) as e:
+        WriteTracker(target.pid)
+    assert str(target.pid) in str(e.value) and "userfaultfd" in str(e.value)
+    assert cmd(target, "r a 0 1") == "OK"
+    # no such process
+    with pytest.raises(DirtyTrackingError) as e:
+        WriteTracker(2 ** 22 + 12345)
+    assert e.value.errno == errno.ESRCH and str(2 ** 22 + 12345) in str(e.value)
+
+
+def test_bench_overhead_script_runs(c_target, data_file):
+    """bench/bench_dirty_tracking.py measures (and checks) what it reports."""
+    r = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench_dirty_tracking.py"),
+                        "--pages", "256", "--rounds", "2", "--exe", c_target("dirty_target"),
+                        "--file", data_file], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": REPO})
+    assert r.returncode == 0, r.stderr
+    assert "tracked" in r.stdout and "untracked" in r.stdout
