@@ -250,7 +250,7 @@ class Tracker:
             raise TrackerUnavailable(f"eBPF tracker: {PROGRAM} did not load: {box['error']}")
         self._bpf = box["bpf"]
         try:
-            self._bpf["events"].open_ring_buffer(self._on_event)
+            self._bpf[b"events"].open_ring_buffer(self._on_event)
         except BaseException:
             self.stop()
             raise
@@ -282,7 +282,7 @@ class Tracker:
                 continue
 
     def _set_tracked(self, tgid: int, root: int) -> None:
-        table = self._bpf["tracked"]
+        table = self._bpf[b"tracked"]
         leaf = table.Leaf()
         leaf.root = root
         table[table.Key(tgid)] = leaf
@@ -346,10 +346,10 @@ class Tracker:
         """The tgids tracked now (exited ones are dropped by the exit program)."""
         with self._lock:
             self._need()
-            return {k.value for k in self._bpf["tracked"].keys()}
+            return {k.value for k in self._bpf[b"tracked"].keys()}
 
     def _check_complete(self, tgid: int, what: str) -> None:
-        leaf = self._bpf["tracked"].get(self._bpf["tracked"].Key(tgid))
+        leaf = self._bpf[b"tracked"].get(self._bpf[b"tracked"].Key(tgid))
         if leaf is not None and getattr(leaf, what):
             kind = "dirty pages" if what == "dirty_lost" else "events"
             raise TrackerIncomplete(f"process {tgid}: some {kind} were not recorded (the "
@@ -358,7 +358,7 @@ class Tracker:
     def _all_dirty_keys(self) -> list[int]:
         """Every key of the `dirty` map, sorted, read with BPF_MAP_LOOKUP_BATCH."""
         lib = self._bcc.libbcc.lib
-        fd = self._bpf["dirty"].map_fd
+        fd = self._bpf[b"dirty"].map_fd
         keys = (ctypes.c_uint64 * DIRTY_BATCH)()
         values = (ctypes.c_uint8 * DIRTY_BATCH)()
         out = array("Q")
@@ -413,7 +413,7 @@ class Tracker:
             self._need()
             self._check_complete(tgid, "events_lost")
             out: dict[int, dict[str, int]] = {}
-            for k, v in self._bpf["io_calls"].items():
+            for k, v in self._bpf[b"io_calls"].items():
                 if k.tgid == tgid:
                     name = self._names.get(k.nr, f"syscall_{k.nr}")
                     out.setdefault(k.fd, {})[name] = v.value
@@ -438,17 +438,17 @@ class Tracker:
                 packed = array("Q", keys)
                 buf = (ctypes.c_uint64 * len(keys)).from_buffer(packed)
                 count = ctypes.c_uint32(len(keys))
-                res = self._bcc.libbcc.lib.bpf_delete_batch(self._bpf["dirty"].map_fd, buf,
+                res = self._bcc.libbcc.lib.bpf_delete_batch(self._bpf[b"dirty"].map_fd, buf,
                                                             ctypes.byref(count))
                 if res != 0:
                     err = ctypes.get_errno()
                     raise OSError(err, f"BPF_MAP_DELETE_BATCH on the dirty map: "
                                        f"{os.strerror(err)}")
-            io = self._bpf["io_calls"]
+            io = self._bpf[b"io_calls"]
             for k in [k for k in io.keys() if k.tgid == tgid]:
                 del io[k]
             self._syscalls.pop(tgid, None)
-            table = self._bpf["tracked"]
+            table = self._bpf[b"tracked"]
             leaf = table.get(table.Key(tgid))
             if leaf is not None and (leaf.dirty_lost or leaf.events_lost):
                 leaf.dirty_lost = leaf.events_lost = 0

@@ -42,6 +42,7 @@ DISABLES = {
     "bpf": "live dirty-page collection with an eBPF tracepoint program",
     "btf": "CO-RE eBPF programs (vmlinux BTF)",
     "tracefs": "attaching eBPF programs to tracepoints by name",
+    "bpf_tracker": "the eBPF tracker (bcc): incremental dumps fall back to full ones",
     "kcmp": "finding files, mm, fs and sighand shared by several tasks",
     "pidfd_getfd": "taking a target's fds (uffd, pipe and socket queues) into the checkpointer",
     "clone3_set_tid": "restart with the original pids",
@@ -256,6 +257,13 @@ def _probe_tracefs() -> tuple[bool, str]:
                    "(mount -t tracefs nodev /sys/kernel/tracing)")
 
 
+def _probe_bpf_tracker() -> tuple[bool, str]:
+    # its prerequisites only (root, bcc, headers, tracepoints): compiling takes 0.3-1 s
+    from . import bpf_tracker
+    present, detail = bpf_tracker.available()
+    return present, (detail + " (not compiled by this check)") if present else detail
+
+
 def _probe_kcmp(child: _Child) -> tuple[bool, str]:
     me = os.getpid()
     a = os.dup(child.r)
@@ -373,6 +381,7 @@ def probe() -> list[Feature]:
         out.append(_run("bpf", _probe_bpf))
         out.append(_run("btf", _probe_btf))
         out.append(_run("tracefs", _probe_tracefs))
+        out.append(_run("bpf_tracker", _probe_bpf_tracker))
         out.append(_run("kcmp", with_child(_probe_kcmp)))
         out.append(_run("pidfd_getfd", with_child(_probe_pidfd_getfd)))
         out.append(_run("clone3_set_tid", _probe_clone3_set_tid))

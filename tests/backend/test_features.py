@@ -13,7 +13,7 @@ from backend.features import Feature, MissingFeatures
 from ckptsim.tools import cli
 
 NAMES = ["ptrace", "process_vm_readv", "pagemap", "pagemap_scan", "uffd_wp_async", "bpf", "btf",
-         "tracefs", "kcmp", "pidfd_getfd", "clone3_set_tid", "freezer_v1", "freezer_v2"]
+         "tracefs", "bpf_tracker", "kcmp", "pidfd_getfd", "clone3_set_tid", "freezer_v1", "freezer_v2"]
 
 
 def _config() -> dict[str, str]:
@@ -191,3 +191,26 @@ def test_ckptsim_check_exits_1_when_a_must_have_is_missing(monkeypatch, capsys):
 
 def _all_present():
     return [Feature(n, True, "ok", n in features.MUST_HAVE, features.DISABLES[n]) for n in NAMES]
+
+
+def test_bpf_tracker_follows_the_trackers_own_check():
+    from backend import bpf_tracker
+    present, detail = bpf_tracker.available()
+    found = {f.name: f for f in features.probe()}["bpf_tracker"]
+    assert found.present == present and detail in found.detail
+    assert "full" in found.disables            # what is lost: incremental dumps
+
+
+def test_bpf_tracker_missing_names_the_reason(monkeypatch, capsys):
+    from backend import bpf_tracker
+
+    def no_bcc():
+        raise bpf_tracker.TrackerUnavailable("bcc is not installed (apt-get install python3-bpfcc)")
+    monkeypatch.setattr(bpf_tracker, "_import_bcc", no_bcc)
+    found = {f.name: f for f in features.probe()}["bpf_tracker"]
+    assert not found.present and not found.must_have
+    if os.geteuid() == 0:
+        assert "python3-bpfcc" in found.detail
+    cli.main(["check"])                        # its exit status is tested above
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("bpf_tracker"))
+    assert "missing" in row and "fall back to full" in row

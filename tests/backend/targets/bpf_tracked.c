@@ -8,9 +8,9 @@
  *                 -> "mm a=ADDR b=NEWADDR brk0=OLD brk1=NEW"
  *   fd            open /dev/null, dup it, pipe, write and read the pipe, lseek, close all
  *                 -> "fd null=N dup=D r=R w=W"
- *   fork I ...    fork a child that writes pages I... then waits for "reap" -> "child=PID"
+ *   fork I ...    fork a child that writes pages I... then waits for "reap" -> "forked child=PID"
  *   reap          let the child exit and reap it                          -> "reaped"
- *   exec          fork a child that execs /bin/sleep 600 (the test kills it) -> "child=PID"
+ *   exec          fork a child that execs /bin/sleep 600 (the test kills it) -> "execed child=PID"
  *   thread        start a thread that writes page 0 and exits; join it    -> "done"
  */
 #define _GNU_SOURCE
@@ -95,7 +95,7 @@ int main(void) {
             }
             close(p[0]);
             child_pipe = p[1];
-            printf("child=%d\n", child);
+            printf("forked child=%d\n", child);
         } else if (strncmp(line, "reap", 4) == 0) {
             close(child_pipe);
             waitpid(child, NULL, 0);
@@ -106,7 +106,7 @@ int main(void) {
                 execl("/bin/sleep", "sleep", "600", (char *)NULL);
                 _exit(127);
             }
-            printf("child=%d\n", pid);
+            printf("execed child=%d\n", pid);
         } else if (strncmp(line, "thread", 6) == 0) {
             pthread_t t;
             pthread_create(&t, NULL, thread_main, NULL);
