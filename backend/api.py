@@ -135,6 +135,14 @@ def restart(pid: int, fd: int, flags: int = 0, logfd: int = -1, *, pidns: bool =
     sees it). ``flags``: RESTART_FROZEN leaves every restored process stopped (SIGSTOP).
     With ``pidns`` (the default) the tree gets a new pid namespace with its image pids and a
     reaper as its init, this process's child."""
+    if flags & core.RESTART_TASKSELF:
+        # the seed's self_restart: the caller becomes the image's one task (never returns)
+        if pid not in (0, os.getpid()) or flags & ~(core.RESTART_TASKSELF):
+            raise RestartError(errno.EINVAL, "RESTART_TASKSELF restarts in place of the caller:"
+                                             " pass its pid (or 0) and no other flag")
+        _check_fd(fd, "image fd", writable=False, error=RestartError)
+        from .restore.self_restart import restart_self
+        restart_self(read_image_fd(fd))
     if pid != 0:
         raise RestartError(errno.EINVAL, f"restart(pid={pid}): restoring into processes the "
                                          "caller made is not supported; pass 0 to build the tree")

@@ -754,3 +754,16 @@ LINUX_CAPABILITY_VERSION_3 = 0x20080522
 PR_SET_PTRACER = 0x59616D61
 PR_SET_PTRACER_NONE = 0
 YAMA_PTRACE_SCOPE = "/proc/sys/kernel/yama/ptrace_scope"
+
+# --------------------------------------------------------------------------------------------
+# backend/restore: restartable sequences (include/uapi/linux/ptrace.h, linux/rseq.h)
+# --------------------------------------------------------------------------------------------
+RSEQ_FLAG_UNREGISTER = 1
+
+
+class ptrace_rseq_configuration(ctypes.Structure):
+    _fields_ = [("rseq_abi_pointer", c_u64), ("rseq_abi_size", c_u32), ("signature", c_u32),
+                ("flags", c_u32), ("pad", c_u32)]
+
+
+assert ctypes.sizeof(ptrace_rseq_configuration) == 24

@@ -1,7 +1,11 @@
 """``restart``: the seed's restart(1) for live images.
 
     restart [-i FILE] [--frozen] [--pidns | --no-pidns] [--log FILE] [--wait | --detach] [-v]
-    restart --self      (the seed's RESTART_TASKSELF: refused, not supported yet)
+    restart --self [-i FILE] [--log FILE]
+
+``--self`` (the seed's RESTART_TASKSELF) restarts a one-task image in place of this process:
+it becomes the image's program, keeping this process's pid, parent and session (as a shell's
+``exec`` would); it returns only if the restart fails before this process was touched.
 
 Reads an image written by ``checkpoint`` (from FILE, or standard input) and rebuilds its tree
 as real processes. By default the tree gets a new pid namespace (its pids as in the image) and
@@ -37,8 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--detach", action="store_true",
                      help="print the root's pid and return; the tree runs on")
     p.add_argument("--self", action="store_true",
-                   help="restart a one-task image in place of this process (RESTART_TASKSELF): "
-                        "not supported yet")
+                   help="restart a one-task image in place of this process (RESTART_TASKSELF)")
     p.add_argument("-l", "--log", help="write progress lines to this file")
     p.add_argument("-v", "--verbose", action="store_true", help="print timings and pids")
     return p
@@ -59,15 +62,17 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
-    if args.self:
-        print("restart: error: --self (RESTART_TASKSELF: restart in place of the calling "
-              "process) is not supported yet; restart the image as a new process tree "
-              "(without --self)", file=sys.stderr)
+    if args.self and (args.frozen or args.detach or not args.pidns):
+        print("restart: error: --self takes no --frozen, --detach or --no-pidns (the image "
+              "becomes this process)", file=sys.stderr)
         return 2
     log_file = None
     try:
         data = _read_input(args.input)
         log_file = open(args.log, "w") if args.log else None
+        if args.self:
+            from .restore.self_restart import restart_self
+            restart_self(data)               # returns only on failure, raising
         from .restore.job import restart_image
         restored = restart_image(data, pidns=args.pidns, frozen=args.frozen,
                                  log=(lambda m: print(m, file=log_file)) if log_file else None)

@@ -628,7 +628,7 @@ class Gatherer:
     def _thread(self, p: LiveProcess, tid: int) -> LiveTask:
         t = LiveTask(tid, p)
         stat = proc.read_stat(tid) if tid == p.pid else p.stat
-        t.comm = proc.read_comm(tid) if tid == p.pid else p.stat.comm
+        t.comm = proc.read_comm(tid)          # each thread's own name (/proc/TID/comm)
         t.state = "stopped" if stat.state in ("T",) else "running"
         t.exit_signal = p.stat.exit_signal if tid == p.pid else -1
         regs = ptrace.get_regs(tid)
@@ -674,8 +674,11 @@ class Gatherer:
             if pipe is None:
                 capacity, data = _pipe_contents(pid, info.fd, info.ino)
                 pipe = self.pipes[info.ino] = LivePipe(capacity, data, kind is proc.FdKind.FIFO)
+            # an unlinked FIFO: its inode saved (no contents: the bytes are the pipe's)
+            inode = (LiveInode(info.ino, "fifo", info.mode & 0o7777, b"")
+                     if kind is proc.FdKind.FIFO and info.deleted else None)
             return LiveFile("pipe" if kind is proc.FdKind.PIPE else "fifo", flags, 0, info.path,
-                            seekable=False, private=pipe)
+                            seekable=False, private=pipe, inode=inode)
         if kind is proc.FdKind.SOCKET:   # AF_UNIX; other families are refused there
             from .sockets import for_gatherer
             return for_gatherer(self).file(pid, info)

@@ -68,36 +68,25 @@ class Restored:
         return self.reaper if self.reaper is not None else self.root
 
 
+def preload() -> None:
+    """Import what restart_image imports on first use (the model, every kind module, the
+    ELF checks): a long-lived caller (or a benchmark) pays it once, not in its first
+    restart's time."""
+    from ckptsim.cr import api  # noqa: F401
+    from ckptsim.kinds import load_all
+    from ckptsim.model import kernel  # noqa: F401
+    from . import elfcheck  # noqa: F401
+    load_all()
+
+
 def restart_image(data, *, pidns: bool = True, frozen: bool = False, log=None,
                   timeout: float = 120.0) -> Restored:
-    """Restart the live image ``data`` (a writable buffer: an mmap with ACCESS_COPY or a
-    bytearray, since pages are handed to process_vm_writev without a copy)."""
-    from ckptsim.cr.api import restart_job
-    from ckptsim.model.kernel import Kernel
-
+    """Restart the live image ``data`` (bytes, bytearray, memoryview or an mmap of the image
+    file: pages go to process_vm_writev straight from it) as a new tree of processes."""
     t0 = time.perf_counter()
-    reader = ImageReader(data, checksum=False)
-    header = reader.expect(core.HEADER)
-    if not header["image_flags"] & core.IMAGE_LIVE:
-        raise RestoreError(errno.EINVAL, "this is a model image: run it with `ckptsim replay`"
-                                         " (only live images restart into real processes)")
-    if header["arch"] != core.ARCH_X86_64:
-        raise RestoreError(errno.EINVAL, f"image architecture {header['arch']} is not x86-64")
-    # The CRC pass runs on a helper thread (zlib releases the GIL) while the records are
-    # decoded and the pages written; job.run checks it before any restored process runs.
-    checksum = _Checksum(reader)
-    kernel, sink = Kernel(0), PageSink()
-    try:
-        tasks, rctx = restart_job(kernel, kernel.init, 0, data, core.RESTART_FROZEN,
-                                  restore_fs=True, page_sink=sink, checksum=False)
-    except BaseException:
-        checksum.result()              # a corrupted image is reported as such first
-        raise
-    job = _Job(kernel, rctx, sink, log)
-    job.checksum = checksum
+    job = load_job(data, log, background_checksum=True)
     job.timings["decode"] = time.perf_counter() - t0
     try:
-        check_creds([t.cred for t in tasks if t.state != "zombie"])
         return job.run(pidns, frozen, timeout)
     except (StubError, PtraceError, OSError) as e:
         job.abort()
@@ -110,6 +99,40 @@ def restart_image(data, *, pidns: bool = True, frozen: bool = False, log=None,
         raise
     finally:
         job.close()
+
+
+def load_job(data, log=None, *, background_checksum: bool) -> "_Job":
+    """Steps 1 and 2: the image restored into a fresh model (refusing model images, other
+    architectures and credentials the caller could not set). ``background_checksum``: the
+    CRC pass runs on a helper thread, checked by run() before anything runs (else it is
+    checked here, for a caller about to fork)."""
+    from ckptsim.cr.api import restart_job
+    from ckptsim.model.kernel import Kernel
+
+    reader = ImageReader(data, checksum=False)
+    header = reader.expect(core.HEADER)
+    if not header["image_flags"] & core.IMAGE_LIVE:
+        raise RestoreError(errno.EINVAL, "this is a model image: run it with `ckptsim replay`"
+                                         " (only live images restart into real processes)")
+    if header["arch"] != core.ARCH_X86_64:
+        raise RestoreError(errno.EINVAL, f"image architecture {header['arch']} is not x86-64")
+    # The CRC pass runs on a helper thread (zlib releases the GIL) while the records are
+    # decoded and the pages written; job.run checks it before any restored process runs.
+    checksum = _Checksum(reader) if background_checksum else None
+    if checksum is None:
+        reader.verify_checksum()
+    kernel, sink = Kernel(0), PageSink()
+    try:
+        tasks, rctx = restart_job(kernel, kernel.init, 0, data, core.RESTART_FROZEN,
+                                  restore_fs=True, page_sink=sink, checksum=False)
+    except BaseException:
+        if checksum is not None:
+            checksum.result()          # a corrupted image is reported as such first
+        raise
+    job = _Job(kernel, rctx, sink, log)
+    job.checksum = checksum or _Checksum.done()
+    check_creds([t.cred for t in tasks if t.state != "zombie"])
+    return job
 
 
 class _Checksum:
@@ -127,7 +150,16 @@ class _Checksum:
         except BaseException as e:       # handed to the restoring thread
             self._error = e
 
+    @classmethod
+    def done(cls) -> "_Checksum":
+        """An already verified checksum."""
+        c = cls.__new__(cls)
+        c._error, c._thread = None, None
+        return c
+
     def result(self) -> None:
+        if self._thread is None:
+            return
         self._thread.join()
         if self._error is not None:
             raise self._error
@@ -227,35 +259,11 @@ class _Job:
         # 4. each process
         threads: dict[int, list[tuple[int, Stub]]] = {}
         for vpid, stub in self.stubs.items():
-            task = self.by_vpid[vpid]
-            restore_mm(stub, task.mm, self.sink, self.segments, self.transport,
-                       self.factory.open_path,
-                       task.mm.exe_file.path if task.mm.exe_file is not None else None, exe)
-            restore_fdtable(stub, task.files, self.factory, self.transport)
-            restore_fs_context(stub, task.fs, self.factory, self.transport)
-            restore_rlimits(stub.pid, task.signal.rlimits)
-            restore_handlers(stub, task.sighand)
-            group = [(vpid, stub)]
-            for tid, _, vtgid, *_ in self.entries:
-                if vtgid == vpid and tid != vpid:
-                    t_stub = clone_child(stub, tid, THREAD_FLAGS, 0, what=f"clone3 of thread {tid}")
-                    self._created(t_stub.tid)
-                    group.append((tid, t_stub))
-            threads[vpid] = group
-            stub.syscall(kabi.SYS_close, self.transport.fd, what="close of the transport")
+            threads[vpid] = self.restore_process(vpid, stub, exe)
         self.timings["processes"] = time.perf_counter() - t0
         # 5. each thread, then the registers
         for vpid, group in threads.items():
-            for tid, stub in group:
-                task = self.by_vpid[tid]
-                restore_thread_basics(stub, task)
-                if not caller_cred_matches(task.cred):
-                    restore_creds(stub, task.cred)
-                queue_pending(stub, task, tid == vpid, vpid, tid)
-            leader = group[0][1]
-            leader.syscall(kabi.SYS_munmap, leader.tramp, PAGE, what="munmap of the trampoline")
-            for tid, stub in group:
-                set_cpu(stub, self.by_vpid[tid])
+            self.finish_group(vpid, group)
         if use_reaper:
             become_reaper(seed, (seed.tramp, seed.tramp + PAGE), root_vpid)
         self.timings["tasks"] = time.perf_counter() - t0
@@ -277,6 +285,45 @@ class _Job:
         return Restored(root=root_stub.pid, pids=pids,
                         reaper=seed_pid if use_reaper else None, new_pidns=pidns,
                         frozen=frozen, timings=dict(self.timings), pages=self.sink.pages)
+
+    def restore_process(self, vpid: int, stub: Stub, stub_exe: str) -> list[tuple[int, Stub]]:
+        """Step 4 for the process ``vpid`` of the image, built in ``stub`` (whose executable
+        is ``stub_exe``): memory, fds, cwd/root, limits, handlers, then its other threads.
+        Returns [(image tid, stub)] for the thread group, the leader first."""
+        task = self.by_vpid[vpid]
+        restore_mm(stub, task.mm, self.sink, self.segments, self.transport,
+                   self.factory.open_path,
+                   task.mm.exe_file.path if task.mm.exe_file is not None else None, stub_exe)
+        restore_fdtable(stub, task.files, self.factory, self.transport)
+        restore_fs_context(stub, task.fs, self.factory, self.transport)
+        restore_rlimits(stub.pid, task.signal.rlimits)
+        restore_handlers(stub, task.sighand)
+        group = [(vpid, stub)]
+        for tid, _, vtgid, *_ in self.entries:
+            if vtgid == vpid and tid != vpid:
+                t_stub = clone_child(stub, tid, THREAD_FLAGS, 0, what=f"clone3 of thread {tid}")
+                self._created(t_stub.tid)
+                group.append((tid, t_stub))
+        stub.syscall(kabi.SYS_close, self.transport.fd, what="close of the transport")
+        return group
+
+    def finish_group(self, vpid: int, group: list[tuple[int, Stub]],
+                     own_ids: tuple[int, int] | None = None) -> None:
+        """Step 5 for a thread group: per thread its name, altstack, credentials and pending
+        signals; the trampoline goes; registers, XSAVE and the mask last. ``own_ids``: the
+        leader's (pid, tid) in its own namespace when they are not the image's (a restart
+        in place of the caller)."""
+        for tid, stub in group:
+            task = self.by_vpid[tid]
+            restore_thread_basics(stub, task)
+            if not caller_cred_matches(task.cred):
+                restore_creds(stub, task.cred)
+            ids = own_ids if own_ids is not None and tid == vpid else (vpid, tid)
+            queue_pending(stub, task, tid == vpid, *ids)
+        leader = group[0][1]
+        leader.syscall(kabi.SYS_munmap, leader.tramp, PAGE, what="munmap of the trampoline")
+        for tid, stub in group:
+            set_cpu(stub, self.by_vpid[tid])
 
     def _join_groups(self, stub: Stub, entry, inherited: int | None) -> int | None:
         """setsid/setpgid as the image says; returns the stub's pgid (image numbers; None:

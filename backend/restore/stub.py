@@ -148,10 +148,30 @@ class Stub:
             # A signal-delivery-stop: SIGCHLD of a child stub made a zombie, or a signal sent
             # from outside to a process that does not exist yet as far as the world knows.
             # Stubs have no handlers and no pending state worth keeping: it is dropped (the
-            # restored pending signals are queued last, with every signal blocked).
+            # restored pending signals are queued last, with every signal blocked). A signal
+            # the kernel raises again at once (a fault on the way back to user mode) would
+            # loop for ever: that is an error.
             self.dropped_signals.append(sig)
+            if len(self.dropped_signals) > 64 and \
+                    self.dropped_signals[-64:].count(sig) == 64:
+                raise StubError(errno.EFAULT, f"stub {self.tid}: signal {sig} keeps coming back"
+                                              " (a fault the kernel raises on each resume)")
 
     # -- the end -------------------------------------------------------------------------------
+    def unregister_rseq(self) -> None:
+        """Drop the process's restartable-sequences registration (glibc makes one at start):
+        once its memory is unmapped, the kernel would fault on it at every return to user
+        mode. Only a stub that has run (a restart in place of the caller) has one."""
+        conf = kabi.ptrace_rseq_configuration()
+        try:
+            _ptrace(kabi.PTRACE_GET_RSEQ_CONFIGURATION, self.tid, ctypes.sizeof(conf),
+                    ctypes.addressof(conf))
+        except PtraceError:
+            return
+        if conf.rseq_abi_pointer:
+            self.syscall(kabi.SYS_rseq, conf.rseq_abi_pointer, conf.rseq_abi_size,
+                         kabi.RSEQ_FLAG_UNREGISTER, conf.signature, what="rseq unregister")
+
     def set_final_regs(self, regs: kabi.user_regs_struct) -> None:
         self._regs = regs
         set_regs(self.tid, regs)

@@ -251,8 +251,10 @@ def test_bad_fds_and_flags_are_clear_errors(tmp_path):
             (lambda: api.restart(0, closed), RestartError, errno.EBADF, "not open"),
             (lambda: api.restart(0, wo), RestartError, errno.EBADF, "not open for reading"),
             (lambda: api.restart(0, ro, 0x40), RestartError, errno.EINVAL, "unknown restart flags 0x40"),
-            (lambda: api.restart(0, ro, core.RESTART_TASKSELF), RestartError, errno.EOPNOTSUPP,
-             "RESTART_TASKSELF is not supported yet"),
+            (lambda: api.restart(0, ro, core.RESTART_TASKSELF | core.RESTART_FROZEN),
+             RestartError, errno.EINVAL, "no other flag"),
+            (lambda: api.restart(7, ro, core.RESTART_TASKSELF), RestartError, errno.EINVAL,
+             "in place of the caller"),
             (lambda: api.restart(0, ro, core.RESTART_GHOST), RestartError, errno.EOPNOTSUPP,
              "RESTART_GHOST"),
             (lambda: api.restart(7, ro), RestartError, errno.EINVAL, "pass 0"),
@@ -272,11 +274,11 @@ def test_bad_fds_and_flags_are_clear_errors(tmp_path):
         os.close(wo)
 
 
-def test_restart_tool_refuses_self_as_not_supported_yet(capsys):
+def test_restart_tool_self_with_an_unreadable_image_is_one_line(capsys):
     from backend import restore_cli
     assert restore_cli.main(["--self", "-i", "/nonexistent"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--self" in err and "not supported yet" in err, err
+    assert err.count("\n") == 1 and "/nonexistent" in err, err
 
 
 # -- examples/self_checkpoint.c through the checkpoint tool --------------------------------
