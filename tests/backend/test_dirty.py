@@ -56,6 +56,15 @@ def trackers():
 
 
 @pytest.fixture
+def trackers_made():
+    """A list of WriteTrackers to close at teardown."""
+    made: list[WriteTracker] = []
+    yield made
+    for tr in made:
+        tr.close()
+
+
+@pytest.fixture
 def kill_later():
     """Pids (forked grandchildren) to SIGKILL at teardown, whatever happened."""
     pids: list[int] = []
@@ -269,3 +278,30 @@ def test_bench_overhead_script_runs(c_target, data_file):
                        env={**os.environ, "PYTHONPATH": REPO})
     assert r.returncode == 0, r.stderr
     assert "tracked" in r.stdout and "untracked" in r.stdout
+
+
+def test_bpf_write_faults_equal_the_scan(target, trackers_made):
+    """The eBPF tracker (backend/bpf_tracker.py, write faults seen by the page_fault
+    tracepoints) and PAGEMAP_SCAN agree exactly on a target that writes only its own memory:
+    every first write after protection faults, and the scan sees each page written."""
+    from backend import bpf_tracker
+    ok, why = bpf_tracker.available()
+    if not ok:
+        pytest.skip(f"eBPF tracker unavailable: {why}")
+    a, f = target.info["a"], target.info["f"]
+    with bpf_tracker.Tracker() as bpf:
+        bpf.start([target.pid])
+        with ptrace.seized(target.pid):     # one stop: the target's return to user after
+            tr = WriteTracker(target.pid)   # it (rseq cpu ids written by the kernel) is
+            bpf.reset(target.pid)           # in both or in neither
+        trackers_made.append(tr)
+        for line in ("w a 3 5", "w a 50 52", "r a 10 12", "r a 55 57", "w f 2 3", "r f 5 6",
+                     "i a 20 22", "s a 0 64"):
+            cmd(target, line)
+        with ptrace.seized(target.pid):
+            ours = tr.written_pages()
+            theirs = bpf.dirty_pages(target.pid)
+    assert region_pages(ours, a, A_PAGES) == {3, 4, 20, 21, 50, 51}
+    assert region_pages(ours, f, F_PAGES) == {2}
+    in_tracked = {p for p in theirs if any(lo <= p < hi for lo, hi in tr.registered)}
+    assert in_tracked == set(ours), sorted(map(hex, in_tracked ^ set(ours)))
