@@ -324,3 +324,14 @@ def test_loading_is_bounded_and_an_abandoned_load_is_detached():
     _wait_for(lambda: not any(th.name == "bpf-tracker-load" for th in threading.enumerate()),
               "the load thread", 30)
     assert _attached(os.getpid()) == before
+
+
+def test_bcc_imports_from_debians_copy_without_the_venv_link():
+    if not os.path.isdir(bpf_tracker.DEBIAN_BCC):
+        pytest.skip(f"{bpf_tracker.DEBIAN_BCC} is missing (apt-get install python3-bpfcc)")
+    code = ("import sys; sys.path = [p for p in sys.path if 'site-packages' not in p]; "
+            f"sys.path.insert(0, {REPO!r}); "
+            "from backend.bpf_tracker import _import_bcc; print(_import_bcc().__file__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == os.path.join(bpf_tracker.DEBIAN_BCC, "__init__.py")
