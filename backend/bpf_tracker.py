@@ -20,7 +20,8 @@ Processes sharing an mm (vfork, CLONE_VM) record their writes under their own tg
 Results are only complete if nothing was dropped: a full dirty map, a full ring buffer or a
 page above 2**48 flag the tgid, and ``dirty_pages``/``mm_events``/``fd_events`` then raise
 ``TrackerIncomplete`` (the caller falls back to a full dump). Query a tree while it is stopped:
-``reset`` forgets everything recorded for the tgid so far.
+``reset`` forgets everything recorded for the tgid so far (an exited process's record stays
+until then).
 
     available() -> (bool, reason)        root, bcc, kernel headers, tracefs; no compiling
     Tracker(load_timeout=...)             start(pids) ... stop(); also a context manager
@@ -39,8 +40,8 @@ import re
 import sys
 import threading
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from ckptsim.errors import CkptsimError
 
@@ -127,7 +128,7 @@ def _import_bcc():
     """bcc's module: from the venv (scripts/setup.sh links it in), else Debian's copy loaded by
     its path alone (not the rest of Debian's dist-packages). Raises TrackerUnavailable."""
     try:
-        import bcc                                  # noqa: PLC0415 - optional dependency
+        import bcc                                  # optional: Debian's python3-bpfcc
         return bcc
     except ImportError:
         pass
@@ -142,7 +143,7 @@ def _import_bcc():
         sys.modules["bcc"] = module
         spec.loader.exec_module(module)
         return module
-    except Exception as e:                          # libbcc.so missing or broken
+    except Exception as e:  # noqa: BLE001 - libbcc.so missing or broken: unavailable
         sys.modules.pop("bcc", None)
         raise TrackerUnavailable(f"bcc does not import: {type(e).__name__}: {e}") from None
 
@@ -228,7 +229,7 @@ class Tracker:
         def compile_and_attach():
             try:
                 bpf = self._bcc.BPF(src_file=PROGRAM.encode())
-            except Exception as e:                  # bcc raises plain Exception
+            except Exception as e:  # noqa: BLE001 - bcc raises plain Exception
                 box["error"] = e
                 return
             with done:
@@ -298,7 +299,7 @@ class Tracker:
                 bpf, self._bpf = self._bpf, None
                 bpf.cleanup()
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -346,7 +347,7 @@ class Tracker:
         """The tgids tracked now (exited ones are dropped by the exit program)."""
         with self._lock:
             self._need()
-            return {k.value for k in self._bpf[b"tracked"].keys()}
+            return {k.value for k in self._bpf[b"tracked"]}
 
     def _check_complete(self, tgid: int, what: str) -> None:
         leaf = self._bpf[b"tracked"].get(self._bpf[b"tracked"].Key(tgid))
@@ -445,7 +446,7 @@ class Tracker:
                     raise OSError(err, f"BPF_MAP_DELETE_BATCH on the dirty map: "
                                        f"{os.strerror(err)}")
             io = self._bpf[b"io_calls"]
-            for k in [k for k in io.keys() if k.tgid == tgid]:
+            for k in [k for k in io if k.tgid == tgid]:
                 del io[k]
             self._syscalls.pop(tgid, None)
             table = self._bpf[b"tracked"]

@@ -125,7 +125,7 @@ TRACEPOINT_PROBE(exceptions, page_fault_user)
 
 TRACEPOINT_PROBE(exceptions, page_fault_kernel)
 {
-    if (args->address < ADDR_LIMIT)              /* a user page written by the kernel */
+    if (!(args->address >> 63))                  /* a user page written by the kernel */
         note_write(args->address, args->error_code);
     return 0;
 }
@@ -134,7 +134,8 @@ TRACEPOINT_PROBE(raw_syscalls, sys_enter)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
-    if (!tracked.lookup(&tgid))
+    struct tracked_t *t = tracked.lookup(&tgid);
+    if (!t)
         return 0;
     s64 nr = args->id;
     int kind = syscall_kind(nr);
@@ -149,7 +150,8 @@ TRACEPOINT_PROBE(raw_syscalls, sys_enter)
         p.clone_flags = p.args[0];
     else if (nr == __NR_clone3)                  /* struct clone_args starts with the flags */
         bpf_probe_read_user(&p.clone_flags, sizeof(p.clone_flags), (void *)p.args[0]);
-    pending.update(&tid, &p);
+    if (pending.update(&tid, &p))               /* a fork or event would go unseen */
+        t->events_lost = 1;
     return 0;
 }
 

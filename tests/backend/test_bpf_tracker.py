@@ -270,7 +270,8 @@ def _bpftool(*args: str):
     if tool is None:
         pytest.skip("bpftool is not installed (scripts/setup.sh installs it): it lists the "
                     "attached programs these tests check")
-    r = subprocess.run([tool, "-j", *args], capture_output=True, text=True, timeout=30)
+    r = subprocess.run([tool, "-j", *args], capture_output=True, text=True, timeout=30,
+                       check=False)
     return json.loads(r.stdout or "[]") if r.returncode == 0 else None
 
 
@@ -332,6 +333,7 @@ def test_bcc_imports_from_debians_copy_without_the_venv_link():
     code = ("import sys; sys.path = [p for p in sys.path if 'site-packages' not in p]; "
             f"sys.path.insert(0, {REPO!r}); "
             "from backend.bpf_tracker import _import_bcc; print(_import_bcc().__file__)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == os.path.join(bpf_tracker.DEBIAN_BCC, "__init__.py")
