@@ -25,14 +25,14 @@ WP_UNPOPULATED (taken when offered). Every private VMA of a kind the memory dump
 (anonymous, [heap], [stack], private file; whatever its protection, so that a later mprotect
 keeps it tracked) is registered in UFFDIO_REGISTER_MODE_WP.
 
-Protection is applied by a PAGEMAP_SCAN with PM_SCAN_WP_MATCHING over the *populated* anonymous
-pages only (present or swapped, not a file page, not the zero page), not by UFFDIO_WRITEPROTECT
-of the whole range: that one allocates page tables for every unpopulated part (measured here:
-a 16 GiB sparse mapping got 32 MiB of page tables and took 0.12 s; the scan takes 0.1 ms and
-allocates none). Nothing is lost: a page that was not populated, or held a file page or the
-zero page, is not writable in place either; its first write creates a fresh anonymous page
-whose PTE has no uffd-wp bit, which the scan reports as written like a protected page that
-took its write fault.
+Protection is applied by a PAGEMAP_SCAN with PM_SCAN_WP_MATCHING and no output vector, not by
+UFFDIO_WRITEPROTECT of the whole range: that one allocates page tables for every unpopulated
+part (measured here: a 16 GiB sparse mapping got 32 MiB of page tables and took 0.12 s; the
+scan takes 0.1 ms and allocates none). Without an output vector the kernel's fast path protects
+every PTE of the page tables that exist (a none PTE gets a uffd-wp marker: verified through
+pagemap bit 57), while category_anyof PAGE_IS_PRESENT|PAGE_IS_SWAPPED keeps it out of page-table
+holes. Nothing is lost in a hole: its first write creates a fresh anonymous page whose PTE has
+no uffd-wp bit, which the scan reports as written like a protected page that took its fault.
 
 ``written_pages`` is PAGEMAP_SCAN with category_mask PAGE_IS_WRITTEN (and not PAGE_IS_FILE, not
 PAGE_IS_PFNZERO, not PAGE_IS_GUARD), anyof PAGE_IS_PRESENT|PAGE_IS_SWAPPED, flags
@@ -150,7 +150,8 @@ def _overlaps(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
 class WriteTracker:
     pid: int
     tid: int | None = None
-    vmas: list | None = None            # the target's smaps entries, if the caller has them
+    vmas: list | None = field(default=None, repr=False)   # its smaps entries, if the caller
+                                                          # has them (read_smaps)
     allow_seccomp: bool = False         # the caller seized with PTRACE_O_SUSPEND_SECCOMP
     user_mode_only: bool | None = None  # None: only if a plain userfaultfd() is refused
     registered: list[tuple[int, int]] = field(default_factory=list, init=False)
@@ -323,6 +324,9 @@ class WriteTracker:
                 vmas = read_smaps(self.pid)
             except OSError as e:
                 raise self._error(e.errno or errno.EIO, f"cannot read smaps: {e}") from None
+        elif not all(isinstance(v, SmapsEntry) for v in vmas):
+            raise self._error(errno.EINVAL, "vmas must be smaps entries (read_smaps): only "
+                              "their VmFlags tell which VMAs are still registered")
         replaced = self._mm_replaced()
         ours, others = [], []
         for vma in vmas:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 import time
+from array import array
 
 import pytest
 
@@ -155,13 +157,7 @@ def test_target_fd_table_unchanged(target, trackers):
     tr = trackers(target.pid)
     assert fd_table(target.pid) == before
     assert not any("userfaultfd" in link for link in before.values())
-    # ours is close-on-exec here
-    assert fcntl_cloexec(tr._uffd)
-
-
-def fcntl_cloexec(fd: int) -> bool:
-    import fcntl
-    return bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+    assert fcntl.fcntl(tr._uffd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC     # ours: close-on-exec
 
 
 def test_changed_vmas_new_gone_and_moved(target, trackers):
@@ -171,7 +167,7 @@ def test_changed_vmas_new_gone_and_moved(target, trackers):
     mapped = int(cmd(target, "m 4").split("=")[1], 16)
     cmd(target, "u a 40 44")
     moved = int(cmd(target, "M a 10 12").split("=")[1], 16)
-    cmd(target, f"w a 12 13")
+    cmd(target, "w a 12 13")
     with ptrace.seized(target.pid):
         changes = tr.changed_vmas()
         written = tr.written_pages()
@@ -207,11 +203,26 @@ def test_fork_child_writes_are_the_childs(target, trackers, kill_later):
     assert cmd(target, "s a 3 8") == "SUM=5"                  # the parent's copies: all 1
 
 
+def uffd_wp_bits(pid: int, base: int, npages: int) -> int:
+    """How many of the pages have the uffd-wp bit (pagemap bit 57: a protected PTE or a
+    marker)."""
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    try:
+        entries = array("Q", os.pread(fd, 8 * npages, base // PAGE_SIZE * 8))
+    finally:
+        os.close(fd)
+    return sum(1 for e in entries if e & kabi.PM_UFFD_WP)
+
+
 def test_close_lets_the_target_run_on(target, trackers):
+    a = target.info["a"]
     tr = trackers(target.pid)
+    assert uffd_wp_bits(target.pid, a, A_PAGES) == A_PAGES   # populated PTE table: all
     cmd(target, "w a 0 4")
+    assert uffd_wp_bits(target.pid, a, A_PAGES) == A_PAGES - 4
     tr.close()                       # target running, not seized
     assert uffd_flagged(target.pid) == []
+    assert uffd_wp_bits(target.pid, a, A_PAGES) == 0          # the kernel cleared them
     # protected pages, unpopulated pages, file pages: all plain writes now
     assert cmd(target, "w a 0 64") == "OK"
     assert cmd(target, "w f 0 8") == "OK"
@@ -229,12 +240,33 @@ def test_dropped_fd_releases_the_registration(target, trackers):
     os.close(tr._uffd)               # what exiting does
     tr._uffd = None
     assert uffd_flagged(target.pid) == []
+    assert uffd_wp_bits(target.pid, target.info["a"], A_PAGES) == 0
     assert cmd(target, "w a 0 64") == "OK"
     assert cmd(target, "s a 0 2") == "SUM=6"
 
 
-def test_exec_makes_everything_new(c_target, start_target, data_file, trackers, kill_later,
-                                   check_untraced):
+def vm_pte_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmPTE:"))
+
+
+def test_sparse_mapping_costs_no_page_tables(target, trackers):
+    """Protecting a 16 GiB mapping with one page touched allocates no page tables (a whole-
+    range UFFDIO_WRITEPROTECT would add 32 MiB), and a write anywhere in it is still seen."""
+    sparse = int(cmd(target, "n 16").split("=")[1], 16)
+    before = vm_pte_kb(target.pid)
+    tr = trackers(target.pid)
+    assert vm_pte_kb(target.pid) - before < 256
+    far = sparse + (12 << 30)
+    process_vm_write(target.pid, far + 100, b"x")
+    cmd(target, "w a 1 2")
+    written = tr.written_pages()
+    assert region_pages(written, sparse, (16 << 30) // PAGE_SIZE) == {(far - sparse) // PAGE_SIZE}
+    assert region_pages(written, target.info["a"], A_PAGES) == {1}
+    assert region_pages(tr.written_pages(), sparse, (16 << 30) // PAGE_SIZE) == set()
+
+
+def test_exec_makes_everything_new(trackers, kill_later, check_untraced):
     """After an exec the registered mm is gone: nothing is ours, every VMA is new."""
     proc = subprocess.Popen(["sh", "-c", "read line; exec sleep 60"], stdin=subprocess.PIPE)
     kill_later.append(proc.pid)

@@ -14,6 +14,8 @@
  *   m N         mmap N new anonymous pages and write them all            -> "MAPPED=HEX"
  *   u R A B     munmap pages [A, B) of R                                 -> "OK"
  *   M R A B     mremap pages [A, B) of R to a new address (moved)        -> "MOVED=HEX"
+ *   n G         map G GiB of MAP_NORESERVE anonymous memory, write its first page
+ *                                                                        -> "SPARSE=HEX"
  *   b N         map and populate a bench region of N pages               -> "BENCH=HEX"
  *   t           write one byte in every page of the bench region, timed  -> "NS=N"
  *   F           fork: the child answers "CHILD=PID" and reads the next commands (its writes
@@ -118,6 +120,13 @@ int main(int argc, char **argv)
             for (long i = 0; i < x; i++)
                 p[i * PG + 8] = 1;
             printf("MAPPED=%p\n", (void *)p);
+        } else if (sscanf(line, "n %ld", &x) == 1) {
+            unsigned char *p = mmap(NULL, (size_t)x << 30, PROT_READ | PROT_WRITE,
+                                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (p == MAP_FAILED)
+                die("mmap");
+            p[8] = 1;
+            printf("SPARSE=%p\n", (void *)p);
         } else if (sscanf(line, "b %ld", &x) == 1) {
             bench_pages = x;
             bench = guarded(x, MAP_PRIVATE | MAP_ANONYMOUS, -1);
