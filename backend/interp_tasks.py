@@ -1,0 +1,147 @@
+"""Tasks and the program break of the live interpreter (backend/interp.py).
+
+- ``fork`` without flags (or SIGCHLD) is os.fork(): the child is a copy of the interpreter.
+- ``fork`` with CLONE_VM|CLONE_FS|CLONE_FILES|CLONE_SIGHAND|CLONE_THREAD (optionally
+  CLONE_SYSVSEM) is a real thread of this process (a pthread made by Python's _thread, whose
+  clone has those flags plus glibc's SETTLS/PARENT_SETTID/CHILD_CLEARTID): it runs the same op
+  list from the op after the fork with a copy of the registers (the fork's output register 0),
+  and the parent gets its tid. Its signal mask is the creator's (pthread_create keeps it), its
+  masks and private pending signals are its own (rt_sigprocmask and tgkill are per thread).
+  Other clone flags are refused by ``clone_refusal``: CLONE_VM without CLONE_THREAD would be
+  a second process running this Python interpreter in the same address space (one heap, one
+  GIL, one thread-local block shared by two processes): no faithful way; CLONE_NEWPID would
+  change where every later child goes.
+- ``exit`` is exit(2) (SYS_exit): only the calling thread ends, and the process ends with its
+  last thread, as in the model; ``exit_group`` (and the end of the program) ends them all.
+- ``brk`` is the raw brk syscall. The program owns the break because the interpreter runs
+  with glibc's malloc kept off it: ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=0`` (set by
+  ``main`` before anything is allocated) makes every allocation of the main arena an mmap,
+  so glibc never calls sbrk (a glibc sbrk after the program moved the break would move it
+  back: glibc caches the break it last set). ``BreakOwner`` checks it: the break must still
+  be the kernel's start_brk when the program first asks, and where the program last put it
+  on every later brk; otherwise the op fails with an interpreter error naming both values.
+"""
+from __future__ import annotations
+
+import _thread
+import ctypes
+import os
+import signal
+import threading
+
+from . import kabi
+from .interp_libc import STATUS_REG, Unsupported, libc_call
+
+CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
+CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
+THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD
+MALLOC_TUNABLE = "glibc.malloc.mmap_threshold=0"
+
+
+def clone_refusal(flags: int, rest=()) -> str | None:
+    """Why ``["fork", flags, ...]`` cannot run in the interpreter, or None."""
+    if rest:
+        return f"unsupported op fork: extra clone arguments {list(rest)}"
+    if flags in (0, signal.SIGCHLD):
+        return None
+    if flags & ~CLONE_SYSVSEM == THREAD_FLAGS:
+        return None
+    if flags & CLONE_VM and not flags & CLONE_THREAD:
+        return (f"unsupported op fork: clone flags {flags:#x} (CLONE_VM without CLONE_THREAD: a "
+                f"second process sharing this address space would run the same Python interpreter "
+                f"- one heap, one GIL, one thread-local block - with no thread of its own)")
+    return (f"unsupported op fork: clone flags {flags:#x} (the interpreter runs plain forks and "
+            f"threads with CLONE_VM|FS|FILES|SIGHAND|THREAD; new pid namespaces and partial "
+            f"sharing are not run)")
+
+
+def _start_brk() -> int:
+    """The kernel's start_brk of this process (/proc/self/stat field 47)."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[47 - 3])
+
+
+class BreakOwner:
+    """Where the program's break must be (per process: fork copies it, threads share it)."""
+
+    def __init__(self):
+        self.expected: int | None = None
+        self.refusal: str | None = None
+
+    def start(self) -> None:
+        if MALLOC_TUNABLE not in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+            self.refusal = (f"unsupported op brk: the interpreter was started without "
+                            f"GLIBC_TUNABLES={MALLOC_TUNABLE}, so glibc's malloc may own the break")
+            return
+        start, now = _start_brk(), libc_call("syscall", kabi.SYS_brk, 0)
+        if start != now:
+            self.refusal = (f"unsupported op brk: the break moved before the program ran "
+                            f"({start:#x} -> {now:#x}): glibc's malloc used it")
+            return
+        self.expected = now
+
+    def brk(self, addr: int) -> int:
+        if self.refusal is not None:
+            raise Unsupported(self.refusal)
+        now = libc_call("syscall", kabi.SYS_brk, 0)
+        if now != self.expected:
+            raise RuntimeError(f"the break is at {now:#x}, the program left it at "
+                               f"{self.expected:#x}: something else moved it")
+        self.expected = libc_call("syscall", kabi.SYS_brk, addr)
+        return self.expected
+
+
+BREAK = BreakOwner()
+
+
+class TaskOps:
+    """fork/threads, exit, wait4 and brk of Interp (a mixin: needs ``thread_copy`` and
+    ``run_guarded``)."""
+
+    def op_fork(self, out, flags=0, *rest):
+        why = clone_refusal(flags, rest)
+        if why is not None:
+            raise Unsupported(why)
+        if flags & CLONE_THREAD:
+            return self._spawn_thread(out)
+        from .interp_signals import PROCESS
+        pid = os.fork()
+        if pid == 0:
+            PROCESS.lock = threading.Lock()   # another thread may have held it at the fork
+            if out is not None:
+                self.regs[out] = 0
+        return pid if pid else None
+
+    def _spawn_thread(self, out) -> int:
+        child = self.thread_copy(out)
+        started = _thread.allocate_lock()
+        started.acquire()
+        box = {}
+
+        def body():
+            box["tid"] = libc_call("gettid")
+            started.release()
+            child.run_guarded()
+
+        _thread.start_new_thread(body, ())
+        started.acquire()
+        return box["tid"]
+
+    def op_wait4(self, out, pid=-1, options=0):
+        status = ctypes.c_int()
+        res = libc_call("wait4", pid, ctypes.byref(status), options, None)
+        self.regs[STATUS_REG] = status.value & ((1 << 64) - 1) if res > 0 else 0
+        return res
+
+    def op_exit_group(self, out, code=0):
+        self.drain_signals()
+        os._exit(code & 0xFF)
+
+    def op_exit(self, out, code=0):
+        """exit(2): this thread only (the process ends with its last thread)."""
+        self.drain_signals()
+        libc_call("syscall", kabi.SYS_exit, code & 0xFF)
+
+    def op_brk(self, out, addr=0):
+        return BREAK.brk(addr)
