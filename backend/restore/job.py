@@ -131,7 +131,10 @@ def load_job(data, log=None, *, background_checksum: bool) -> "_Job":
         raise
     job = _Job(kernel, rctx, sink, log)
     job.checksum = checksum or _Checksum.done()
-    check_creds([t.cred for t in tasks if t.state != "zombie"])
+    try:
+        check_creds([t.cred for t in tasks if t.state != "zombie"])
+    except StubError as e:
+        raise RestoreError(e.errno, str(e)) from None
     return job
 
 
