@@ -11,6 +11,7 @@ backend cannot save yet raises Unsupported, naming the task, the fd or mapping a
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import itertools
@@ -538,6 +539,19 @@ def _handlers(tid: int) -> SigHand:
                     for handler, flags, restorer, mask in struct.iter_unpack("<QQQQ", raw)])
 
 
+def _rseq(tid: int) -> tuple[int, int, int] | None:
+    """The thread's restartable-sequences registration (pointer, size, signature), if any."""
+    conf = kabi.ptrace_rseq_configuration()
+    try:
+        ptrace._ptrace(kabi.PTRACE_GET_RSEQ_CONFIGURATION, tid, ctypes.sizeof(conf),
+                       ctypes.addressof(conf))
+    except ptrace.PtraceError:
+        return None
+    if not conf.rseq_abi_pointer:
+        return None
+    return conf.rseq_abi_pointer, conf.rseq_abi_size, conf.signature
+
+
 def _altstack(tid: int) -> AltStack:
     with ptrace.stack_scratch(tid, kabi.STACK_T_SIZE) as addr:
         ptrace.inject_syscall(tid, kabi.SYS_sigaltstack, 0, addr)
@@ -633,7 +647,8 @@ class Gatherer:
         t.exit_signal = p.stat.exit_signal if tid == p.pid else -1
         regs = ptrace.get_regs(tid)
         in_syscall = ptrace.syscall_state(regs) is not None
-        t.x86 = X86State(regs.as_dict(), ptrace.get_xstate(tid), int(in_syscall))
+        t.x86 = X86State(regs.as_dict(), ptrace.get_xstate(tid), int(in_syscall),
+                         _rseq(tid))
         pending = SigPending([_siginfo(r) for r in ptrace.peek_siginfo(tid, shared=False)])
         t.sigstate = ThreadSignals(ptrace.get_sigmask(tid), pending, _altstack(tid))
         return t

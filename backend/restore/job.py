@@ -34,7 +34,8 @@ from .files import FileFactory, restore_fdtable, restore_fs_context
 from .memory import PageSink, SharedSegments, free_spot, restore_mm, stub_maps
 from .stub import PAGE, Stub, StubError, Watchdog
 from .task import (caller_cred_matches, check_creds, queue_pending, restore_creds,
-                   restore_handlers, restore_rlimits, restore_thread_basics, set_cpu)
+                   restore_handlers, restore_rlimits, restore_rseq, restore_thread_basics,
+                   set_cpu)
 from .transport import Transport
 from .tree import THREAD_FLAGS, become_reaper, clone_child, map_trampoline, set_options, \
     spawn_seed
@@ -322,6 +323,7 @@ class _Job:
             if not caller_cred_matches(task.cred):
                 restore_creds(stub, task.cred)
             ids = own_ids if own_ids is not None and tid == vpid else (vpid, tid)
+            restore_rseq(stub, task)
             queue_pending(stub, task, tid == vpid, *ids)
         leader = group[0][1]
         leader.syscall(kabi.SYS_munmap, leader.tramp, PAGE, what="munmap of the trampoline")

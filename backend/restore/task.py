@@ -231,6 +231,14 @@ def queue_pending(stub: Stub, task, leader: bool, vpid: int, vtid: int) -> None:
                              what=f"rt_sigqueueinfo({info.signo})")
 
 
+def restore_rseq(stub: Stub, task) -> None:
+    """Register the thread's restartable sequences area again (the kernel forgot it)."""
+    rseq = task.x86.rseq if task.x86 is not None else None
+    if rseq is not None:
+        ptr, size, sig = rseq
+        stub.syscall(kabi.SYS_rseq, ptr, size, 0, sig, what="rseq registration")
+
+
 def set_cpu(stub: Stub, task) -> None:
     """Registers and XSAVE state; the signal mask last (the stub keeps all signals blocked
     until then)."""

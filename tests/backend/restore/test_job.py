@@ -5,6 +5,7 @@ tool's command-line contract; and the syscall-restart rule of final_regs.
 Every process is ended by pid, also when a test fails (the ``job_runs`` fixture)."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import io
 import os
@@ -287,3 +288,28 @@ def test_a_relative_nanosleep_resumes_from_the_remaining_time():
     task.x86.regs.update(rdx=0x7000, r10=0x8000)
     regs = final_regs(task.x86, task)
     assert (regs.rip, regs.rax, regs.rdx) == (0x1000, kabi.SYS_clock_nanosleep, 0x8000)
+
+
+def test_restartable_sequences_are_registered_again(job_runs, counter):
+    """glibc registers rseq at start; the kernel of the restored process must know the same
+    area (else sched_getcpu reads a stale cpu_id and critical sections never abort)."""
+    from backend.ptrace import _ptrace
+    p = job_runs.start(counter)
+
+    def rseq_of(pid):
+        conf = kabi.ptrace_rseq_configuration()
+        _ptrace(kabi.PTRACE_SEIZE, pid, 0, 0)
+        _ptrace(kabi.PTRACE_INTERRUPT, pid, 0, 0)
+        os.waitpid(pid, kabi.WALL)
+        try:
+            _ptrace(kabi.PTRACE_GET_RSEQ_CONFIGURATION, pid, ctypes.sizeof(conf),
+                    ctypes.addressof(conf))
+        finally:
+            _ptrace(kabi.PTRACE_DETACH, pid, 0, 0)
+        return conf.rseq_abi_pointer, conf.rseq_abi_size, conf.signature
+
+    before = rseq_of(p.pid)
+    assert before[0], "glibc registered no rseq area: nothing to test"
+    restored = job_runs.restart(job_runs.image(p))
+    assert rseq_of(restored.root) == before
+    assert _alive(restored.root)
