@@ -6,6 +6,12 @@
 seed's restart tool does: the model creates the tasks with their saved pids, like clone3 with
 set_tid) and returns 0; with RESTART_TASKSELF the caller itself becomes the image's one task.
 
+Incremental images: ``checkpoint(..., flags | CHECKPOINT_INCREMENTAL, parent=P)`` writes only
+what changed since the parent image P (its bytes, its ImageLink, or its 16-byte image id when
+this kernel wrote or restarted from it); ``restart(..., chain=C)`` restarts the newest image of
+a chain, finding its ancestors in C (an ImageChain, a directory, or a list of images). Every
+successful checkpoint or restart makes its image the base of the next incremental one.
+
 ``fd`` and ``logfd`` are either model file descriptors of the caller (ints) or host file
 objects (binary for the image, text for the log); ``logfd`` may be None or -1.
 Errors raise CheckpointError / RestartError (carrying ``.errno``) or ImageError.
@@ -27,6 +33,7 @@ from ..kinds import load_all
 from ..kinds.registry import task_kinds
 from ..model.creds import may_ptrace
 from .context import CheckpointContext, CheckpointError, Log, RestartError
+from .incremental import ImageChain, ImageLink, ImageScan, tree_identity
 from .restore import RestoreJob
 from .tree import tree_order, write_tree
 
@@ -107,16 +114,57 @@ MODEL_IDENTITY = HeaderIdentity()
 
 
 # -- checkpoint ------------------------------------------------------------------------------
+class _IncrementalSave:
+    """What the kinds ask while writing an incremental image (kinds/memory.py)."""
+
+    def __init__(self, parent: ImageLink):
+        self.parent = parent
+
+    def base_of(self, obj) -> int:
+        """The objref of ``obj`` in the parent image, or 0 when its changes since the parent
+        are not known (the object is new, or its last image is another one)."""
+        base = obj.ckpt_base
+        return base[1] if base is not None and base[0] == self.parent.image_id else 0
+
+
+def _parent_link(kernel, parent) -> ImageLink:
+    """The parent named by ``parent``: an ImageLink, an image id, or the parent image itself."""
+    if isinstance(parent, ImageLink):
+        link = parent
+    elif isinstance(parent, (bytes, bytearray)) and len(parent) == 16:
+        link = kernel.image_links.get(bytes(parent))
+        if link is None:
+            raise CheckpointError(errno.ENOENT, f"parent image {bytes(parent).hex()} is not one "
+                                                "this kernel wrote or restarted from: pass the image")
+    else:
+        try:
+            link = ImageScan(parent, "the parent image").link
+        except ImageError as e:
+            raise CheckpointError(errno.EINVAL, f"the parent image is not readable: {e}") from None
+    known = kernel.image_links.get(link.image_id)
+    if known is not None and known != link:
+        raise CheckpointError(errno.EINVAL, f"parent image {link.describe()} is not the image "
+                                            f"{known.describe()} this kernel knows by that id")
+    return link
+
+
 def checkpoint(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
                image_id: bytes | None = None, time: int | None = None, crid: int | None = None,
-               identity: HeaderIdentity | None = None) -> int:
+               identity: HeaderIdentity | None = None, parent=None) -> int:
     """Checkpoint the tree at ``pid``; returns the crid. ``image_id``/``time``/``crid`` and
-    ``identity`` override the header (``replay --roundtrip`` re-creates an image's own header)."""
+    ``identity`` override the header (``replay --roundtrip`` re-creates an image's own header).
+    With CHECKPOINT_INCREMENTAL, ``parent`` names the parent image (see the module doc)."""
     load_all()
     log = Log(_log_sink(kernel, caller, logfd))
-    if flags & ~core.CHECKPOINT_USER_FLAGS:
-        raise CheckpointError(errno.EINVAL, f"unknown checkpoint flags {flags & ~core.CHECKPOINT_USER_FLAGS:#x}")
+    known_flags = core.CHECKPOINT_USER_FLAGS | core.CHECKPOINT_INCREMENTAL
+    if flags & ~known_flags:
+        raise CheckpointError(errno.EINVAL, f"unknown checkpoint flags {flags & ~known_flags:#x}")
+    incremental = bool(flags & core.CHECKPOINT_INCREMENTAL)
+    if incremental != (parent is not None):
+        raise CheckpointError(errno.EINVAL, "CHECKPOINT_INCREMENTAL needs a parent image, and a "
+                                            "parent image needs CHECKPOINT_INCREMENTAL")
     _check_privilege(kernel, caller, False, CheckpointError)
+    link = _parent_link(kernel, parent) if incremental else None
     try:
         root = caller if pid == 0 else kernel.find_task(caller, pid)
     except ModelError:
@@ -134,14 +182,17 @@ def checkpoint(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
         crid = kernel.next_crid
         kernel.next_crid += 1
     identity = identity or MODEL_IDENTITY
+    image_id = image_id or image_id_for(kernel, crid)
     ctx = CheckpointContext(kernel, caller, root, tasks, sink, log)
-    _write_header(ctx, flags, crid, image_id or image_id_for(kernel, crid),
-                  kernel.ticks if time is None else time, identity)
+    _write_header(ctx, flags, crid, image_id, kernel.ticks if time is None else time, identity,
+                  link)
     ctx.fs_snapshot = dry_fs = identity.has_fs_snapshot
+    ctx.incremental = _IncrementalSave(link) if link is not None else None
     try:
         if not subtree:
             dry = CheckpointContext(kernel, caller, root, tasks, None, log, collecting=True)
             dry.fs_snapshot = dry_fs
+            dry.incremental = ctx.incremental
             _write_body(dry)
             leaks = dry.leaks()
             if leaks:
@@ -156,12 +207,23 @@ def checkpoint(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
         if isinstance(sink, _ModelFileSink):
             sink.close()
         raise
+    checksum = ctx.writer.crc            # what the tail says: the image's link for a child
     ctx.writer.finish()
     if isinstance(sink, _ModelFileSink):
         sink.close()
+    _saved(kernel, ctx.objects(), ImageLink(image_id, crid, checksum, tree_identity(ctx.tree_bytes)))
     log.debug(ctx.writer.offset, f"checkpoint {crid} done: {len(tasks)} tasks, {ctx.writer.nr_records} records")
     kernel.checkpoints_taken += 1
     return crid
+
+
+def _saved(kernel, objects, link: ImageLink) -> None:
+    """An image of these objects now exists: the next incremental checkpoint is relative to it."""
+    from ..model.mm import MM, Shmem
+    for ref, obj in objects:
+        if isinstance(obj, (MM, Shmem)):
+            obj.checkpointed((link.image_id, ref))
+    kernel.image_links[link.image_id] = link
 
 
 def _check_tasks(kernel, caller, root, tasks) -> None:
@@ -180,15 +242,22 @@ def _check_tasks(kernel, caller, root, tasks) -> None:
             raise CheckpointError(errno.EBUSY, f"task {t.tid} ({t.comm}) is not in the root's freezer cgroup")
 
 
-def _write_header(ctx, flags, crid, image_id, time, ident: HeaderIdentity = MODEL_IDENTITY) -> None:
+def _write_header(ctx, flags, crid, image_id, time, ident: HeaderIdentity = MODEL_IDENTITY,
+                  parent: ImageLink | None = None) -> None:
+    image_flags = ident.image_flags & ~core.IMAGE_INCREMENTAL
+    if parent is not None:
+        image_flags |= core.IMAGE_INCREMENTAL
     ctx.write(core.HEADER, magic=MAGIC_HEAD, version=FORMAT_VERSION, arch=ident.arch,
               major=ident.major, minor=ident.minor, patch=ident.patch, page_size=PAGE_SIZE,
-              uflags=flags, image_flags=ident.image_flags, time=time, crid=crid,
-              image_id=image_id, parent_id=bytes(16))
+              uflags=flags, image_flags=image_flags, time=time, crid=crid,
+              image_id=image_id, parent_id=parent.image_id if parent is not None else bytes(16))
     for text in ident.release:
         ctx.write(core.STRING, var=text)
     ctx.write(core.HEADER_ARCH, has_fxsr=ident.has_fxsr, has_xsave=ident.has_xsave,
               xstate_size=ident.xstate_size, pad=0)
+    if parent is not None:
+        ctx.write(core.PARENT, parent_crid=parent.crid, parent_checksum=parent.checksum, pad=0,
+                  parent_tree=parent.tree)
 
 
 def _write_body(ctx) -> None:
@@ -221,14 +290,15 @@ def _write_body(ctx) -> None:
 
 # -- restart ------------------------------------------------------------------------------------
 def restart(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *, restore_fs: bool = False,
-            pidns: bool | None = None):
+            pidns: bool | None = None, chain=None):
     """Restart an image; returns 0 (the coordinator's result). See ``restart_tasks``."""
-    restart_tasks(kernel, caller, pid, fd, flags, logfd, restore_fs=restore_fs, pidns=pidns)
+    restart_tasks(kernel, caller, pid, fd, flags, logfd, restore_fs=restore_fs, pidns=pidns,
+                  chain=chain)
     return 0
 
 
 def restart_tasks(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
-                  restore_fs: bool = False, pidns: bool | None = None) -> list:
+                  restore_fs: bool = False, pidns: bool | None = None, chain=None) -> list:
     """Restart and return the restored tasks, root first.
 
     ``pid`` must be 0: the model builds the tree itself, below the caller.
@@ -236,14 +306,16 @@ def restart_tasks(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
     for a live image, which has none, it creates the paths the image names as placeholders.
     ``pidns``: restore into a new pid namespace (default: when the image root is pid 1, and
     for live images).
+    ``chain``: where an incremental image's ancestors are (ImageChain, a directory, or a
+    list of images); the chain is walked to a full image and applied oldest first.
     """
     return restart_job(kernel, caller, pid, fd, flags, logfd, restore_fs=restore_fs,
-                       pidns=pidns)[0]
+                       pidns=pidns, chain=chain)[0]
 
 
 def restart_job(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
                 restore_fs: bool = False, pidns: bool | None = None, page_sink=None,
-                checksum: bool = True):
+                checksum: bool = True, chain=None):
     """``restart_tasks``, also returning the finished restart's context: its ``header``,
     ``live`` (a live image) and ``placeholders`` (paths created for a live image, or absent)."""
     load_all()
@@ -257,6 +329,7 @@ def restart_job(kernel, caller, pid: int, fd, flags: int = 0, logfd=None, *,
     reader = ImageReader(data, checksum=checksum)  # False: the caller verifies it (see codec)
     job = RestoreJob(kernel, caller, reader, log, flags, restore_fs, pidns)
     job.ctx.page_sink = page_sink
+    job.chain = ImageChain.of(chain) if chain is not None else None
     try:
         return job.run(), job.ctx
     except (ImageError, RestartError) as e:

@@ -152,6 +152,10 @@ class RestartContext:
         # Set by a live restore (backend/restore): takes page chunks instead of the model's mm
         # (.private_pages(vma, addrs, data), .shmem_pages(seg, offsets, data)).
         self.page_sink = None
+        # An incremental image: the parent chain's pages (cr/incremental.ChainPages), and per
+        # restored mm / segment (obj, base objref, own page addresses, dropped ranges).
+        self.base_pages = None
+        self.deltas: list = []
 
     # -- records --------------------------------------------------------------------------
     def _objrefs(self) -> None:

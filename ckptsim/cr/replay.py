@@ -16,6 +16,11 @@ Live images (IMAGE_LIVE, written by ``backend/dump.py``) replay too:
 - their tree holds real pids and 0 for a process group or session outside the tree: the tree
   is restored in a new pid namespace, where the caller's groups read as 0 again;
 - the round trip keeps the live header identity and writes no file-system snapshot.
+
+Incremental images replay with their chain (``chain``: an ImageChain, a directory or a list of
+images): the chain is restored, and the round trip checkpoints the restored tree again as an
+incremental image against the same parent, each mm and segment relative to the same base
+with the same pages written and ranges dropped as the input held: the bytes must be identical.
 """
 from __future__ import annotations
 
@@ -65,11 +70,12 @@ class ReplayReport:
         return "\n".join(lines)
 
 
-def replay(data, roundtrip: bool = False, seed: int = 0) -> ReplayReport:
+def replay(data, roundtrip: bool = False, seed: int = 0, chain=None) -> ReplayReport:
     """Restore ``data`` into a fresh Kernel (frozen), check it, optionally re-checkpoint it."""
     header = ImageReader(data).expect(core.HEADER)
     kernel = Kernel(seed)
-    tasks, rctx = restart_job(kernel, kernel.init, 0, data, core.RESTART_FROZEN, restore_fs=True)
+    tasks, rctx = restart_job(kernel, kernel.init, 0, data, core.RESTART_FROZEN, restore_fs=True,
+                              chain=chain)
     report = ReplayReport()
     report.tasks = len(tasks)
     report.zombies = sum(t.state == "zombie" for t in tasks)
@@ -84,11 +90,25 @@ def replay(data, roundtrip: bool = False, seed: int = 0) -> ReplayReport:
     if roundtrip:
         root = tasks[0]
         buf = io.BytesIO()
+        parent = _as_delta(rctx) if header["image_flags"] & core.IMAGE_INCREMENTAL else None
         checkpoint(kernel, kernel.init, root.pid.nr_in(kernel.init.ns), buf, header["uflags"],
                    image_id=header["image_id"], time=header["time"], crid=header["crid"],
-                   identity=HeaderIdentity.of_image(data))
+                   identity=HeaderIdentity.of_image(data), parent=parent)
         report.roundtrip = _compare(bytes(data), buf.getvalue())
     return report
+
+
+def _as_delta(rctx):
+    """Make the restored objects' dirty tracking say what the incremental image held (changes
+    against its parent); returns the parent's link."""
+    parent = rctx.chain_links[-1]
+    for obj, base, own, drops in rctx.deltas:
+        key = (parent.image_id, base) if base else None
+        if drops is None:
+            obj.set_delta(key, own)          # a shared segment
+        else:
+            obj.set_delta(key, own, drops)
+    return parent
 
 
 def _unique(objs) -> list:

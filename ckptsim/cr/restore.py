@@ -27,6 +27,7 @@ class RestoreJob:
         self.created: list[Task] = []
         self.reserved = []  # Pids held for process groups and sessions without a task
         self.touched_caller = False
+        self.chain = None           # an ImageChain: where an incremental image's parents are
 
     # -- the sections ------------------------------------------------------------------------
     def run(self) -> list[Task]:
@@ -47,8 +48,6 @@ class RestoreJob:
             raise ctx.image_error(f"bad header magic {hdr['magic']:#x}")
         if hdr["version"] != FORMAT_VERSION:
             raise RestartError(errno.EINVAL, f"image format version {hdr['version']}, this tool reads {FORMAT_VERSION}")
-        if hdr["image_flags"] & core.IMAGE_INCREMENTAL:
-            raise RestartError(errno.EINVAL, "incremental images are not supported by the model yet")
         live = bool(hdr["image_flags"] & core.IMAGE_LIVE)
         if not hdr["image_flags"] & core.IMAGE_MODEL and not live:
             raise RestartError(errno.EINVAL, "neither a model nor a live image: image_flags "
@@ -60,6 +59,24 @@ class RestoreJob:
         ctx.live = live
         ctx.header_strings = tuple(ctx.read(core.STRING).var for _ in range(3))
         ctx.header_arch = ctx.read(core.HEADER_ARCH)
+        ctx.chain_links = []
+        if hdr["image_flags"] & core.IMAGE_INCREMENTAL:
+            self._chain(hdr, ctx.read(core.PARENT))
+
+    def _chain(self, hdr, parent) -> None:
+        """Find and check the ancestors of an incremental image; their pages become the base
+        the image's own pages overlay (kinds/memory.py)."""
+        from .incremental import ChainPages
+        what = f"incremental image {bytes(hdr['image_id']).hex()} (crid {hdr['crid']})"
+        if self.ctx.page_sink is not None:
+            raise RestartError(errno.EINVAL, f"{what}: the live restart takes full images only")
+        if self.chain is None:
+            raise RestartError(errno.ENOENT, f"{what} needs its parent image "
+                                             f"{bytes(hdr['parent_id']).hex()} (crid "
+                                             f"{parent['parent_crid']}): no image chain given")
+        scans = self.chain.resolve(self.ctx.reader.data, "the restarted image")
+        self.ctx.base_pages = ChainPages(scans[:-1])
+        self.ctx.chain_links = [scan.link for scan in scans[:-1]]
 
     def _container(self) -> None:
         from ..kinds import files
@@ -82,9 +99,12 @@ class RestoreJob:
         if rec["nr_tasks"] != len(entries) or not entries:
             raise ctx.image_error(f"TREE says {rec['nr_tasks']} tasks, holds {len(entries)}")
         ctx.tree_entries = entries  # the live restore (backend/restore) builds its tree from it
+        ctx.tree_bytes = bytes(rec.var.view)
         nested = []
         if any(e[5] for e in entries):
-            nested = [n for (n,) in ctx.read(TREE_NESTED).var]
+            nested_rec = ctx.read(TREE_NESTED)
+            nested = [n for (n,) in nested_rec.var]
+            ctx.tree_bytes += bytes(nested_rec.var.view)
         if self.flags & core.RESTART_TASKSELF:
             if len(entries) != 1:
                 raise RestartError(errno.EINVAL, f"RESTART_TASKSELF needs a one-task image, this one has {len(entries)}")
@@ -224,6 +244,7 @@ class RestoreJob:
 
     def _finish(self, tasks) -> None:
         kernel = self.kernel
+        self._note_image()
         for ref, obj in sorted(self.ctx.objects.items()):
             if isinstance(obj, Shared):
                 obj.put(kernel)
@@ -245,6 +266,21 @@ class RestoreJob:
         if self.flags & core.RESTART_GHOST:
             self.caller.leader.exit_signal = -1
             kernel.do_group_exit(self.caller, 0)
+
+    def _note_image(self) -> None:
+        """The restored objects are as the image holds them: the base of the next incremental
+        checkpoint; the kernel knows the image (and its ancestors) by id."""
+        from ..model.mm import MM, Shmem
+        from .incremental import ImageLink, tree_identity
+        ctx = self.ctx
+        hdr = ctx.header
+        link = ImageLink(bytes(hdr["image_id"]), hdr["crid"], ctx.reader.tail_checksum,
+                         tree_identity(ctx.tree_bytes))
+        for ref, obj in ctx.objects.items():
+            if isinstance(obj, (MM, Shmem)):
+                obj.checkpointed((link.image_id, ref))
+        for known in ctx.chain_links + [link]:
+            self.kernel.image_links[known.image_id] = known
 
     # -- failure -----------------------------------------------------------------------------
     def discard(self) -> None:

@@ -31,6 +31,7 @@ def write_tree(ctx) -> None:
     ctx.members = {t for t in ctx.tasks}
     entries = [pid_entry(ctx, t) for t in ctx.tasks]
     ctx.write(TREE, nr_tasks=len(entries), var=entries)
+    tree_bytes = b"".join(TREE.item_struct.pack(*e) for e in entries)
     nested = []
     for t, entry in zip(ctx.tasks, entries):
         depth = entry[5]
@@ -38,3 +39,5 @@ def write_tree(ctx) -> None:
         nested.extend(t.pid.numbers[ctx.ns.level + 1 + i][1] for i in range(depth))
     if nested:
         ctx.write(TREE_NESTED, var=[(n,) for n in nested])
+        tree_bytes += b"".join(TREE_NESTED.item_struct.pack(n) for n in nested)
+    ctx.tree_bytes = tree_bytes  # names the tree for a child image (cr/incremental.py)

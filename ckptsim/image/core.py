@@ -12,13 +12,18 @@ ENUMS["objtype"] = {t.value: t.name for t in ObjType}
 CHECKPOINT_SUBTREE = 0x1
 CHECKPOINT_NETNS = 0x2
 CHECKPOINT_USER_FLAGS = CHECKPOINT_SUBTREE | CHECKPOINT_NETNS
+# Ours: an image holding only what changed since a parent image (cr/incremental.py). The
+# model's checkpoint() takes it; it stays out of CHECKPOINT_USER_FLAGS so that a checkpoint
+# that cannot write incremental images (the live one, for now) refuses it as unknown.
+CHECKPOINT_INCREMENTAL = 0x4
 RESTART_TASKSELF = 0x1
 RESTART_FROZEN = 0x2
 RESTART_GHOST = 0x4
 RESTART_KEEP_LSM = 0x8
 RESTART_CONN_RESET = 0x10
 RESTART_USER_FLAGS = 0x1F
-ENUMS["ckpt_flags"] = {CHECKPOINT_SUBTREE: "SUBTREE", CHECKPOINT_NETNS: "NETNS"}
+ENUMS["ckpt_flags"] = {CHECKPOINT_SUBTREE: "SUBTREE", CHECKPOINT_NETNS: "NETNS",
+                       CHECKPOINT_INCREMENTAL: "INCREMENTAL"}
 
 # Image flags (the header's image_flags): what kind of image this is.
 IMAGE_MODEL = 0x1        # written by the model (holds the model's file system snapshot)
@@ -48,6 +53,12 @@ STRING = layout(5, "STRING", [], var="str", max_var=1 << 16, subsystem="core")
 OBJREF = layout(6, "OBJREF", [("objtype", "u32", "enum:objtype"), ("objref", "i32")],
                 subsystem="core")
 LSM_INFO = layout(7, "LSM_INFO", [], var="str", max_var=200, subsystem="core")
+# An incremental image's link to its parent (the image HEADER.parent_id names), right after
+# HEADER_ARCH: what the parent found by that id must be (cr/incremental.py, ImageLink).
+PARENT = layout(801, "PARENT", [
+    ("parent_crid", "u64"), ("parent_checksum", "u32", "hex"), ("pad", "u32"),
+    ("parent_tree", "bytes16", "hex"),
+], subsystem="incremental")
 # A page chunk: PGARR{nr_pages} then one BUFFER of nr_pages addresses and nr_pages pages.
 PGARR = layout(403, "PGARR", [("nr_pages", "u64")], subsystem="mm")
 TAIL = layout(9001, "TAIL", [

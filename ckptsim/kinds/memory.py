@@ -11,6 +11,11 @@ Image, after Linux-CR's ckpt_hdr_mm / ckpt_hdr_vma:
         VDSO_LAYOUT{sizes, nr_symbols}"build id"      (nr_vdso: 0 or 1)
             VDSO_SYMBOL{offset, size}"name"             (nr_symbols of them)
 
+Incremental images (IMAGE_INCREMENTAL, docs/image-format.md §11) add MM_BASE right after MM
+and SHMEM_BASE right after SHMEM: the object's counterpart in the parent image (by its objref
+there, 0: none, the pages are complete) and, for an mm, the page ranges dropped since; with a
+base, the page chunks hold only the pages written since the parent checkpoint.
+
 A shared anonymous segment is an object: its pages follow its SHMEM record once, and every VMA
 mapping it names it by ino_objref (SHM_ANON the first time, SHM_ANON_SKIP afterwards). Shared
 file mappings (SHM_FILE) carry no pages: their contents are the file's. The vdso carries none.
@@ -27,14 +32,16 @@ FileIdentity) and ``mm.vdso_layout`` (a VdsoLayout or None), and written back un
 from __future__ import annotations
 
 import errno
+from array import array
 from dataclasses import dataclass
 
 from ..image.core import MAX_PAGES_PER_CHUNK
 from ..image.schema import ENUMS, layout
-from ..image.types import ObjType
+from ..image.types import PAGE_SIZE, ObjType
 from ..model.mm import MM
 from ..model.mm_pages import (MAP_ANONYMOUS, MAP_GROWSDOWN, MAP_PRIVATE, MAP_SHARED, PROT_ALL,
                               VM_GROWSDOWN, VM_MAYSHARE, VM_SHARED, ZERO_PAGE, Shmem)
+from ..cr.incremental import inherited, pages_in
 from .registry import Kind, register
 
 VMA_VDSO, VMA_ANON, VMA_FILE, VMA_SHM_ANON, VMA_SHM_ANON_SKIP, VMA_SHM_FILE = 1, 2, 3, 4, 5, 6
@@ -75,6 +82,12 @@ VDSO_LAYOUT = layout(408, "VDSO_LAYOUT", [
 ], var="bytes", max_var=64, subsystem="mm")
 VDSO_SYMBOL = layout(409, "VDSO_SYMBOL", [("offset", "u64", "hex"), ("size", "u64", "hex")],
                      var="str", max_var=256, subsystem="mm")
+# Incremental images: the object's base in the parent image (an objref *there*, so untyped).
+MM_BASE = layout(802, "MM_BASE", [("base_objref", "i32"), ("nr_dropped", "u32")],
+                 var=[("start", "u64", "hex"), ("end", "u64", "hex")], max_var=64 << 20,
+                 subsystem="incremental")
+SHMEM_BASE = layout(803, "SHMEM_BASE", [("base_objref", "i32"), ("pad", "u32")],
+                    subsystem="incremental")
 MAX_VDSO_SYMBOLS = 4096
 SHA256_SIZE = 32
 
@@ -134,6 +147,12 @@ def save_mm(ctx, mm: MM) -> None:
     exe_ref = ctx.ref(mm.exe_file)
     ctx.write(MM_REC, map_count=mm.map_count, exe_objref=exe_ref, def_flags=mm.def_flags,
               flags=mm.flags, **{name: getattr(mm, name) for name in _MM_ADDRS})
+    incr = getattr(ctx, "incremental", None)
+    base = incr.base_of(mm) if incr is not None else 0
+    if incr is not None:
+        drops = mm.dropped_ranges() if base else []
+        ctx.write(MM_BASE, base_objref=base, nr_dropped=len(drops), var=drops)
+    chunks = mm.dirty_chunks if base else mm.present_chunks
     vdso = 0
     file_refs = {id(mm.exe_file): exe_ref} if mm.exe_file is not None else {}
     for vma in list(mm.vmas):
@@ -155,7 +174,7 @@ def save_mm(ctx, mm: MM) -> None:
                   vm_flags=vma.vm_flags, vm_pgoff=vma.pgoff)
         if vtype in (VMA_ANON, VMA_FILE):
             if not ctx.collecting:  # pages hold no references: the leak dry run skips them
-                for addrs, blob in mm.present_chunks(vma, MAX_PAGES_PER_CHUNK):
+                for addrs, blob in chunks(vma, MAX_PAGES_PER_CHUNK):
                     ctx.write_pages(addrs, blob)
             ctx.end_pages()
     ctx.write(MM_CONTEXT, vdso=vdso, ldt_entry_size=0, nldt=0)
@@ -215,7 +234,7 @@ def _load_elf(ctx, mm: MM) -> None:
                                     lay["vdso_size"], bytes(lay.var), tuple(symbols))
 
 
-def _restore_vma(ctx, mm: MM, rec) -> None:
+def _restore_vma(ctx, mm: MM, rec, base_pages=None, own=None) -> None:
     vtype, vm_flags = rec["vma_type"], rec["vm_flags"]
     start, end = rec["vm_start"], rec["vm_end"]
     file = ctx.obj(rec["vma_objref"], ObjType.FILE)
@@ -245,7 +264,10 @@ def _restore_vma(ctx, mm: MM, rec) -> None:
         ctx.fail(errno.EINVAL, f"VMA {start:#x}-{end:#x}: {e}")
     if vtype in (VMA_ANON, VMA_FILE):
         sink = ctx.page_sink
-        for addrs, data in ctx.read_pages():
+        chunks = ctx.read_pages()
+        if own is not None:           # the parent's pages first, then this image's own
+            chunks = _with_base(pages_in(base_pages or {}, start, end), chunks, own)
+        for addrs, data in chunks:
             if sink is not None:      # a live restore writes pages itself, straight from the image
                 sink.private_pages(vma, addrs, data)
                 continue
@@ -255,31 +277,80 @@ def _restore_vma(ctx, mm: MM, rec) -> None:
                 ctx.fail(errno.EINVAL, f"pages of VMA {start:#x}: {e}")
 
 
+def _with_base(base, chunks, own: array):
+    """Page chunks: the base's (one chunk), then this image's, whose addresses go to ``own``."""
+    if len(base[0]):
+        yield base
+    for addrs, data in chunks:
+        own.extend(addrs)
+        yield addrs, data
+
+
+def _read_base(ctx, lay, what: str):
+    """An incremental image's MM_BASE / SHMEM_BASE, and its base's resolved pages."""
+    rec = ctx.read(lay)
+    ref = rec["base_objref"]
+    if ref < 0:
+        ctx.fail(errno.EINVAL, f"{lay.name}: bad base objref {ref}")
+    return rec, (ctx.base_pages.mm_pages(ref) if what == "mm" else
+                 ctx.base_pages.shmem_pages(ref)) if ref else None
+
+
+def _drops(ctx, rec) -> list:
+    drops = [tuple(r) for r in rec.var]
+    if rec["nr_dropped"] != len(drops):
+        ctx.fail(errno.EINVAL, f"MM_BASE announces {rec['nr_dropped']} dropped ranges, holds {len(drops)}")
+    last = 0
+    for start, end in drops:
+        if start % PAGE_SIZE or end % PAGE_SIZE or not last <= start < end:
+            ctx.fail(errno.EINVAL, f"MM_BASE: dropped range {start:#x}-{end:#x} is unaligned, "
+                                   "empty or out of order")
+        last = end
+    return drops
+
+
 def load_mm(ctx) -> MM:
     rec = ctx.read(MM_REC)
     mm = MM.new(ctx.kernel)
     ctx.bind(mm)
+    base_pages, base_rec, own = None, None, None
+    if getattr(ctx, "base_pages", None) is not None:   # an incremental image
+        base_rec, base = _read_base(ctx, MM_BASE, "mm")
+        drops = _drops(ctx, base_rec)
+        if base is not None:
+            base_pages = inherited(base, [(0, 1 << 64)], drops)
+        own = array("Q")
     exe = ctx.obj(rec["exe_objref"], ObjType.FILE)
     mm.exe_file = exe.get() if exe is not None else None
     mm.def_flags, mm.flags = rec["def_flags"], rec["flags"]
     for name in _MM_ADDRS:
         setattr(mm, name, rec[name])
     for _ in range(rec["map_count"]):
-        _restore_vma(ctx, mm, ctx.read(VMA_REC))
+        _restore_vma(ctx, mm, ctx.read(VMA_REC), base_pages, own)
     ctx_rec = ctx.read(MM_CONTEXT)
     vdso = mm.find_vma(ctx_rec["vdso"]) if ctx_rec["vdso"] else None
     if ctx_rec["vdso"] and (vdso is None or vdso.name != "[vdso]"):
         ctx.fail(errno.EINVAL, f"MM_CONTEXT names vdso {ctx_rec['vdso']:#x}, which is no vdso VMA")
     _load_elf(ctx, mm)
     mm.clear_dirty()
+    if base_rec is not None:  # what replay's round trip needs to write this delta again
+        ctx.deltas.append((mm, base_rec["base_objref"], list(own), drops))
     return mm
 
 
 def save_shmem(ctx, seg: Shmem) -> None:
-    nr_pages = sum(1 for page in seg.pages.values() if page != ZERO_PAGE)
+    incr = getattr(ctx, "incremental", None)
+    base = incr.base_of(seg) if incr is not None else 0
+    if base:
+        nr_pages = len(seg.dirty_offsets())
+    else:
+        nr_pages = sum(1 for page in seg.pages.values() if page != ZERO_PAGE)
     ctx.write(SHMEM_REC, size=seg.size, nr_pages=nr_pages)
+    if incr is not None:
+        ctx.write(SHMEM_BASE, base_objref=base, pad=0)
+    chunks = seg.dirty_pages if base else seg.present_pages
     if not ctx.collecting:  # pages hold no references: the leak dry run skips them
-        for offsets, blob in seg.present_pages(MAX_PAGES_PER_CHUNK):
+        for offsets, blob in chunks(MAX_PAGES_PER_CHUNK):
             ctx.write_pages(offsets, blob)
     ctx.end_pages()
 
@@ -290,7 +361,20 @@ def load_shmem(ctx) -> Shmem:
     ctx.bind(seg)
     total = 0
     sink = ctx.page_sink
-    for offsets, data in ctx.read_pages():
+    chunks = ctx.read_pages()
+    base_rec = None
+    if getattr(ctx, "base_pages", None) is not None:   # an incremental image: the parent's pages first
+        base_rec, base = _read_base(ctx, SHMEM_BASE, "shmem")
+        own = array("Q")
+        chunks_own = _with_base((array("Q"), b""), chunks, own)
+        if base:
+            offsets, blob = pages_in(base, 0, 1 << 64)
+            if sink is not None:
+                sink.shmem_pages(seg, offsets, blob)
+            elif len(offsets):
+                seg.install_pages(offsets, blob)
+        chunks = chunks_own
+    for offsets, data in chunks:
         if sink is not None:
             sink.shmem_pages(seg, offsets, data)
             total += len(offsets)
@@ -302,13 +386,17 @@ def load_shmem(ctx) -> Shmem:
         total += len(offsets)
     if total != rec["nr_pages"]:
         ctx.fail(errno.EINVAL, f"SHMEM announced {rec['nr_pages']} pages, holds {total}")
+    if base_rec is not None:
+        ctx.deltas.append((seg, base_rec["base_objref"], list(own), None))
     return seg
 
 
 register(Kind(name="mm", objtype=ObjType.MM, model_types=(MM,),
-              layouts=(MM_REC, VMA_REC, MM_CONTEXT, MM_ELF, FILE_ID, VDSO_LAYOUT, VDSO_SYMBOL),
+              layouts=(MM_REC, MM_BASE, VMA_REC, MM_CONTEXT, MM_ELF, FILE_ID, VDSO_LAYOUT,
+                       VDSO_SYMBOL),
               save_object=save_mm, load_object=load_mm,
               doc="address spaces: MM, VMAs and private pages"))
-register(Kind(name="shmem", objtype=ObjType.SHMEM, model_types=(Shmem,), layouts=(SHMEM_REC,),
+register(Kind(name="shmem", objtype=ObjType.SHMEM, model_types=(Shmem,),
+              layouts=(SHMEM_REC, SHMEM_BASE),
               save_object=save_shmem, load_object=load_shmem,
               doc="shared anonymous segments, saved once"))

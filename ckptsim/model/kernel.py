@@ -7,6 +7,7 @@ from ..errors import kerr
 
 from .creds import Cred, CredOps
 from .mm import MM, MMOps
+from .mm_dirty import MadviseOps
 from .pipe import PipeOps
 from .program import Interpreter, encode_program
 from .sched import Blocked
@@ -21,7 +22,7 @@ class Deadlock(Exception):
     """Every task that is not frozen or stopped is blocked."""
 
 
-class Kernel(TaskOps, MMOps, FileOps, PipeOps, UnixOps, SignalOps, CredOps, Interpreter):
+class Kernel(TaskOps, MMOps, MadviseOps, FileOps, PipeOps, UnixOps, SignalOps, CredOps, Interpreter):
     """A deterministic model of the kernel state checkpoint/restart deals with.
 
     ``seed`` drives the scheduler; nothing depends on wall-clock time or object addresses.
@@ -36,6 +37,10 @@ class Kernel(TaskOps, MMOps, FileOps, PipeOps, UnixOps, SignalOps, CredOps, Inte
         self.next_crid = 1
         self.checkpoints_taken = 0
         self.points_released = False  # see the program operation ckpt_point
+        self.released_steps = 0       # ckpt_point steps released so far (incremental runs)
+        # image_id -> ImageLink (cr/incremental.py) of the images this kernel wrote or
+        # restarted from: what an incremental checkpoint names as its parent.
+        self.image_links: dict = {}
         self.task_by_pid: dict = {}
         self.vfs = FileSystem()
         self.root_ns = PidNamespace(None)

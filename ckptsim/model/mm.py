@@ -23,6 +23,7 @@ from .mm_pages import (BRK_START, MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE,
                        PROT_READ, PROT_WRITE, STACK_INIT_SIZE, STACK_TOP, TASK_SIZE, TEXT_START,
                        VDSO_PAGES, VDSO_START, VM_GROWSDOWN, VM_MAYSHARE, VM_SHARED, ZERO_PAGE,
                        Shmem, chunked, keys_in, nonzero_pages, page_align, split_blob)
+from .mm_dirty import DirtyTracking
 from .shared import Shared
 
 __all__ = ["MM", "VMA", "Shmem", "MMOps"]
@@ -116,7 +117,7 @@ class VMA:
                 f"pgoff={self.pgoff:#x} {kind}{' ' + self.name if self.name else ''}>")
 
 
-class MM(Shared):
+class MM(DirtyTracking, Shared):
     """An address space; ``refs`` counts the tasks using it (mm_users)."""
 
     FIELDS = ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
@@ -126,7 +127,7 @@ class MM(Shared):
         super().__init__()
         self.vmas: list[VMA] = []
         self.pages: dict[int, bytes] = {}     # private pages by virtual page index
-        self._dirty: set[int] = set()         # page indexes written since clear_dirty()
+        self._init_tracking()                 # what changed since the last checkpoint
         self.exe_file = None
         self.def_flags = 0
         self.flags = 0
@@ -209,9 +210,11 @@ class MM(Shared):
 
     def _drop_pages(self, start: int, end: int) -> None:
         lo, hi = start >> PAGE_SHIFT, end >> PAGE_SHIFT
-        for index in keys_in(self.pages, lo, hi):
+        gone = keys_in(self.pages, lo, hi)
+        for index in gone:
             del self.pages[index]
-        self._dirty.difference_update(keys_in(self._dirty, lo, hi))
+        self._note_dropped(gone)
+        self._dirty.difference_update(keys_in(self._dirty, lo, hi))  # shared-mapping writes
 
     def remove_range(self, kernel, start: int, end: int) -> None:
         """munmap's core: split at both ends, drop the VMAs inside and their private pages."""
@@ -249,7 +252,8 @@ class MM(Shared):
         vmas, self.vmas = self.vmas, []
         for vma in vmas:
             vma.drop_refs(kernel)
-        self.pages, self._dirty = {}, set()
+        self.pages = {}
+        self._init_tracking()      # a new address space: no image holds it
         if self.exe_file is not None:
             exe, self.exe_file = self.exe_file, None
             exe.put(kernel)
@@ -289,7 +293,7 @@ class MM(Shared):
         child = MM()
         child.vmas = [vma.clone() for vma in self.vmas]
         child.pages = dict(self.pages)
-        child._dirty = set(self._dirty)
+        self._copy_tracking(child)
         child.exe_file = self.exe_file.get() if self.exe_file is not None else None
         child.def_flags, child.flags = self.def_flags, self.flags
         child.file_ids, child.vdso_layout = dict(self.file_ids), self.vdso_layout
@@ -382,13 +386,6 @@ class MM(Shared):
             lo, hi = max(addr, vma.start), min(addr + n, vma.end)
             self._write_vma(vma, lo, data[lo - addr:hi - addr])
         self._dirty.update(range(addr >> PAGE_SHIFT, page_align(addr + n) >> PAGE_SHIFT))
-
-    def dirty_pages(self) -> list[int]:
-        """Page addresses written (by mem_write) since the last clear_dirty(), sorted."""
-        return [index << PAGE_SHIFT for index in sorted(self._dirty)]
-
-    def clear_dirty(self) -> None:
-        self._dirty = set()
 
     # ---- checkpoint / restore -------------------------------------------------------------
     def present_chunks(self, vma: VMA, max_pages: int = 1024):

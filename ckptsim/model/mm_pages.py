@@ -83,6 +83,8 @@ class Shmem(Shared):
         super().__init__()
         self.size = size
         self.pages: dict[int, bytearray] = {}
+        self._dirty: set[int] = set()       # page offsets written since the last checkpoint
+        self.ckpt_base: tuple[bytes, int] | None = None   # as MM's (mm_dirty.py)
 
     def read(self, pgoff: int, npages: int) -> bytes:
         pages = self.pages
@@ -98,6 +100,7 @@ class Shmem(Shared):
             if page is None:
                 page = self.pages[index] = bytearray(PAGE_SIZE)
             page[in_page:in_page + n] = data[pos:pos + n]
+            self._dirty.add(index)
             pos += n
         self.size = max(self.size, page_align(byte_off + end))
 
@@ -106,6 +109,23 @@ class Shmem(Shared):
         indexes = [i for i in sorted(self.pages) if self.pages[i] != ZERO_PAGE]
         pages = [self.pages[i] for i in indexes]
         yield from chunked([i << PAGE_SHIFT for i in indexes], pages, max_pages)
+
+    def dirty_offsets(self) -> list[int]:
+        return [i << PAGE_SHIFT for i in sorted(self._dirty)]
+
+    def checkpointed(self, base) -> None:
+        """An image saved this segment as ``base`` = (image_id, objref): nothing changed since."""
+        self._dirty, self.ckpt_base = set(), base
+
+    def set_delta(self, base, dirty_offsets) -> None:
+        self.ckpt_base, self._dirty = base, {off >> PAGE_SHIFT for off in dirty_offsets}
+
+    def dirty_pages(self, max_pages: int = 1 << 30):
+        """Yield (array('Q') of byte offsets, blob) of the pages written since the base, zero
+        pages included (the parent image may hold other contents there)."""
+        indexes = sorted(self._dirty)
+        yield from chunked([i << PAGE_SHIFT for i in indexes], [self.pages[i] for i in indexes],
+                           max_pages)
 
     def install_pages(self, offsets, data) -> None:
         for off, page in zip(offsets, split_blob(offsets, data)):

@@ -28,6 +28,8 @@ Pseudo-operations (not syscalls):
   whose memory cannot be read fails, with got ``"fault: errno N"``);
 - ``["ckpt_point"]``: the task waits here until ``kernel.points_released`` is set (the
   conformance runner checkpoints the tree while its tasks wait at their points);
+  ``["ckpt_point", step]`` (step >= 1; no step is step 1) waits until then or until
+  ``kernel.released_steps`` >= step (incremental scenarios checkpoint at each step);
 - ``["checkpoint", pid, path, flags]`` writes an image of the tree at ``pid`` (0 = the caller)
   into the model file ``path`` and returns the crid (0 when returning from a restart).
 Anything else is a Kernel syscall method called as ``kernel.name(task, *args)``.
@@ -129,7 +131,8 @@ class Interpreter:
                 self.output.append(("FAIL", self.observed_pid(t), label, got, want))
             return None
         if name == "ckpt_point":
-            if not self.points_released:
+            step = args[0] if args else 1
+            if not self.points_released and self.released_steps < step:
                 raise Blocked("ckpt_point")
             return None
         if name == "store":
