@@ -1,10 +1,17 @@
 """``checkpoint``: the seed's checkpoint(1) for live processes.
 
     checkpoint PID [-o FILE] [--container] [--freezer] [--leave-running | --kill] [--log FILE] [-v]
+               [--track]
 
 Writes an image of the process tree at PID (a subtree checkpoint by default) to FILE (mode
 0600, replaced atomically) or to standard output. On failure the image ends with an error
 record (``ckptinfo -e`` prints it), the tree runs on, and the exit status is 1.
+
+``--track``: a full image, then the tree stays tracked (backend/track.py): a daemon answers at
+/run/ckptsim/track-PID.sock what the tree wrote since this checkpoint (printed on stderr). An
+existing session of PID is re-armed at this checkpoint instead. Where tracking cannot run (not
+root, no eBPF tracker, no PAGEMAP_SCAN or uffd-wp) a one-line notice says so and the exit
+status is still 0: later checkpoints are full ones.
 """
 from __future__ import annotations
 
@@ -30,7 +37,47 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--kill", action="store_true", help="kill the tree once the image is written")
     p.add_argument("-l", "--log", help="write debug and error lines to this file")
     p.add_argument("-v", "--verbose", action="store_true", help='print "checkpoint id N"')
+    p.add_argument("--track", action="store_true",
+                   help="keep tracking the tree's writes after this checkpoint (a session at "
+                        "/run/ckptsim/track-PID.sock)")
     return p
+
+
+def _tracking_session(pid: int):
+    """A client of the session that will be armed at this checkpoint (an existing one of
+    ``pid``, else a new daemon), or None after a one-line notice saying why not."""
+    from . import track
+    why = track.unavailable_reason()
+    if why is None:
+        try:
+            try:
+                return track.connect(pid)
+            except track.NoSession:
+                return track.launch(pid)
+        except track.TrackError as e:
+            why = str(e)
+    print(f"checkpoint: notice: no tracking ({why}): later checkpoints of {pid} will be "
+          "full dumps", file=sys.stderr)
+    return None
+
+
+def _report_session(session, pid: int) -> None:
+    if session.arm_error:
+        print(f"checkpoint: notice: tracking was not armed ({session.arm_error}): later "
+              f"checkpoints of {pid} will be full dumps", file=sys.stderr)
+        _end_session(session)
+        return
+    print(f"checkpoint: tracking {pid}: session {session.path} (daemon {session.daemon_pid})",
+          file=sys.stderr)
+    session.close()
+
+
+def _end_session(session) -> None:
+    from .track import TrackError
+    try:
+        session.stop()
+    except TrackError:
+        session.close()
 
 
 def main(argv=None) -> int:
@@ -39,16 +86,22 @@ def main(argv=None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
     log_file = None
+    session = None
     try:
+        if args.track and args.kill:
+            raise CkptsimError("--track keeps tracking a tree that runs on: not with --kill")
         if args.output is None and sys.stdout.isatty():
             raise CkptsimError("refusing to write an image to a terminal: use -o FILE or a redirection")
         log_file = open(args.log, "w") if args.log else None
         log = Log(log_file.write if log_file else None)
         flags = 0 if args.container else core.CHECKPOINT_SUBTREE
         from .dump import checkpoint  # imported late: it probes nothing until called
+        if args.track:
+            session = _tracking_session(args.pid)
         sink = AtomicImageFile(args.output) if args.output else sys.stdout.buffer
         try:
-            crid = checkpoint(args.pid, sink, flags, log, kill=args.kill, freezer=args.freezer)
+            crid = checkpoint(args.pid, sink, flags, log, kill=args.kill, freezer=args.freezer,
+                              on_stopped=session.on_stopped if session else None)
         except CheckpointError as e:
             if isinstance(sink, AtomicImageFile):
                 sink.commit()  # the image holds the error record, as Linux-CR's does
@@ -65,6 +118,9 @@ def main(argv=None) -> int:
             sink.flush()
         if args.verbose:
             print(f"checkpoint id {crid}", file=sys.stderr)
+        if session is not None:
+            session, armed = None, session
+            _report_session(armed, args.pid)
         return 0
     except KeyboardInterrupt:
         print("checkpoint: interrupted; the tree runs on", file=sys.stderr)
@@ -76,6 +132,8 @@ def main(argv=None) -> int:
         print(f"checkpoint: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         return 70
     finally:
+        if session is not None:         # the checkpoint failed: nothing was armed; a new
+            session.close()             # daemon exits when its launcher's connection closes
         if log_file is not None:
             log_file.close()
 

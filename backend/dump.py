@@ -132,8 +132,12 @@ def _write_tasks(ctx, tasks) -> None:
 
 
 def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | None = None,
-               *, kill: bool = False, freezer: bool | int = False) -> int:
+               *, kill: bool = False, freezer: bool | int = False, on_stopped=None) -> int:
     """Checkpoint the live tree at ``pid`` into ``sink`` (a binary file-like); the crid.
+
+    ``on_stopped(seized, processes)``, if given, runs once the image is complete and before
+    the tree is released (backend/track.py arms a tracking session there, at the checkpoint
+    instant); it must not raise: it records its own failure.
 
     Raises CheckpointError (with an errno and a message naming what failed); the tree is
     then running as before and ``sink`` holds an image ending in an ERROR record."""
@@ -177,6 +181,8 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
             tasks = _write_tree(ctx, processes)
             _write_tasks(ctx, tasks)
             ctx.writer.finish()
+            if on_stopped is not None:
+                on_stopped(seized, processes)
             if kill:
                 for p in processes:
                     if not p.zombie:
