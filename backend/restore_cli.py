@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the root's pid and return; the tree runs on")
     p.add_argument("--self", action="store_true",
                    help="restart a one-task image in place of this process (RESTART_TASKSELF)")
+    p.add_argument("--chain", metavar="DIR",
+                   help="where an incremental image's ancestors are (default: the input's "
+                        "directory)")
     p.add_argument("-l", "--log", help="write progress lines to this file")
     p.add_argument("-v", "--verbose", action="store_true", help="print timings and pids")
     return p
@@ -74,7 +77,9 @@ def main(argv=None) -> int:
             from .restore.self_restart import restart_self
             restart_self(data)               # returns only on failure, raising
         from .restore.job import restart_image
-        restored = restart_image(data, pidns=args.pidns, frozen=args.frozen,
+        chain = args.chain or (os.path.dirname(os.path.abspath(args.input)) if args.input
+                               else None)
+        restored = restart_image(data, pidns=args.pidns, frozen=args.frozen, chain=chain,
                                  log=(lambda m: print(m, file=log_file)) if log_file else None)
     except (ImageError, RestartError, CkptsimError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

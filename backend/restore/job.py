@@ -81,11 +81,11 @@ def preload() -> None:
 
 
 def restart_image(data, *, pidns: bool = True, frozen: bool = False, log=None,
-                  timeout: float = 120.0) -> Restored:
+                  timeout: float = 120.0, chain=None) -> Restored:
     """Restart the live image ``data`` (bytes, bytearray, memoryview or an mmap of the image
     file: pages go to process_vm_writev straight from it) as a new tree of processes."""
     t0 = time.perf_counter()
-    job = load_job(data, log, background_checksum=True)
+    job = load_job(data, log, background_checksum=True, chain=chain)
     job.timings["decode"] = time.perf_counter() - t0
     try:
         return job.run(pidns, frozen, timeout)
@@ -102,11 +102,13 @@ def restart_image(data, *, pidns: bool = True, frozen: bool = False, log=None,
         job.close()
 
 
-def load_job(data, log=None, *, background_checksum: bool) -> "_Job":
+def load_job(data, log=None, *, background_checksum: bool, chain=None) -> "_Job":
     """Steps 1 and 2: the image restored into a fresh model (refusing model images, other
     architectures and credentials the caller could not set). ``background_checksum``: the
     CRC pass runs on a helper thread, checked by run() before anything runs (else it is
-    checked here, for a caller about to fork)."""
+    checked here, for a caller about to fork). ``chain``: where an incremental image's
+    ancestors are (a directory, a list of images or an ImageChain; ckptsim/cr/incremental.py):
+    their pages come first, this image's on top, all written by the page sink in that order."""
     from ckptsim.cr.api import restart_job
     from ckptsim.model.kernel import Kernel
 
@@ -125,7 +127,8 @@ def load_job(data, log=None, *, background_checksum: bool) -> "_Job":
     kernel, sink = Kernel(0), PageSink()
     try:
         tasks, rctx = restart_job(kernel, kernel.init, 0, data, core.RESTART_FROZEN,
-                                  restore_fs=True, page_sink=sink, checksum=False)
+                                  restore_fs=True, page_sink=sink, checksum=False,
+                                  chain=chain)
     except BaseException:
         if checksum is not None:
             checksum.result()          # a corrupted image is reported as such first
