@@ -69,6 +69,7 @@ class Program:
         self._next_label = 0
         self.checks_after_point = 0
         self.points = 0
+        self.steps = 0          # the highest checkpoint step a point waits for
 
     # -- registers, labels, raw ops ----------------------------------------------------------
     def reg(self) -> Reg:
@@ -130,10 +131,15 @@ class Program:
         self.raw(None, "set", SCRATCH_REG, 1)
         self.raw(None, "jnz", SCRATCH_REG, label)
 
-    def ckpt(self) -> None:
-        """The checkpoint point: the runner checkpoints while every task waits at one."""
-        self.raw(None, "ckpt_point")
+    def ckpt(self, step: int = 1) -> None:
+        """The checkpoint point: the runner checkpoints while every task waits at one.
+        ``step`` (incremental scenarios): the runner checkpoints at step 1, lets the tasks on
+        to their step-2 points, checkpoints again (an incremental image), and so on."""
+        if step < 1:
+            raise ProgramError(f"checkpoint step {step}: steps count from 1")
+        self.raw(None, "ckpt_point", *([step] if step > 1 else []))
         self.points += 1
+        self.steps = max(self.steps, step)
 
     def check(self, a, cmp: str, b, label: str) -> None:
         self.raw(None, "check", a, cmp, b, label)

@@ -10,6 +10,13 @@ in ``allowed_diffs`` fails it); then release the checkpoint points, let it run t
 collect its verdict (its own checks, exit statuses, nothing left behind). A scenario whose
 checkpoint must fail (``expect_errno``) is checked for that errno, then resumed as it was.
 A scenario a backend cannot run is ``unsupported``, with the backend's reason.
+
+An incremental scenario (``incremental`` = N) is checkpointed at each of its N + 1 steps, the
+first time in full and then against the previous image; each incremental image must hold
+exactly the pages the backend says were written since the previous checkpoint (the model sees
+every write), and at least every page whose contents changed (unless dropped); then the
+container is restarted from the newest image of the chain and must show the same visible
+state and the same memory as before that checkpoint, as a restart of a full image would.
 """
 from __future__ import annotations
 
@@ -133,6 +140,8 @@ def _drive(scn: Scenario, backend: Backend, run) -> list[str]:
         backend.kill(run)
         backend.restart(run, image)
         return problems + _finish(scn, backend, run)
+    if scn.incremental:
+        return problems + _drive_incremental(scn, backend, run)
     for round_ in range(scn.restarts):
         before = backend.visible_state(run)
         try:
@@ -159,6 +168,68 @@ def _drive(scn: Scenario, backend: Backend, run) -> list[str]:
         after = backend.visible_state(run)
         problems += [f"round {round_ + 1}: {d}" for d in diff_states(before, after, scn.allowed_diffs)]
     return problems + _finish(scn, backend, run)
+
+
+def _drive_incremental(scn: Scenario, backend: Backend, run) -> list[str]:
+    problems: list[str] = []
+    images: list[bytes] = []
+    contents = {}
+    for step in range(1, scn.incremental + 2):
+        if step > 1:
+            backend.release_step(run, step - 1)
+        before = backend.visible_state(run)
+        now = backend.page_contents(run)
+        written = backend.written_pages(run) if images else None
+        image = backend.checkpoint(run, parent=images[-1] if images else None)
+        problems += [f"step {step}: {p}" for p in backend.check_image(run, image, ancestors=images)]
+        if images:
+            problems += [f"step {step}: {p}" for p in check_delta(image, written, contents, now)]
+        images.append(image)
+        contents = now
+    backend.kill(run)
+    backend.restart(run, images[-1], ancestors=images[:-1])
+    problems += [f"restart of the chain: {d}"
+                 for d in diff_states(before, backend.visible_state(run), scn.allowed_diffs)]
+    after = backend.page_contents(run)
+    problems += [f"restart of the chain: memory of pid {pid} page {addr:#x} differs"
+                 for pid, addr in _changed_pages(contents, after)][:10]
+    return problems + _finish(scn, backend, run)
+
+
+def _changed_pages(old: dict, new: dict) -> list[tuple[int, int]]:
+    """(pid, page) whose digest differs, for pages mapped in both (tasks in both)."""
+    return sorted((pid, addr) for pid, pages in new.items() if pid in old
+                  for addr, digest in pages.items()
+                  if addr in old[pid] and old[pid][addr] != digest)
+
+
+def check_delta(image: bytes, written: dict, old: dict, new: dict) -> list[str]:
+    """An incremental image's pages, per task, against what was written since its parent
+    (exactly) and against the pages whose contents changed (each must be in the image or in
+    one of its dropped ranges)."""
+    from ckptsim.cr.incremental import ImageScan
+    scan = ImageScan(image)
+    if not scan.incremental:
+        return ["the image is not incremental"]
+    held = scan.task_pages()
+    problems = []
+    for pid in sorted(set(held) | set(written)):
+        have, want = set(held.get(pid, ())), set(written.get(pid, ()))
+        if have != want:
+            problems.append(f"pid {pid}: the image holds {len(have)} pages, {len(want)} were "
+                            f"written; missing {_pages(want - have)}, extra {_pages(have - want)}")
+    drops = {pid: scan.mms[ref].drops for pid, ref in scan.task_mms}
+    for pid, addr in _changed_pages(old, new):
+        dropped = any(start <= addr < end for start, end in drops.get(pid, ()))
+        if addr not in held.get(pid, ()) and not dropped:
+            problems.append(f"pid {pid}: page {addr:#x} changed but is neither in the image "
+                            "nor dropped")
+    return problems
+
+
+def _pages(addrs) -> str:
+    shown = ", ".join(hex(a) for a in sorted(addrs)[:4])
+    return f"[{shown}{', ...' if len(addrs) > 4 else ''}]"
 
 
 def _expected_restart_failure(scn: Scenario, backend: Backend, run, image: bytes, before) -> list[str]:

@@ -17,7 +17,11 @@ refused), ``leak`` (the runner keeps an outside reference to the container's fd 
 ``restart_flags`` (RESTART_FROZEN, RESTART_GHOST, RESTART_TASKSELF), ``self_image`` (the
 program checkpoints itself into this model path; the runner restarts from it),
 ``allowed_diffs`` (visible-state keys that may differ across C/R), ``needs`` (features a
-backend must have: the backend reports the scenario unsupported, with the reason, otherwise).
+backend must have: the backend reports the scenario unsupported, with the reason, otherwise),
+``incremental`` (N > 0: after the full checkpoint at step 1, N incremental checkpoints at the
+program's points of steps 2..N+1, each against the previous image; the runner checks that each
+holds exactly the pages written since the previous one, then restarts the newest image of the
+chain).
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from typing import Callable
 
 from .dsl import Program
 
-AREAS = ("memory", "files", "pipes", "unix", "signals", "tree", "creds", "api", "images")
+AREAS = ("memory", "files", "pipes", "unix", "signals", "tree", "creds", "api", "images",
+         "incremental")
 
 
 class ScenarioError(Exception):
@@ -53,6 +58,7 @@ class Scenario:
     needs: frozenset = frozenset()
     files: tuple = ()  # ((path, text), ...) present in the container's file system at start
     seed: int = 0
+    incremental: int = 0
 
     @property
     def ops(self) -> list:
@@ -79,6 +85,10 @@ def scenario(area: str, summary: str = "", **options) -> Callable:
                            or options.get("expect_restart_errno") is not None)
         if p.checks_after_point == 0 and not expects_failure:
             raise ScenarioError(f"{name}: checks nothing after its checkpoint point")
+        steps = options.get("incremental", 0) + 1
+        if p.steps != steps and options.get("self_image") is None:
+            raise ScenarioError(f"{name}: {steps - 1} incremental checkpoints need points up to "
+                                f"step {steps}, the program's go up to step {p.steps}")
         options.setdefault("needs", frozenset())
         options["needs"] = frozenset(options["needs"])
         options["allowed_diffs"] = frozenset(options.get("allowed_diffs", ()))

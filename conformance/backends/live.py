@@ -105,6 +105,9 @@ class LiveBackend(Backend):
     # -- what can run ------------------------------------------------------------------------
     def unsupported(self, scenario: Scenario) -> str | None:
         from backend.interp import unsupported_op
+        if scenario.incremental:
+            return ("incremental checkpoints: the live backend writes full images only (live "
+                    "incremental images are not implemented yet)")
         if scenario.self_image is not None:
             return ("a self-checkpoint (the model's checkpoint op): a live process has no "
                     "checkpoint(2) syscall")

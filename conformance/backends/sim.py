@@ -1,6 +1,7 @@
 """The model backend: scenarios run as modelled tasks in a ckptsim Kernel."""
 from __future__ import annotations
 
+import hashlib
 import io
 
 from ckptsim.cr.api import checkpoint, restart_tasks
@@ -8,6 +9,7 @@ from ckptsim.cr.context import CheckpointError
 from ckptsim.cr.replay import replay
 from ckptsim.errors import ImageError
 from ckptsim.image import core, decode_all
+from ckptsim.image.types import PAGE_SHIFT, PAGE_SIZE
 from ckptsim.model.creds import Cred
 from ckptsim.model.kernel import Kernel
 from ckptsim.model.shared import Shared
@@ -118,13 +120,16 @@ class SimBackend(Backend):
             run.caller.cred = Cred.user(scn.caller_uid, scn.caller_uid)
         return run.caller
 
-    def checkpoint(self, run) -> bytes:
+    def checkpoint(self, run, parent: bytes | None = None) -> bytes:
+        """A full image, or with ``parent`` an incremental image against it."""
         scn, k = run.scenario, run.kernel
         if scn.freeze:
             k.freeze(k.init, CGROUP)
         buf = io.BytesIO()
+        flags = scn.checkpoint_flags | (core.CHECKPOINT_INCREMENTAL if parent is not None else 0)
         try:
-            checkpoint(k, self._caller(run), run.root.pid.nr_in(k.init.ns), buf, scn.checkpoint_flags)
+            checkpoint(k, self._caller(run), run.root.pid.nr_in(k.init.ns), buf, flags,
+                       parent=parent)
         except CheckpointError as e:
             k.thaw(k.init, CGROUP)
             raise CheckpointFailed(e.errno, str(e)) from None
@@ -139,7 +144,7 @@ class SimBackend(Backend):
             if child.state == "zombie" and child.pid.nr_in(ns):
                 k.wait4(k.init, child.tid)
 
-    def restart(self, run, image: bytes) -> None:
+    def restart(self, run, image: bytes, ancestors=()) -> None:
         scn, k = run.scenario, run.kernel
         caller = self._caller(run)
         flags = scn.restart_flags
@@ -151,7 +156,7 @@ class SimBackend(Backend):
             k.cgroup_attach(k.init, CGROUP, caller.tid)
             run.taskself = caller
         try:
-            tasks = restart_tasks(k, caller, 0, image, flags)
+            tasks = restart_tasks(k, caller, 0, image, flags, chain=list(ancestors) or None)
         except (CheckpointError, ImageError) as e:
             if flags & core.RESTART_TASKSELF and caller.state != "dead":
                 if caller.state != "zombie":  # a failed restart leaves no process behind
@@ -200,6 +205,46 @@ class SimBackend(Backend):
             problems.append(f"the ghost restart caller is still {run.ghost.state}")
         return problems
 
+    # -- incremental steps ------------------------------------------------------------------
+    def release_step(self, run, step: int) -> None:
+        """Let the tasks on from their points of ``step`` to those of the next step."""
+        k = run.kernel
+        k.thaw(k.init, CGROUP)
+        k.released_steps = step
+        k.run(MAX_STEPS)
+
+    def written_pages(self, run) -> dict[int, list[int]]:
+        """Per task: the page addresses the model saw written since the last checkpoint (in
+        its private mappings, and in the shared segments it maps)."""
+        ns, out = run.root.ns, {}
+        for t in self.container_tasks(run):
+            if t.state == "zombie" or t.mm is None:
+                continue
+            mm, pages = t.mm, set()
+            for v in mm.vmas:
+                if v.is_private:
+                    pages.update(a for a in mm.dirty_pages() if v.start <= a < v.end)
+                elif v.shmem is not None:
+                    base = v.pgoff << PAGE_SHIFT
+                    pages.update(v.start + off - base for off in v.shmem.dirty_offsets()
+                                 if 0 <= off - base < v.end - v.start)
+            out[t.pid.nr_in(ns)] = sorted(pages)
+        return out
+
+    def page_contents(self, run) -> dict[int, dict[int, bytes]]:
+        """Per task: a digest of every page of its anonymous mappings (private and shared)."""
+        ns, out = run.root.ns, {}
+        for t in self.container_tasks(run):
+            if t.state == "zombie" or t.mm is None:
+                continue
+            pages = out[t.pid.nr_in(ns)] = {}
+            for v in t.mm.vmas:
+                if v.file is None and v.name != "[vdso]":
+                    blob = memoryview(t.mm._read_vma(v, v.start, v.end))
+                    for i in range(0, v.end - v.start, PAGE_SIZE):
+                        pages[v.start + i] = hashlib.blake2b(blob[i:i + PAGE_SIZE], digest_size=8).digest()
+        return out
+
     def self_image(self, run, path: str) -> bytes:
         k = run.kernel
         fd = k.open(k.init, path, 0)
@@ -209,10 +254,10 @@ class SimBackend(Backend):
         finally:
             k.close(k.init, fd)
 
-    def check_image(self, run, image: bytes) -> list[str]:
+    def check_image(self, run, image: bytes, ancestors=()) -> list[str]:
         try:
             decode_all(image)
-            report = replay(image, roundtrip=True)
+            report = replay(image, roundtrip=True, chain=list(ancestors) or None)
         except (ImageError, CheckpointError) as e:
             return [f"image does not replay: {e}"]
         problems = [f"replay invariant: {p}" for p in report.problems]

@@ -1,2 +1,3 @@
 """Every scenario module; importing this package registers them all."""
-from . import api, creds, files, memory, memory_fork, pipes, signals, tree, unix  # noqa: F401
+from . import (api, creds, files, incremental, memory, memory_fork, pipes,  # noqa: F401
+               signals, tree, unix)
