@@ -239,7 +239,8 @@ class ImageChain:
         return self.images[image_id]
 
     def where(self) -> str:
-        places = [f"{len(self.images)} given images"] + [f"directory {d}" for d in self.directories]
+        places = [f"{len(self.images)} given images"] if self.images or not self.directories else []
+        places += [f"directory {d}" for d in self.directories]
         return ", ".join(places)
 
     def resolve(self, newest, name: str = "the image") -> list[ImageScan]:

@@ -5,6 +5,10 @@
     ckptinfo -v IMAGE        every record: offset, type, length and decoded fields
     ckptinfo -e IMAGE        the error record of a failed checkpoint (exit 1 if none)
     ckptinfo -p IMAGE        "Task i: pid ppid tgid pgid sid depth" per task
+    ckptinfo --chain IMAGE [--parent PATH]...
+                             an incremental image's chain, oldest first: per image its id,
+                             parent id, crid, records, pages and bytes; ancestors are looked
+                             for in IMAGE's directory, or in the files/directories named
 
 The view is built from the decoded record stream alone (``decode_all`` plus the generic
 printer), never by restoring the image: records are grouped by the section they are in,
@@ -110,6 +114,7 @@ class ImageView:
     objects: dict[int, SharedObject] = field(default_factory=dict)
     tasks: list[TaskView] = field(default_factory=list)
     error: str | None = None
+    parent: Record | None = None            # PARENT: an incremental image's link
 
 
 def _owners() -> dict:
@@ -154,6 +159,8 @@ def build_view(data: bytes) -> ImageView:
             view.uts.append(rec.var)
         elif lay is core.HEADER_ARCH:
             view.arch = rec
+        elif lay is core.PARENT:
+            view.parent = rec
         elif lay is core.CONTAINER:
             view.container = rec
         elif lay is core.STRING and len(view.lsm) < 1 and not view.tree:
@@ -222,6 +229,10 @@ def header_info(view: ImageView) -> dict:
         "page_size": h["page_size"], "time": h["time"], "crid": h["crid"],
         "image_id": bytes(h["image_id"]).hex(),
         "parent_id": parent.hex() if any(parent) else None,
+        "parent": None if view.parent is None else {
+            "crid": view.parent["parent_crid"],
+            "checksum": hex(view.parent["parent_checksum"]),
+            "tree": bytes(view.parent["parent_tree"]).hex()},
         "flags": _field(h, "uflags"), "image_flags": _field(h, "image_flags"),
         "lsm": view.lsm[0] if view.lsm else None,
         "lsm_info": view.lsm[1] if len(view.lsm) > 1 else None,
@@ -333,7 +344,9 @@ def render_text(view: ImageView) -> str:
            f"  time         {h['time']}",
            f"  crid         {h['crid']}",
            f"  image id     {h['image_id']}",
-           f"  parent id    {h['parent_id'] or 'none'}",
+           f"  parent id    {h['parent_id'] or 'none'}"
+           + (f" (crid {h['parent']['crid']}, checksum {h['parent']['checksum']})"
+              if h["parent"] else ""),
            f"  flags        {h['flags']} (image: {h['image_flags']})",
            f"  lsm          {h['lsm']} ({h['lsm_info']})",
            f"  size         {h['size']} bytes, {h['records']} records, checksum {h['checksum']}",
@@ -395,6 +408,42 @@ def pids_lines(view: ImageView) -> list[str]:
             f"sid {t['vsid']} depth {t['depth']}" for i, t in enumerate(view.tree)]
 
 
+# -- chains ------------------------------------------------------------------------------------
+def chain_of(name: str, data, parents: list[str]) -> list:
+    """The ImageScans of the chain ending with ``data``, oldest first (InputError if broken)."""
+    from ..cr.context import RestartError
+    from ..cr.incremental import ImageChain
+    places = parents or [os.path.dirname(os.path.abspath(name)) if name != "-" else os.getcwd()]
+    files = [p for p in places if not os.path.isdir(p)]
+    images = []
+    for path in files:
+        images.append((path, _read_input(path)))
+    try:
+        chain = ImageChain(images, [p for p in places if os.path.isdir(p)])
+        return chain.resolve(data, "stdin" if name == "-" else name)
+    except RestartError as e:
+        raise InputError(e.message) from None
+
+
+def chain_json(scans) -> list[dict]:
+    return [{"file": s.name, "image_id": s.image_id.hex(),
+             "parent_id": s.parent_id.hex() if s.incremental else None,
+             "crid": s.header["crid"], "incremental": s.incremental, "records": s.nr_records,
+             "pages": s.nr_pages, "page_bytes": s.page_bytes, "bytes": s.size} for s in scans]
+
+
+def chain_lines(scans) -> list[str]:
+    lines = [f"Chain of {len(scans)} images, oldest first (pages: the pages each image holds; "
+             "an incremental image holds only those written since its parent):",
+             f"  {'#':>2} {'image id':32} {'parent id':32} {'crid':>5} {'records':>8} "
+             f"{'pages':>7} {'bytes':>10}  file"]
+    for i, link in enumerate(chain_json(scans)):
+        lines.append(f"  {i:>2} {link['image_id']:32} {link['parent_id'] or '(full image)':32} "
+                     f"{link['crid']:>5} {link['records']:>8} {link['pages']:>7} "
+                     f"{link['bytes']:>10}  {link['file']}")
+    return lines
+
+
 # -- command line -------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Show a checkpoint image.")
@@ -406,6 +455,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="print the error record of a failed checkpoint (exit 1 if none)")
     mode.add_argument("-p", "--pids", "--pids-only", dest="pids", action="store_true",
                       help="print the task tree's pids")
+    p.add_argument("--chain", action="store_true",
+                   help="show the chain of images IMAGE is the newest of")
+    p.add_argument("--parent", action="append", default=[], metavar="PATH",
+                   help="with --chain: an image file or a directory of images where the "
+                        "ancestors are (repeatable; default: IMAGE's directory)")
     return p
 
 
@@ -427,6 +481,15 @@ def _run(argv) -> int:
         view = build_view(data)
     except ImageError as e:
         raise InputError(f"{'stdin' if args.image == '-' else args.image}: {e}") from None
+    if args.parent and not args.chain:
+        raise InputError("--parent goes with --chain")
+    if args.chain:
+        if args.verbose or args.error or args.pids:
+            raise InputError("--chain shows the chain only (with --json as JSON)")
+        scans = chain_of(args.image, data, args.parent)
+        lines = [json.dumps(chain_json(scans), indent=2)] if args.json else chain_lines(scans)
+        sys.stdout.write("\n".join(lines) + "\n")
+        return 0
     if args.error:
         if view.error is None:
             print(f"{PROG}: no error record in the image", file=sys.stderr)

@@ -63,9 +63,14 @@ def _cmd_simulate(args) -> int:
 
 
 def _cmd_replay(args) -> int:
+    from ..cr.incremental import ImageChain
     from ..cr.replay import replay
     data = read_image_file(args.image)
-    report = replay(data, roundtrip=args.roundtrip)
+    places = args.parent or [os.path.dirname(os.path.abspath(args.image))
+                             if args.image != "-" else os.getcwd()]
+    chain = ImageChain([(p, read_image_file(p)) for p in places if not os.path.isdir(p)],
+                       [p for p in places if os.path.isdir(p)])
+    report = replay(data, roundtrip=args.roundtrip, chain=chain)
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -126,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_simulate)
     s = sub.add_parser("replay", help="restore an image into the model and check every invariant")
     s.add_argument("image")
-    s.add_argument("--roundtrip", action="store_true", help="checkpoint again and compare the bytes")
+    s.add_argument("--roundtrip", action="store_true", help="checkpoint again and compare the "
+                   "bytes (an incremental image: again against the same parent)")
+    s.add_argument("--parent", action="append", default=[], metavar="PATH",
+                   help="an incremental image's ancestors: an image file or a directory of "
+                        "images (repeatable; default: the image's directory)")
     s.set_defaults(func=_cmd_replay)
     s = sub.add_parser("conformance", help="run the C/R conformance suite on a backend")
     s.add_argument("--backend", choices=("sim", "live"), default="sim")

@@ -283,3 +283,19 @@ def test_restart_of_a_chain_equals_restart_of_a_full_image(ops):
     full = image(k, root)
     assert restored(newest, chain) == restored(full)
     assert replay(newest, roundtrip=True, chain=chain).roundtrip == "identical"
+
+
+def test_ckptsim_replay_finds_the_chain_beside_the_image_or_where_told(setup, tmp_path, capsys):
+    from ckptsim.tools.cli import main
+    k, root, full = setup
+    k.mem_write(root, A + P, b"second")
+    inc = image(k, root, parent=full)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "inc.img").write_bytes(inc)
+    (tmp_path / "full.img").write_bytes(full)
+    assert main(["replay", "--roundtrip", str(tmp_path / "a" / "inc.img")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ckptsim: error: ENOENT") and "needs its parent image" in err
+    assert main(["replay", "--roundtrip", str(tmp_path / "a" / "inc.img"),
+                 "--parent", str(tmp_path)]) == 0
+    assert "roundtrip: identical" in capsys.readouterr().out
