@@ -134,13 +134,8 @@ class Daemon:
             self._log.write(f"{time.strftime('%H:%M:%S')} [{os.getpid()}] {line}\n")
 
     def cleanup(self) -> None:
-        """Every tracker closed, the programs detached, the socket removed (if still ours)."""
-        for p in self.procs.values():
-            if p.tracker is not None:
-                p.tracker.close()
-                p.tracker = None
-        if self.bpf is not None:
-            self.bpf.stop()
+        """The socket removed first (no client reaches a daemon that is ending), then every
+        tracker closed and the programs detached."""
         if self.listener is not None:
             self.listener.close()
             self.listener = None
@@ -149,6 +144,12 @@ class Daemon:
                     os.unlink(self.path)
             except FileNotFoundError:
                 pass
+        for p in self.procs.values():
+            if p.tracker is not None:
+                p.tracker.close()
+                p.tracker = None
+        if self.bpf is not None:
+            self.bpf.stop()
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -163,54 +164,67 @@ class Daemon:
         return not any(_alive(t, p.start) for t, p in self.procs.items())
 
     def serve(self) -> None:
-        while True:
-            if self.tree_gone():
-                self.log("the tree is gone")
-                return
-            if not select.select([self.listener], [], [], IDLE_TICK)[0]:
-                self._drain_notices()
-                continue
-            conn, _ = self.listener.accept()
-            with conn:
-                if self._serve_connection(conn) == "stop":
+        """Answer every connected client, one request at a time, until the tree is gone, a
+        ``stop``, or the launcher left without arming (no client left at generation 0)."""
+        clients: dict[socket.socket, float] = {}        # connection -> its last request
+        seen_client = False
+        try:
+            while True:
+                if self.tree_gone():
+                    self.log("the tree is gone")
                     return
-            if self.generation == 0:
-                self.log("the launcher left before arming")
-                return
+                ready = select.select([self.listener, *clients], [], [], IDLE_TICK)[0]
+                if not ready:
+                    self._drain_notices()
+                    now = time.monotonic()
+                    for conn in [c for c, t in clients.items()
+                                 if self.generation and now - t > CLIENT_IDLE]:
+                        del clients[conn]
+                        conn.close()
+                for conn in ready:
+                    if conn is self.listener:
+                        new, _ = self.listener.accept()
+                        new.settimeout(60.0)            # a half-sent request cannot hang us
+                        clients[new], seen_client = time.monotonic(), True
+                        continue
+                    clients[conn] = time.monotonic()
+                    outcome = self._answer(conn)
+                    if outcome == "stop":
+                        return
+                    if outcome == "closed":
+                        del clients[conn]
+                        conn.close()
+                if seen_client and not clients and self.generation == 0:
+                    self.log("the launcher left before arming")
+                    return
+        finally:
+            for conn in clients:
+                conn.close()
 
-    def _serve_connection(self, conn: socket.socket) -> str | None:
-        conn.settimeout(60.0)
-        quiet_since = time.monotonic()
-        while True:
-            if not select.select([conn], [], [], IDLE_TICK)[0]:
-                if self.tree_gone() or (self.generation and
-                                        time.monotonic() - quiet_since > CLIENT_IDLE):
-                    return None
-                self._drain_notices()
-                continue
-            try:
-                header, _, fds = recv_message(conn)
-            except (EOFError, OSError):
-                return None
-            quiet_since = time.monotonic()
-            op = header.get("op")
-            blobs: list = []
-            try:
-                handler = getattr(self, f"op_{op}", None)
-                if handler is None:
-                    raise ValueError(f"unknown request {op!r}")
-                reply, blobs = handler(header, fds)
-            except Exception as e:          # noqa: BLE001 - answered, the session goes on
-                self.log(f"{op}: {traceback.format_exc()}", error=True)
-                for fd in fds:
-                    os.close(fd)
-                reply = {"error": f"{op}: {e}"}
-            try:
-                send_message(conn, reply, blobs)
-            except OSError:
-                return None
-            if op == "stop" and "error" not in reply:
-                return "stop"
+    def _answer(self, conn: socket.socket) -> str | None:
+        """Read and answer one request: "closed" (the client went), "stop" or None."""
+        try:
+            header, _, fds = recv_message(conn)
+        except (EOFError, OSError):
+            return "closed"
+        op = header.get("op")
+        blobs: list = []
+        if op != "adopt":               # only adopt takes fds
+            for fd in fds:
+                os.close(fd)
+        try:
+            handler = getattr(self, f"op_{op}", None)
+            if handler is None:
+                raise ValueError(f"unknown request {op!r}")
+            reply, blobs = handler(header, fds) if op == "adopt" else handler(header)
+        except Exception as e:          # noqa: BLE001 - answered, the session goes on
+            self.log(f"{op}: {traceback.format_exc()}", error=True)
+            reply = {"error": f"{op}: {e}"}
+        try:
+            send_message(conn, reply, blobs)
+        except OSError:
+            return "stop" if op == "stop" and "error" not in reply else "closed"
+        return "stop" if op == "stop" and "error" not in reply else None
 
     def _drain_notices(self) -> None:
         for n in self.bpf.notices():
@@ -219,9 +233,7 @@ class Daemon:
                 p.exec = True
 
     # -- requests ---------------------------------------------------------------------------------
-    def op_status(self, header, fds):
-        for fd in fds:
-            os.close(fd)
+    def op_status(self, header):
         processes = {str(t): {"write_protected": p.tracker is not None, "reason": p.reason,
                               "untracked": p.untracked or []}
                      for t, p in sorted(self.procs.items())}
@@ -230,9 +242,7 @@ class Daemon:
                 "armed_at": self.armed_at, "processes": processes,
                 "bpf_tracked": sorted(self.bpf.tracked())}, []
 
-    def op_dirty(self, header, fds):
-        for fd in fds:
-            os.close(fd)
+    def op_dirty(self, header):
         self._drain_notices()
         out, blobs, exited = [], [], []
         for tgid in sorted(set(self.procs) | self.bpf.tracked()):
@@ -281,9 +291,7 @@ class Daemon:
                  "exec": bool(p is not None and p.exec), "reasons": reasons}
         return entry, [union, uffd, bpf]
 
-    def op_begin(self, header, fds):
-        for fd in fds:
-            os.close(fd)
+    def op_begin(self, header):
         self._drain_notices()
         tgids = [int(t) for t in header["tgids"]]
         need = []
@@ -310,18 +318,21 @@ class Daemon:
             for fd in fds:
                 os.close(fd)
             raise ValueError(f"adopt needs 2 fds (uffd, pagemap), got {len(fds)}")
-        tracker = _adopt(header, *fds)
+        tracker = _adopt(header, *fds)      # owns the fds from here
         tgid = tracker.pid
+        try:
+            started = start_time(tgid)
+        except BaseException:
+            tracker.close()
+            raise
         old = self.procs.get(tgid)
         if old is not None and old.tracker is not None:
             old.tracker.close()
-        self.procs[tgid] = _Process(start_time(tgid), tracker, None, False,
+        self.procs[tgid] = _Process(started, tracker, None, False,
                                     header.get("untracked") or [])
         return {"adopted": tgid}, []
 
-    def op_commit(self, header, fds):
-        for fd in fds:
-            os.close(fd)
+    def op_commit(self, header):
         self._drain_notices()
         tgids = [int(t) for t in header["tgids"]]
         failed = {int(k): v for k, v in header.get("failed", {}).items()}
@@ -346,9 +357,7 @@ class Daemon:
                  f"{sum(1 for t in tgids if self.procs[t].tracker)} write-protected")
         return {"generation": self.generation}, []
 
-    def op_stop(self, header, fds):
-        for fd in fds:
-            os.close(fd)
+    def op_stop(self, header):
         self.cleanup()
         self.log("stopped on request")
         return {"stopped": True}, []
