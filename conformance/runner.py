@@ -276,11 +276,12 @@ def area_table(results: list[Result]) -> str:
     for r in results:
         counts = rows.setdefault(r.area, [0, 0, 0])
         counts[(PASSED, FAILED, UNSUPPORTED).index(r.status)] += 1
-    lines = [f"{'area':10} {'passed':>7} {'failed':>7} {'unsupported':>12}"]
+    width = max([10, *map(len, rows)])
+    lines = [f"{'area':{width}} {'passed':>7} {'failed':>7} {'unsupported':>12}"]
     total = [0, 0, 0]
     for area in sorted(rows):
         p, f, u = rows[area]
         total = [total[0] + p, total[1] + f, total[2] + u]
-        lines.append(f"{area:10} {p:7} {f:7} {u:12}")
-    lines.append(f"{'total':10} {total[0]:7} {total[1]:7} {total[2]:12}")
+        lines.append(f"{area:{width}} {p:7} {f:7} {u:12}")
+    lines.append(f"{'total':{width}} {total[0]:7} {total[1]:7} {total[2]:12}")
     return "\n".join(lines)
