@@ -265,7 +265,10 @@ class Daemon:
         if p is not None and p.tracker is not None:
             try:
                 vmas = read_smaps(tgid)
-                uffd = p.tracker.written_pages(reprotect=False, vmas=vmas)
+                # a non-reprotecting scan past one full region vector repeats pages here
+                # (measured: 5611 addresses, 5164 distinct, at 1 GiB): sorted and distinct
+                uffd = array("Q", sorted(set(p.tracker.written_pages(reprotect=False,
+                                                                     vmas=vmas))))
                 changes = p.tracker.changed_vmas(vmas)
                 new = [(m.start, m.end) for m in changes.new]
                 gone = changes.gone
