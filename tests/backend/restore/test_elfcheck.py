@@ -83,31 +83,6 @@ def image_of(target) -> bytes:
     return sink.getvalue()
 
 
-@pytest.fixture
-def restarts():
-    """``restarts(image, log=None)``: restart_image; every restored process is killed by pid
-    and the restart's child reaped at teardown."""
-    made = []
-
-    def run(image: bytes, log=None):
-        restored = restart_image(bytearray(image), log=log)
-        made.append(restored)
-        return restored
-
-    yield run
-    for restored in made:
-        for pid in list(restored.pids.values()) + [restored.reaper]:
-            if pid:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        try:
-            os.waitpid(restored.child, 0)
-        except ChildProcessError:
-            pass
-
-
 def refused(image: bytes, exe: str) -> RestoreError:
     """Restart ``image``, which must be refused without leaving anything behind."""
     before = my_children()
@@ -166,7 +141,7 @@ def test_rebuilt_executable_is_refused_naming_it(tmp_path, start_target):
     assert "\n" not in str(err)
 
 
-def test_unchanged_executable_restarts(tmp_path, start_target, restarts):
+def test_unchanged_executable_restarts(tmp_path, start_target, restart_images):
     exe = build(str(tmp_path / "elf_target"), OLD_ID)
     counter = str(tmp_path / "count")
     image = image_of(start_target(exe, counter))
@@ -174,19 +149,19 @@ def test_unchanged_executable_restarts(tmp_path, start_target, restarts):
     assert any("libc" in path for path in ids), ids       # the libraries are recorded too
     os.utime(exe)                         # a new mtime: the identity, not the time, decides
     lines = []
-    restored = restarts(image, log=lines.append)
+    restored = restart_images(image, log=lines.append)
     runs_on(restored, counter)
     assert any("executable files match the image" in line for line in lines), lines
 
 
-def test_executable_without_build_id_uses_its_hash(tmp_path, start_target, restarts):
+def test_executable_without_build_id_uses_its_hash(tmp_path, start_target, restart_images):
     exe = build(str(tmp_path / "elf_target"), None)
     with open(exe, "rb") as f:
         digest = hashlib.sha256(f.read()).digest()
     counter = str(tmp_path / "count")
     image = image_of(start_target(exe, counter))
     assert file_ids(image)[exe] == (ID_SHA256, digest)
-    runs_on(restarts(image), counter)                     # unchanged: restarts
+    runs_on(restart_images(image), counter)                     # unchanged: restart_images
     with open(exe, "rb") as f:                            # same size, the last byte else
         contents = bytearray(f.read())
     contents[-1] ^= 0xFF
@@ -199,7 +174,7 @@ def test_executable_without_build_id_uses_its_hash(tmp_path, start_target, resta
     assert "SHA-256" in str(err)
 
 
-def test_non_elf_executable_mapping_uses_its_hash(tmp_path, start_target, restarts):
+def test_non_elf_executable_mapping_uses_its_hash(tmp_path, start_target, restart_images):
     exe = build(str(tmp_path / "elf_target"), OLD_ID)
     data = tmp_path / "code.bin"
     data.write_bytes(NOT_ELF)
@@ -209,8 +184,8 @@ def test_non_elf_executable_mapping_uses_its_hash(tmp_path, start_target, restar
     data.write_bytes(NOT_ELF.replace(b"this", b"THIS"))  # other contents, same size
     err = refused(image, exe)
     assert err.errno == errno.ESTALE and str(data) in str(err) and "SHA-256" in str(err)
-    data.write_bytes(NOT_ELF)                              # back as it was: restarts
-    runs_on(restarts(image), counter)
+    data.write_bytes(NOT_ELF)                              # back as it was: restart_images
+    runs_on(restart_images(image), counter)
 
 
 def test_vdso_with_a_moved_symbol_is_refused(tmp_path, start_target):

@@ -22,35 +22,7 @@ from backend.dump import checkpoint
 from backend.restore.job import RestoreError, restart_image
 
 
-# -- helpers (each restore test file keeps its own: the tests dirs are not packages) ---------
-@pytest.fixture
-def restarts():
-    """``restarts(target)``: checkpoint the target with --kill and restart its image; every
-    restored process is killed by pid and the restart's child reaped at teardown."""
-    made = []
-
-    def run(target):
-        sink = io.BytesIO()
-        checkpoint(target.pid, sink, kill=True)
-        target.proc.wait(timeout=10)
-        restored = restart_image(bytearray(sink.getvalue()))
-        made.append(restored)
-        return restored
-
-    yield run
-    for restored in made:
-        for pid in list(restored.pids.values()) + [restored.reaper]:
-            if pid:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        try:
-            os.waitpid(restored.child, 0)
-        except ChildProcessError:
-            pass
-
-
+# -- helpers (the restarts fixture is in conftest.py) --------------------------------------
 def fdinfo(pid: int, fd: int) -> dict[str, str]:
     with open(f"/proc/{pid}/fdinfo/{fd}") as f:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)

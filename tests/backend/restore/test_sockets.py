@@ -23,32 +23,6 @@ from backend.dump import checkpoint
 from backend.restore.job import RestoreError, restart_image
 
 
-@pytest.fixture
-def restarts():
-    made = []
-
-    def run(target):
-        sink = io.BytesIO()
-        checkpoint(target.pid, sink, kill=True)
-        target.proc.wait(timeout=10)
-        restored = restart_image(bytearray(sink.getvalue()))
-        made.append(restored)
-        return restored
-
-    yield run
-    for restored in made:
-        for pid in list(restored.pids.values()) + [restored.reaper]:
-            if pid:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        try:
-            os.waitpid(restored.child, 0)
-        except ChildProcessError:
-            pass
-
-
 def fdinfo_flags(pid: int, fd: int) -> int:
     with open(f"/proc/{pid}/fdinfo/{fd}") as f:
         return int(next(ln for ln in f if ln.startswith("flags:")).split()[1], 8)
