@@ -15,7 +15,6 @@ import hashlib
 import io
 import os
 import shutil
-import signal
 import subprocess
 import time
 import types

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import io
 import os
-import signal
 import socket
 import stat
 import time
