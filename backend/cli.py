@@ -1,7 +1,8 @@
 """``checkpoint``: the seed's checkpoint(1) for live processes.
 
     checkpoint PID [-o FILE] [--container] [--freezer] [--leave-running | --kill] [--log FILE] [-v]
-               [--track]
+               [--track] [--parent IMAGE]
+    checkpoint --pre-copy --max-downtime MS PID -o DIR
 
 Writes an image of the process tree at PID (a subtree checkpoint by default) to FILE (mode
 0600, replaced atomically) or to standard output. On failure the image ends with an error
@@ -12,6 +13,15 @@ record (``ckptinfo -e`` prints it), the tree runs on, and the exit status is 1.
 existing session of PID is re-armed at this checkpoint instead. Where tracking cannot run (not
 root, no eBPF tracker, no PAGEMAP_SCAN or uffd-wp) a one-line notice says so and the exit
 status is still 0: later checkpoints are full ones.
+
+``--parent IMAGE``: an incremental image (docs/image-format.md §11) holding only what the tree
+wrote since IMAGE, which must be the last checkpoint of PID's tracking session (see
+backend/incremental.py); the session is re-armed at this checkpoint. Without a usable session
+a one-line notice says why and a full image is written (with tracking armed when possible).
+
+``--pre-copy --max-downtime MS``: a chain of images in DIR written while the tree runs, then a
+final one with the tree stopped, as short as the measured copy rate allows (backend/precopy.py);
+prints the rounds, their bytes and the downtime. ``restart -i DIR/<newest>`` restores it.
 """
 from __future__ import annotations
 
@@ -40,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--track", action="store_true",
                    help="keep tracking the tree's writes after this checkpoint (a session at "
                         "/run/ckptsim/track-PID.sock)")
+    p.add_argument("--parent", metavar="IMAGE",
+                   help="an incremental image against IMAGE, the tree's last checkpoint "
+                        "(needs a session from --track)")
+    p.add_argument("--pre-copy", action="store_true",
+                   help="write a chain into the directory -o DIR while the tree runs, then "
+                        "stop it for the final incremental image")
+    p.add_argument("--max-downtime", type=float, metavar="MS",
+                   help="--pre-copy: the stop the final image may take, in milliseconds")
     return p
 
 
@@ -90,18 +108,34 @@ def main(argv=None) -> int:
     try:
         if args.track and args.kill:
             raise CkptsimError("--track keeps tracking a tree that runs on: not with --kill")
+        if args.pre_copy:
+            return _pre_copy(args)
+        if args.max_downtime is not None:
+            raise CkptsimError("--max-downtime goes with --pre-copy")
+        if args.parent is not None and args.kill:
+            raise CkptsimError("--parent re-arms the tracking of a tree that runs on: not with --kill")
         if args.output is None and sys.stdout.isatty():
             raise CkptsimError("refusing to write an image to a terminal: use -o FILE or a redirection")
         log_file = open(args.log, "w") if args.log else None
         log = Log(log_file.write if log_file else None)
         flags = 0 if args.container else core.CHECKPOINT_SUBTREE
         from .dump import checkpoint  # imported late: it probes nothing until called
-        if args.track:
+        tracking = None
+        if args.parent is not None:
+            from .incremental import Tracking
+            tracking = Tracking.prepare(args.pid, args.parent)
+            session = tracking.session
+            for line in tracking.notices:
+                print(f"checkpoint: notice: {line}", file=sys.stderr)
+        elif args.track:
             session = _tracking_session(args.pid)
+            if session is not None:
+                from .incremental import Tracking
+                tracking = Tracking.prepare(args.pid, None, session)
         sink = AtomicImageFile(args.output) if args.output else sys.stdout.buffer
         try:
             crid = checkpoint(args.pid, sink, flags, log, kill=args.kill, freezer=args.freezer,
-                              on_stopped=session.on_stopped if session else None)
+                              tracking=tracking)
         except CheckpointError as e:
             if isinstance(sink, AtomicImageFile):
                 sink.commit()  # the image holds the error record, as Linux-CR's does
@@ -118,8 +152,15 @@ def main(argv=None) -> int:
             sink.flush()
         if args.verbose:
             print(f"checkpoint id {crid}", file=sys.stderr)
+        if tracking is not None and tracking.incremental:
+            pages = tracking.delta_pages
+            print(f"checkpoint: incremental image against {tracking.parent.describe()}: "
+                  f"{pages} changed pages ({pages * 4096} bytes), stopped "
+                  f"{tracking.downtime * 1000:.1f} ms", file=sys.stderr)
         if session is not None:
             session, armed = None, session
+            if tracking is not None and tracking.arm_error:
+                armed.arm_error = tracking.arm_error
             _report_session(armed, args.pid)
         return 0
     except KeyboardInterrupt:
@@ -136,6 +177,30 @@ def main(argv=None) -> int:
             session.close()             # daemon exits when its launcher's connection closes
         if log_file is not None:
             log_file.close()
+
+
+def _pre_copy(args) -> int:
+    from .precopy import PrecopyError, pre_copy
+    if args.max_downtime is None or args.max_downtime <= 0:
+        raise CkptsimError("--pre-copy needs --max-downtime MS (a positive number)")
+    if args.output is None:
+        raise CkptsimError("--pre-copy writes a chain of images: give the directory with -o DIR")
+    if args.parent or args.track or args.container:
+        raise CkptsimError("--pre-copy starts its own chain: not with --parent, --track or --container")
+    log_file = open(args.log, "w") if args.log else None
+    try:
+        report = pre_copy(args.pid, args.output, args.max_downtime / 1000.0,
+                          log=Log(log_file.write if log_file else None), kill=args.kill,
+                          freezer=args.freezer,
+                          say=lambda line: print(f"checkpoint: {line}", file=sys.stderr))
+    except (PrecopyError, CheckpointError) as e:
+        print(f"checkpoint: error: {getattr(e, 'message', None) or e}", file=sys.stderr)
+        return 1
+    finally:
+        if log_file is not None:
+            log_file.close()
+    print(report.summary())
+    return 0
 
 
 if __name__ == "__main__":

@@ -38,19 +38,29 @@ def _kernel_version() -> tuple[int, int, int]:
     return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts)
 
 
-def _header(ctx, flags: int, crid: int) -> None:
+def _header(ctx, flags: int, crid: int, parent=None) -> bytes:
+    """HEADER to LSM_INFO (PARENT after HEADER_ARCH when ``parent``, an incremental.
+    ParentImage, is given); returns the image id."""
     major, minor, patch = _kernel_version()
+    image_id = os.urandom(16)
+    incremental = parent is not None
     ctx.write(core.HEADER, magic=MAGIC_HEAD, version=FORMAT_VERSION, arch=core.ARCH_X86_64,
-              major=major, minor=minor, patch=patch, page_size=PAGE_SIZE, uflags=flags,
-              image_flags=core.IMAGE_LIVE, time=int(time.time()), crid=crid,
-              image_id=os.urandom(16), parent_id=bytes(16))
+              major=major, minor=minor, patch=patch, page_size=PAGE_SIZE,
+              uflags=flags | (core.CHECKPOINT_INCREMENTAL if incremental else 0),
+              image_flags=core.IMAGE_LIVE | (core.IMAGE_INCREMENTAL if incremental else 0),
+              time=int(time.time()), crid=crid, image_id=image_id,
+              parent_id=parent.image_id if incremental else bytes(16))
     uname = os.uname()
     for text in (uname.release, uname.version, uname.machine):
         ctx.write(core.STRING, var=text)
     ctx.write(core.HEADER_ARCH, has_fxsr=1, has_xsave=1, xstate_size=0, pad=0)
+    if incremental:
+        from .incremental import write_parent
+        write_parent(ctx, parent)
     ctx.write(core.CONTAINER, flags=0, pad=0)
     ctx.write(core.STRING, var="lsm_none")
     ctx.write(core.LSM_INFO, var="dummy")
+    return image_id
 
 
 def _tree_order(root: int) -> list[int]:
@@ -74,6 +84,7 @@ def _write_tree(ctx, processes: list[LiveProcess]) -> list:
             entries.append((vpid[t.tid], ppid, vpid[p.pid], pgid, sid, 0))
             tasks.append(t)
     ctx.write(TREE, nr_tasks=len(entries), var=entries)
+    ctx.tree_bytes = b"".join(TREE.item_struct.pack(*e) for e in entries)  # the tree's identity
     return tasks
 
 
@@ -132,12 +143,22 @@ def _write_tasks(ctx, tasks) -> None:
 
 
 def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | None = None,
-               *, kill: bool = False, freezer: bool | int = False, on_stopped=None) -> int:
+               *, kill: bool = False, freezer: bool | int = False, on_stopped=None,
+               parent=None, tracking=None, running_copy: bool = False) -> int:
     """Checkpoint the live tree at ``pid`` into ``sink`` (a binary file-like); the crid.
 
     ``on_stopped(seized, processes)``, if given, runs once the image is complete and before
     the tree is released (backend/track.py arms a tracking session there, at the checkpoint
     instant); it must not raise: it records its own failure.
+
+    ``parent`` (an image path or bytes): an incremental image against it, from the tree's
+    tracking session (backend/incremental.py; a full image, with a notice in the log, when
+    the session cannot say what changed). ``tracking``: an incremental.Tracking prepared by
+    the caller instead (its ``notices``, ``downtime`` and deltas stay readable): the session
+    is re-armed at this checkpoint and it is recorded as the session's last one.
+    ``running_copy`` (with ``tracking``, pre-copy rounds): the tree is released once it is
+    gathered and the session re-armed; its pages are copied while it runs (pages written
+    meanwhile are the next image's), so this image is only good as a chain's parent.
 
     Raises CheckpointError (with an errno and a message naming what failed); the tree is
     then running as before and ``sink`` holds an image ending in an ERROR record."""
@@ -158,12 +179,18 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
     if os.getpid() in proc.subtree(pid):
         raise CheckpointError(errno.EINVAL, f"the tree of {pid} contains this checkpointer "
                                             f"({os.getpid()}): it cannot stop itself")
+    if parent is not None and tracking is None:
+        from .incremental import Tracking
+        tracking = Tracking.prepare(pid, parent)
+        for line in tracking.notices:
+            log.debug(0, f"notice: {line}")
     crid = (time.time_ns() // 1000) & 0x7FFFFFFFFFFFFFFF or 1
     ctx = CheckpointContext(None, None, _Root(), [], sink, log)
-    _header(ctx, flags, crid)
+    image_id = _header(ctx, flags, crid, tracking.parent if tracking is not None else None)
     gatherer = Gatherer(log)
     ctx.kernel = live_kernel(gatherer)   # the names of unix sockets (backend/sockets.py)
     processes: list[LiveProcess] = []
+    stop_began = time.monotonic()
     try:
         with _stopped(pid, freezer) as seized:
             for p in _tree_order(pid):  # re-read: the tree is stopped now
@@ -178,15 +205,24 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
                     processes.append(gatherer.zombie(p))
                 else:
                     processes.append(gatherer.process(p, tids))
-            tasks = _write_tree(ctx, processes)
-            _write_tasks(ctx, tasks)
-            ctx.writer.finish()
+            if tracking is not None:
+                tracking.stopped(ctx, processes)
+            if not running_copy:
+                _write_body(ctx, processes)
+            if tracking is not None:
+                tracking.arm(seized)
             if on_stopped is not None:
                 on_stopped(seized, processes)
             if kill:
                 for p in processes:
                     if not p.zombie:
                         os.kill(p.pid, signal.SIGKILL)
+        if tracking is not None:
+            tracking.downtime = time.monotonic() - stop_began
+        if running_copy:
+            _write_body(ctx, processes)
+        if tracking is not None:
+            tracking.record(ctx, processes, image_id, crid, ctx.checksum)
     except (Unsupported, MemoryDumpError, ptrace.PtraceError, proc.ProcessGone, OSError) as e:
         message = str(e)
         log.error(getattr(e, "errno", None) or errno.EBUSY, ctx.writer.offset, message)
@@ -201,6 +237,13 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
         gatherer.close()            # the fds that peeks at files in flight brought here
     log.debug(ctx.writer.offset, f"checkpoint {crid}: {sum(len(p.threads) for p in processes)} tasks")
     return crid
+
+
+def _write_body(ctx, processes) -> None:
+    tasks = _write_tree(ctx, processes)
+    _write_tasks(ctx, tasks)
+    ctx.checksum = ctx.writer.crc        # the tail's checksum: a child image's PARENT names it
+    ctx.writer.finish()
 
 
 def _stopped(pid: int, freezer: bool | int):

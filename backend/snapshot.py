@@ -217,29 +217,62 @@ class LiveMM:
         self._memory: ProcessMemory | None = None
         self.file_ids: dict = {}              # LiveFile -> FileIdentity (backend/elf_ids.py)
         self.vdso_layout = None
+        self.delta = None                     # backend/incremental.MmDelta: only changes saved
 
     @property
     def map_count(self) -> int:
         return len(self.vmas)
 
+    def _process_memory(self) -> ProcessMemory:
+        if self._memory is None:
+            self._memory = ProcessMemory(self.pid)
+        return self._memory
+
+    @staticmethod
+    def _has_private_pages(vma: LiveVMA) -> bool:
+        return not (vma.name in SPECIAL_MAPPINGS or vma.shared)
+
     def present_chunks(self, vma: LiveVMA, max_pages: int = 1024):
         """(page addresses, their contents) of the pages worth saving, max_pages at a time;
         the contents are only valid until the next chunk is asked for."""
-        if vma.name in SPECIAL_MAPPINGS or vma.shared:
+        if not self._has_private_pages(vma):
             return  # kernel-provided or shared: no private pages to save
-        if self._memory is None:
-            self._memory = ProcessMemory(self.pid)
-        memory = self._memory
-        addrs = memory.pages_to_dump(vma.entry)
+        addrs = self._process_memory().pages_to_dump(vma.entry)
+        # an all-zero anonymous page reads back as zeros: the model saves none either
+        yield from self._chunks(addrs, max_pages, drop_zero=vma.file is None)
+
+    # -- incremental images (backend/incremental.py sets ``delta``) --------------------------
+    def private_ranges(self) -> list[tuple[int, int]]:
+        return [(v.start, v.end) for v in self.vmas if self._has_private_pages(v)]
+
+    def present_runs(self) -> list[tuple[int, int]]:
+        """[start, end) runs of the private pages worth saving now (present or swapped)."""
+        memory = self._process_memory()
+        return [run for v in self.vmas if self._has_private_pages(v)
+                for run in memory.regions(v.entry)]
+
+    def dropped_ranges(self) -> list[tuple[int, int]]:
+        return list(self.delta.drops) if self.delta is not None else []
+
+    def dirty_chunks(self, vma: LiveVMA, max_pages: int = 1024):
+        """The delta's pages of ``vma`` (all-zero ones included), read now, max_pages at a
+        time; only these pages are read."""
+        if self.delta is None or not self._has_private_pages(vma):
+            return
+        from .incremental import pages_in
+        yield from self._chunks(pages_in(self.delta.pages, vma.start, vma.end), max_pages,
+                                drop_zero=False)
+
+    def _chunks(self, addrs: array, max_pages: int, drop_zero: bool):
         if not len(addrs):
             return
-        anonymous = vma.file is None
+        memory = self._process_memory()
         parts = [addrs[i:i + max_pages] for i in range(0, len(addrs), max_pages)]
 
         def fill(part: array, buf: bytearray):
             size = len(part) * PAGE
             memory.read_pages(part, out=memoryview(buf)[:size])
-            if anonymous:  # an all-zero page reads back as zeros: the model saves none either
+            if drop_zero:
                 return drop_zero_pages(part, buf, size)
             return part, memoryview(buf)[:size]
 
