@@ -196,6 +196,8 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
             for p in _tree_order(pid):  # re-read: the tree is stopped now
                 if p not in seized.threads:
                     seized.add(p)
+            if tracking is not None:    # before gathering: its injected calls write stacks
+                tracking.seized()
             if not flags & core.CHECKPOINT_SUBTREE:  # a container: nothing shared with outside
                 leaks.check(list(seized.threads),
                             lambda line: log.error(errno.EBUSY, ctx.writer.offset, line))

@@ -204,6 +204,22 @@ def record_path(root: int) -> str:
     return os.path.join(track.RUN_DIR, f"track-{int(root)}.last")
 
 
+def forget_stale() -> None:
+    """Remove the records of sessions that have ended (no socket any more): the daemon
+    removes its socket, not this module's record."""
+    try:
+        names = os.listdir(track.RUN_DIR)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith("track-") and name.endswith(".last") and \
+                name.removesuffix(".last") + ".sock" not in names:
+            try:
+                os.unlink(os.path.join(track.RUN_DIR, name))
+            except FileNotFoundError:
+                pass
+
+
 @dataclass
 class LastCheckpoint:
     """The image a session was last armed at, and per tgid (mm objref in it, the process's
@@ -228,6 +244,7 @@ class LastCheckpoint:
         with os.fdopen(fd, "w") as f:
             f.write(data)
         os.replace(tmp, path)
+        forget_stale()
 
     @classmethod
     def load(cls, root: int) -> "LastCheckpoint | None":
@@ -276,6 +293,7 @@ class Tracking:
         self.deltas: dict[int, MmDelta] = {}     # tgid -> delta (incremental, based mms)
         self.downtime: float | None = None       # seconds the tree was stopped (dump sets it)
         self.image_id: bytes | None = None
+        self.report = None                       # the session's DirtyReport at the stop
 
     # -- before the stop ----------------------------------------------------------------------
     @classmethod
@@ -350,6 +368,11 @@ class Tracking:
         return self.parent is not None
 
     # -- while stopped ------------------------------------------------------------------------
+    def seized(self) -> None:
+        """The tree is stopped, nothing gathered yet: what the session saw written until now
+        (the gathering's injected calls write scratch bytes on stacks and put them back)."""
+        self.report = self.session.dirty() if self.incremental else None
+
     def stopped(self, ctx, processes) -> None:
         """The tree is stopped and gathered: present runs of every process, and for an
         incremental image each mm's delta (LiveMM.delta); ctx.incremental set."""
@@ -358,7 +381,7 @@ class Tracking:
             self.present[p.pid] = without_markers(p.pid, p.mm.present_runs())
         if not self.incremental:
             return
-        report = self.session.dirty()
+        report = self.report
         if _incomplete(report):
             self.notices.append(f"{_incomplete(report)}: those processes are saved whole")
         for p in live:

@@ -34,6 +34,7 @@ _process_vm_writev = _libc.process_vm_writev
 _process_vm_writev.restype = ctypes.c_ssize_t
 _MOVABLE_SPECIALS = ("[vvar]", "[vvar_vclock]", "[vdso]")
 VM_MAYWRITE = 0x20
+IOV_MAX = 1024
 
 
 class PageSink:
@@ -101,7 +102,14 @@ def write_pages(pid: int, addrs: array, data: memoryview) -> None:
     view = _PyBuffer()
     _get_buffer(data, ctypes.byref(view), 0)      # PyBUF_SIMPLE: contiguous bytes
     try:
-        _write_runs(pid, addrs, view.buf, view.len, runs)
+        # at most IOV_MAX remote iovecs per call: a chain's inherited pages come as one
+        # chunk of a whole VMA, whose runs can be many more
+        done = 0
+        for k in range(0, len(runs), IOV_MAX):
+            batch = runs[k:k + IOV_MAX]
+            size = sum(b - a for a, b in batch)
+            _write_runs(pid, addrs, view.buf + done, size, batch)
+            done += size
     finally:
         _release_buffer(ctypes.byref(view))
 
