@@ -1,0 +1,301 @@
+"""Live incremental checkpoints (backend/incremental.py, backend/precopy.py) on a real C
+target (targets/incr_target.c): ``checkpoint --track`` then ``--parent`` images holding exactly
+the pages the target wrote (and the ranges it dropped), a three-link chain restarted with the
+right memory and carrying on, pre-copy on a target that keeps writing, a refused parent, a
+missing link at restart, and the fallback to a full image without a session.
+
+Every target is ended by pid (start_target), every restored tree killed by pid and reaped,
+every tracking session stopped and its daemon checked gone by pid."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+
+import pytest
+
+from backend import cli, track
+from backend.incremental import LastCheckpoint
+from backend.restore.job import restart_image
+from ckptsim.cr.context import RestartError
+from ckptsim.cr.incremental import ImageScan
+from ckptsim.image import core
+from ckptsim.image.storage import read_image_file
+
+PAGE = 4096
+NPAGES = 64
+# The live restart of a chain is refused by ckptsim/cr/restore.py (RestoreJob._chain: "the
+# live restart takes full images only" when a page sink is set); kinds/memory.py already
+# feeds the parents' pages to the sink. Strict: these fail loudly once the guard is gone.
+CHAIN_RESTART = pytest.mark.xfail(
+    strict=True, raises=RestartError,
+    reason="ckptsim/cr/restore.py refuses incremental images for the live restart (page sink)")
+
+
+def _require_tracking() -> None:
+    why = track.unavailable_reason()
+    if why:
+        pytest.skip(f"tracking sessions cannot run here: {why}")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] in "ZX"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def _wait_file(path: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {path}")
+        time.sleep(0.02)
+    with open(path) as f:
+        return f.read()
+
+
+@pytest.fixture
+def sessions():
+    """Root pids whose tracking session is stopped at teardown; the daemons must be gone."""
+    roots: list[int] = []
+    yield roots
+    daemons = []
+    for root in roots:
+        try:
+            client = track.connect(root)
+        except track.TrackError:
+            continue
+        daemons.append(client.daemon_pid)
+        client.stop()
+        LastCheckpoint.forget(root)
+    deadline = time.monotonic() + 10
+    while any(not _gone(d) for d in daemons) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [d for d in daemons if not _gone(d)]
+    for d in left:
+        os.kill(d, signal.SIGKILL)
+    assert not left, f"tracking daemons left running: {left}"
+
+
+@pytest.fixture
+def restored_trees():
+    """Restored trees to kill by pid and reap at teardown."""
+    trees = []
+    yield trees
+    for r in trees:
+        for pid in [*r.pids.values(), r.reaper]:
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        try:
+            os.waitpid(r.child, 0)
+        except ChildProcessError:
+            pass
+
+
+class Runner:
+    """incr_target driven through its signals and files."""
+
+    def __init__(self, target, workdir: str):
+        self.target, self.dir = target, workdir
+        self.pid, self.a = target.pid, target.info["a"]
+        self.steps = self.reports = 0
+
+    def step(self, pid: int | None = None) -> None:
+        self.steps += 1
+        os.kill(pid or self.pid, signal.SIGUSR1)
+        _wait_file(os.path.join(self.dir, f"step-{self.steps}"))
+
+    def report(self, pid: int | None = None, number: int | None = None) -> tuple[str, dict]:
+        n = self.reports if number is None else number
+        path = os.path.join(self.dir, f"report-{n}")
+        if os.path.exists(path):
+            os.unlink(path)
+        os.kill(pid or self.pid, signal.SIGUSR2)
+        lines = _wait_file(path).splitlines()
+        self.reports = n + 1
+        return lines[0], {int(i): int(v) for i, v in (line.split() for line in lines[1:])}
+
+    def region_pages(self, image) -> list[int]:
+        """The page numbers of region a an image holds."""
+        scan = ImageScan(image)
+        (_, ref), = scan.task_mms
+        lo, hi = self.a >> 12, (self.a >> 12) + NPAGES
+        return sorted(i - lo for i in scan.mms[ref].pages if lo <= i < hi)
+
+    def drops(self, image) -> list[tuple[int, int]]:
+        scan = ImageScan(image)
+        (_, ref), = scan.task_mms
+        return [((s - self.a) >> 12, (e - self.a) >> 12) for s, e in scan.mms[ref].drops]
+
+
+def _checkpoint(capsys, *args) -> tuple[int, str]:
+    rc = cli.main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+@pytest.fixture
+def runner(c_target, start_target, tmp_path, sessions):
+    _require_tracking()
+    work = tmp_path / "work"
+    work.mkdir()
+    t = start_target(c_target("incr_target"), str(work), NPAGES)
+    sessions.append(t.pid)
+    return Runner(t, str(work))
+
+
+def _chain(runner, capsys, tmp_path, links: int) -> list[str]:
+    """A full --track image and ``links`` incremental ones, one step of the target each."""
+    images = [str(tmp_path / "00.img")]
+    rc, err = _checkpoint(capsys, runner.pid, "-o", images[0], "--track")
+    assert rc == 0, err
+    for k in range(1, links + 1):
+        runner.step()
+        images.append(str(tmp_path / f"{k:02d}.img"))
+        rc, err = _checkpoint(capsys, runner.pid, "-o", images[-1], "--parent", images[-2])
+        assert rc == 0, err
+        assert "incremental image against" in err, err
+    return images
+
+
+def test_parent_images_hold_exactly_the_written_pages(runner, capsys, tmp_path):
+    images = _chain(runner, capsys, tmp_path, 3)
+    data = [read_image_file(p) for p in images]
+    assert runner.region_pages(data[0]) == [0, 2, 3, 4]            # the full image
+    assert runner.region_pages(data[1]) == [1, 5, 6]
+    assert runner.region_pages(data[2]) == [5, 9]
+    assert runner.drops(data[2]) == [(2, 4)]                         # MADV_DONTNEED of 2..3
+    assert runner.region_pages(data[3]) == [0, NPAGES - 1]
+    assert runner.drops(data[1]) == runner.drops(data[3]) == []
+    for parent, child in zip(data, data[1:]):
+        scan, pscan = ImageScan(child), ImageScan(parent)
+        assert scan.incremental and scan.parent_id == pscan.image_id
+        assert scan.header["uflags"] & core.CHECKPOINT_INCREMENTAL
+        (_, ref), = scan.task_mms
+        (_, pref), = pscan.task_mms
+        assert scan.mms[ref].base == pref
+    assert not _gone(runner.pid)                                     # it runs on
+    status, _ = runner.report()
+    assert status == "OK"
+
+
+@CHAIN_RESTART
+def test_chain_restart_gives_the_memory_and_carries_on(runner, capsys, tmp_path, restored_trees):
+    images = _chain(runner, capsys, tmp_path, 3)
+    status, before = runner.report()
+    assert status == "OK" and 2 not in before and 3 not in before    # dropped: zeros
+    os.kill(runner.pid, signal.SIGKILL)
+    r = restart_image(read_image_file(images[-1]), chain=str(tmp_path))
+    restored_trees.append(r)
+    status, after = runner.report(r.root, number=0)
+    assert status == "OK" and after == before
+    runner.step(r.root)                                              # step 4: page 28
+    status, later = runner.report(r.root)
+    assert status == "OK" and later == {**before, 28: max(before.values()) + 1}
+
+
+@CHAIN_RESTART
+def test_missing_link_is_a_clear_error(runner, capsys, tmp_path, restored_trees):
+    images = _chain(runner, capsys, tmp_path, 2)
+    os.unlink(images[1])
+    try:
+        restored_trees.append(restart_image(read_image_file(images[-1]), chain=str(tmp_path)))
+    except RestartError as e:
+        if "needs its parent image" not in str(e):
+            raise                              # (the guard's error: the xfail above)
+        assert e.errno == errno.ENOENT and ImageScan(read_image_file(images[-1])).parent_id.hex() in str(e)
+    else:
+        pytest.fail("a chain with a missing link restarted")
+
+
+def test_parent_that_is_not_the_last_checkpoint_is_refused(runner, capsys, tmp_path):
+    images = _chain(runner, capsys, tmp_path, 2)
+    out = str(tmp_path / "bad.img")
+    rc, err = _checkpoint(capsys, runner.pid, "-o", out, "--parent", images[0])
+    assert rc != 0 and "is not the last checkpoint" in err, err
+    assert not os.path.exists(out)
+    assert len(err.strip().splitlines()) == 1
+    status, _ = runner.report()                                      # untouched, running
+    assert status == "OK"
+    rc, err = _checkpoint(capsys, runner.pid, "-o", out, "--parent", images[-1])
+    assert rc == 0 and "incremental image against" in err            # the session is intact
+
+
+def test_parent_of_another_tree_is_refused(runner, c_target, start_target, capsys, tmp_path):
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other = start_target(c_target("incr_target"), str(other_dir), NPAGES)
+    theirs = str(tmp_path / "theirs.img")
+    rc, err = _checkpoint(capsys, other.pid, "-o", theirs)
+    assert rc == 0, err
+    images = _chain(runner, capsys, tmp_path, 0)
+    out = str(tmp_path / "bad.img")
+    rc, err = _checkpoint(capsys, runner.pid, "-o", out, "--parent", theirs)
+    assert rc != 0 and "another tree" in err, err
+    assert not os.path.exists(out) and images
+
+
+def test_no_session_gives_a_full_image_with_a_notice(runner, capsys, tmp_path):
+    full = str(tmp_path / "full.img")
+    rc, err = _checkpoint(capsys, runner.pid, "-o", full)            # no --track
+    assert rc == 0, err
+    runner.step()
+    out = str(tmp_path / "next.img")
+    rc, err = _checkpoint(capsys, runner.pid, "-o", out, "--parent", full)
+    assert rc == 0, err
+    assert "notice: no tracking session" in err
+    scan = ImageScan(read_image_file(out))
+    assert not scan.incremental
+    assert runner.region_pages(read_image_file(out)) == [0, 1, 2, 3, 4, 5, 6]
+
+
+@pytest.fixture
+def writer(c_target, start_target, tmp_path, sessions):
+    _require_tracking()
+    work = tmp_path / "work"
+    work.mkdir()
+    t = start_target(c_target("incr_target"), str(work), 16384, 2000)   # 64 MiB, 2000 pages/s
+    sessions.append(t.pid)
+    return Runner(t, str(work))
+
+
+def _pre_copy(writer, capsys, tmp_path, bound_ms: float):
+    chain = str(tmp_path / "chain")
+    rc = cli.main([str(writer.pid), "--pre-copy", "--max-downtime", str(bound_ms), "-o", chain])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    last = out.out.strip().splitlines()[-1]
+    assert last.startswith("downtime ") and "newest image" in last, out.out
+    return chain, float(last.split()[1]), last.split()[-1], out.out
+
+
+def test_pre_copy_ends_with_a_downtime_under_the_bound(writer, capsys, tmp_path):
+    time.sleep(0.5)                              # it has been writing for a while
+    chain, downtime, newest, text = _pre_copy(writer, capsys, tmp_path, 300)
+    assert downtime < 300, text
+    names = sorted(os.listdir(chain))
+    assert len(names) >= 2 and os.path.join(chain, names[-1]) == newest
+    scans = [ImageScan(read_image_file(os.path.join(chain, n))) for n in names]
+    assert not scans[0].incremental and all(s.incremental for s in scans[1:])
+    for parent, child in zip(scans, scans[1:]):
+        assert child.parent_id == parent.image_id
+    assert scans[-1].nr_pages < scans[0].nr_pages
+    assert not _gone(writer.pid)
+    with pytest.raises(track.NoSession):         # the session it launched is stopped
+        track.connect(writer.pid)
+
+
+@CHAIN_RESTART
+def test_pre_copy_chain_restarts_consistent(writer, capsys, tmp_path, restored_trees):
+    time.sleep(0.3)
+    chain, _, newest, _ = _pre_copy(writer, capsys, tmp_path, 300)
+    os.kill(writer.pid, signal.SIGKILL)
+    r = restart_image(read_image_file(newest), chain=chain)
+    restored_trees.append(r)
+    status, pages = writer.report(r.root, number=0)
+    assert status == "OK" and pages                  # every page holds its last write
