@@ -1,6 +1,6 @@
 /* Target for tests/backend/test_incremental_live.py (live incremental checkpoints).
  *
- * usage: incr_target DIR NPAGES [RATE]
+ * usage: incr_target DIR NPAGES [RATE [POPULATE [WORK_ROUNDS [ITERS]]]]
  *
  * Maps region a: NPAGES private anonymous pages between PROT_NONE guard pages. Writing page i
  * stores v = ++counter in its first and last 8 bytes and last[i] = v (a table elsewhere);
@@ -14,6 +14,12 @@
  *            "OK" or "BAD I GOT WANT" on the first line, then "I V" for every page with V != 0
  * With RATE > 0 it also writes RATE pages per second (pseudo-random pages, 100 batches a
  * second) until killed: a target that keeps writing while pre-copy rounds run.
+ * POPULATE = 1 writes every page before READY (bench/bench_incremental.py: 1 GiB in use).
+ * WORK_ROUNDS > 0: the first WORK_ROUNDS * 100 batches are separated by ITERS iterations of a
+ * compute loop instead of a 10 ms sleep (ITERS 0: calibrated to about 10 ms before READY),
+ * starting at the first SIGUSR1 (which is no step); the wall time they took goes to
+ * DIR/work-0 ("NS"), then it sleeps between batches as above.
+ * READY also says iters=ITERS.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -32,6 +38,23 @@ static unsigned char *a;
 static unsigned long *last;
 static unsigned long counter, npages;
 static const char *dir;
+
+static volatile unsigned sink_value;
+
+static unsigned long long now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000ULL + t.tv_nsec;
+}
+
+static void compute(unsigned long iters)
+{
+    unsigned v = sink_value;
+    for (unsigned long k = 0; k < iters; k++)
+        v = v * 1103515245u + 12345u;
+    sink_value = v;
+}
 
 static void on_usr1(int sig) { (void)sig; steps_asked++; }
 static void on_usr2(int sig) { (void)sig; reports_asked++; }
@@ -122,6 +145,9 @@ int main(int argc, char **argv)
     dir = argv[1];
     npages = strtoul(argv[2], NULL, 0);
     long rate = argc > 3 ? atol(argv[3]) : 0;
+    int populate = argc > 4 ? atoi(argv[4]) : 0;
+    long work_batches = (argc > 5 ? atol(argv[5]) : 0) * 100;
+    unsigned long iters = argc > 6 ? strtoul(argv[6], NULL, 0) : 0;
     unsigned char *g = mmap(NULL, (npages + 2) * PG, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (g == MAP_FAILED)
         die("mmap");
@@ -130,6 +156,15 @@ int main(int argc, char **argv)
     if (a == MAP_FAILED || last == MAP_FAILED)
         die("mmap");
     put(0); put(2); put(3); put(4);
+    if (populate)
+        for (unsigned long i = 5; i < npages; i++)
+            put(i);
+    if (work_batches && !iters) {             /* about 10 ms of compute */
+        unsigned long long t0 = now_ns();
+        compute(1000000);
+        unsigned long long dt = now_ns() - t0;
+        iters = 1000000ULL * 10000000ULL / (dt ? dt : 1);
+    }
     struct sigaction sa = {0};
     sa.sa_handler = on_usr1;
     sigaction(SIGUSR1, &sa, NULL);
@@ -140,7 +175,7 @@ int main(int argc, char **argv)
     sigaddset(&block, SIGUSR1);
     sigaddset(&block, SIGUSR2);
     sigprocmask(SIG_BLOCK, &block, &old);
-    printf("READY a=%p\n", (void *)a);
+    printf("READY a=%p iters=%lu\n", (void *)a, iters);
     fflush(stdout);
     int null = open("/dev/null", O_RDWR);
     if (null < 0 || dup2(null, 0) < 0 || dup2(null, 1) < 0 || dup2(null, 2) < 0)
@@ -148,6 +183,12 @@ int main(int argc, char **argv)
     close(null);
     long steps_done = 0, reports_done = 0;
     unsigned long seed = 12345;
+    if (work_batches) {                       /* the first SIGUSR1 starts the workload */
+        while (!steps_asked)
+            sigsuspend(&old);
+        steps_asked = 0;
+    }
+    unsigned long long work_began = now_ns();
     for (;;) {
         while (steps_done < steps_asked)
             step(++steps_done);
@@ -159,8 +200,17 @@ int main(int argc, char **argv)
                 seed = seed * 6364136223846793005UL + 1442695040888963407UL;
                 put((seed >> 17) % npages);
             }
-            struct timespec ts = {0, 10 * 1000 * 1000};
-            nanosleep(&ts, NULL);
+            if (work_batches > 0) {
+                compute(iters);
+                if (--work_batches == 0) {
+                    char text[64];
+                    snprintf(text, sizeof text, "%llu\n", now_ns() - work_began);
+                    write_file("work", 0, text);
+                }
+            } else {
+                struct timespec ts = {0, 10 * 1000 * 1000};
+                nanosleep(&ts, NULL);
+            }
             sigprocmask(SIG_BLOCK, &block, NULL);
         } else {
             sigsuspend(&old);
