@@ -282,6 +282,7 @@ class WriteTracker:
             category_mask=mask | inverted, category_anyof_mask=anyof,
             return_mask=kabi.PAGE_IS_WRITTEN if collect else 0)
         words = array("Q")
+        last_hi = start
         while arg.start < end:
             try:
                 n = fcntl.ioctl(self._pagemap, kabi.PAGEMAP_SCAN, arg)
@@ -296,12 +297,14 @@ class WriteTracker:
                 del words[:]
                 words.frombytes(memoryview(vec).cast("B")[:n * _REGION_WORDS * 8])
                 for lo, hi in zip(words[0::_REGION_WORDS], words[1::_REGION_WORDS]):
+                    lo = max(lo, last_hi)         # a full vector's walk_end can fall inside
+                    last_hi = max(last_hi, hi)    # what it reported: never report it twice
                     for a in range(lo, hi, CHUNK_PAGES * PAGE_SIZE):
                         out.frombytes(_page_addresses(
                             a, (min(hi, a + CHUNK_PAGES * PAGE_SIZE) - a) >> PAGE_SHIFT))
             if arg.walk_end <= arg.start:   # no progress: never loop forever
                 break
-            arg.start = arg.walk_end
+            arg.start = max(arg.walk_end, last_hi)
         return out
 
     def _mm_replaced(self) -> bool:

@@ -337,3 +337,19 @@ def test_bpf_write_faults_equal_the_scan(target, trackers_made):
     assert region_pages(ours, f, F_PAGES) == {2}
     in_tracked = {p for p in theirs if any(lo <= p < hi for lo, hi in tr.registered)}
     assert in_tracked == set(ours), sorted(map(hex, in_tracked ^ set(ours)))
+
+
+def test_a_full_scan_vector_reports_no_page_twice(target, trackers, monkeypatch):
+    """More written runs than the scan vector holds: each ioctl resumes after what it
+    reported (walk_end can fall inside the last region of a full vector)."""
+    import backend.dirty as dirty_module
+    a = target.info["a"]
+    tr = trackers(target.pid)
+    monkeypatch.setattr(dirty_module, "SCAN_VEC_LEN", 3)
+    for page in range(0, 40, 2):                      # 20 separate runs of one page
+        cmd(target, f"w a {page} {page + 1}")
+    with ptrace.seized(target.pid):
+        peek = tr.written_pages(reprotect=False)
+        written = tr.written_pages()
+    assert len(peek) == len(set(peek)) and list(peek) == list(written)
+    assert region_pages(written, a, A_PAGES) == set(range(0, 40, 2))
