@@ -371,7 +371,13 @@ class Tracking:
     def seized(self) -> None:
         """The tree is stopped, nothing gathered yet: what the session saw written until now
         (the gathering's injected calls write scratch bytes on stacks and put them back)."""
-        self.report = self.session.dirty() if self.incremental else None
+        self.report = None
+        if self.incremental:
+            try:
+                self.report = self.session.dirty()
+            except track.TrackError as e:   # the header says incremental: all saved whole
+                self.notices.append(f"the tracking session did not answer ({e}): every "
+                                    "process is saved whole")
 
     def stopped(self, ctx, processes) -> None:
         """The tree is stopped and gathered: present runs of every process, and for an
@@ -382,6 +388,9 @@ class Tracking:
         if not self.incremental:
             return
         report = self.report
+        ctx.incremental = self
+        if report is None:
+            return
         if _incomplete(report):
             self.notices.append(f"{_incomplete(report)}: those processes are saved whole")
         for p in live:
@@ -392,7 +401,6 @@ class Tracking:
                 continue                        # saved whole: base 0
             p.mm.delta = self.deltas[p.pid] = mm_delta(
                 last[0], p.mm.private_ranges(), self.present[p.pid], d, last[2])
-        ctx.incremental = self
 
     def base_of(self, obj) -> int:
         """kinds/memory.py: the objref of ``obj`` in the parent image (0: saved whole)."""
