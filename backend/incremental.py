@@ -302,6 +302,7 @@ class Tracking:
         ParentImage; None: a full image with tracking). ``session``: a TrackClient, else
         the session of ``pid`` if there is one (``connect``)."""
         t = cls(pid)
+        forget_stale()
         if parent is not None and not isinstance(parent, ParentImage):
             parent = ParentImage.read(parent)
         if parent is not None:
