@@ -68,8 +68,6 @@ class RestoreJob:
         the image's own pages overlay (kinds/memory.py)."""
         from .incremental import ChainPages
         what = f"incremental image {bytes(hdr['image_id']).hex()} (crid {hdr['crid']})"
-        if self.ctx.page_sink is not None:
-            raise RestartError(errno.EINVAL, f"{what}: the live restart takes full images only")
         if self.chain is None:
             raise RestartError(errno.ENOENT, f"{what} needs its parent image "
                                              f"{bytes(hdr['parent_id']).hex()} (crid "

@@ -25,12 +25,6 @@ from ckptsim.image.storage import read_image_file
 
 PAGE = 4096
 NPAGES = 64
-# The live restart of a chain is refused by ckptsim/cr/restore.py (RestoreJob._chain: "the
-# live restart takes full images only" when a page sink is set); kinds/memory.py already
-# feeds the parents' pages to the sink. Strict: these fail loudly once the guard is gone.
-CHAIN_RESTART = pytest.mark.xfail(
-    strict=True, raises=RestartError,
-    reason="ckptsim/cr/restore.py refuses incremental images for the live restart (page sink)")
 
 
 def _require_tracking() -> None:
@@ -184,7 +178,6 @@ def test_parent_images_hold_exactly_the_written_pages(runner, capsys, tmp_path):
     assert status == "OK"
 
 
-@CHAIN_RESTART
 def test_chain_restart_gives_the_memory_and_carries_on(runner, capsys, tmp_path, restored_trees):
     images = _chain(runner, capsys, tmp_path, 3)
     status, before = runner.report()
@@ -199,7 +192,6 @@ def test_chain_restart_gives_the_memory_and_carries_on(runner, capsys, tmp_path,
     assert status == "OK" and later == {**before, 28: max(before.values()) + 1}
 
 
-@CHAIN_RESTART
 def test_missing_link_is_a_clear_error(runner, capsys, tmp_path, restored_trees):
     images = _chain(runner, capsys, tmp_path, 2)
     os.unlink(images[1])
@@ -290,7 +282,6 @@ def test_pre_copy_ends_with_a_downtime_under_the_bound(writer, capsys, tmp_path)
         track.connect(writer.pid)
 
 
-@CHAIN_RESTART
 def test_pre_copy_chain_restarts_consistent(writer, capsys, tmp_path, restored_trees):
     time.sleep(0.3)
     chain, _, newest, _ = _pre_copy(writer, capsys, tmp_path, 300)

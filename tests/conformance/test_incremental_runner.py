@@ -69,8 +69,8 @@ def test_a_missing_link_fails_the_restart():
         result.problems
 
 
-def test_the_live_backend_reports_incremental_scenarios_unsupported():
+def test_the_live_backend_says_why_it_cannot_run_dropped_pages():
     backend = LiveBackend()
     result = run_scenario(scn("incr_dropped_pages"), backend)
     assert result.status == UNSUPPORTED
-    assert "live incremental images are not implemented yet" in result.problems[0]
+    assert "madvise" in result.problems[0], result.problems
