@@ -333,6 +333,7 @@ class Interp(SignalOps, TaskOps):
                           "process has no checkpoint(2)")
 
 
+RLIMIT_SIGPENDING = 11
 UNSUPPORTED_ALWAYS = {"checkpoint": "a self-checkpoint is the model's op; a live process has no checkpoint(2)"}
 
 
@@ -345,6 +346,11 @@ def unsupported_op(op) -> str | None:
         return f"unsupported op {name}: the live interpreter does not run it"
     if name == "fork" and args:
         return clone_refusal(args[0], args[1:])
+    if name == "setrlimit" and args and args[0] == RLIMIT_SIGPENDING:
+        return ("unsupported op setrlimit(RLIMIT_SIGPENDING): Linux counts the queued signals of "
+                "the real uid in its whole user namespace (SigQ in /proc/PID/status: every root "
+                "process of the machine, outside the container too), the model those of the "
+                "thread group; the scenario's count cannot be the container's own")
     return None
 
 

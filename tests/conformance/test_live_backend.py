@@ -62,7 +62,8 @@ def custom(name, build, **options):
 
 
 @pytest.mark.parametrize("name", ["pipe_partly_full", "files_offset", "memory_anon_private",
-                                  "tree_zombies"])
+                                  "tree_zombies", "sig_handlers_kept", "sig_pending_rt_queued",
+                                  "sig_altstack", "tree_thread", "tree_thread_blocked"])
 def test_scenarios_pass_with_a_live_restart(backend, name):
     result = run_scenario(scn(name), backend)
     assert result.status == PASSED, str(result)
@@ -131,10 +132,14 @@ def test_refused_checkpoint_fails(backend):
 
 def test_unsupported_reasons(backend):
     b = backend
-    assert "handler address" in b.unsupported(scn("sig_handlers_kept"))
+    assert b.unsupported(scn("sig_handlers_kept")) is None          # real handlers
+    assert b.unsupported(scn("tree_thread")) is None                # real threads
+    assert b.unsupported(scn("memory_brk")) is None                 # the program owns the break
+    assert "CLONE_VM without CLONE_THREAD" in b.unsupported(scn("memory_clone_vm"))
+    assert "RLIMIT_SIGPENDING" in b.unsupported(scn("sig_rt_queue_limit"))
     assert "ckpt_unpriv_allowed" in b.unsupported(scn("api_unpriv_level2_user"))
     assert "self-checkpoint" in b.unsupported(scn("api_self_checkpoint"))
-    assert "clone flags" in b.unsupported(scn("tree_thread"))
+    assert "clone flags 0x20000000" in b.unsupported(scn("tree_nested_pidns"))
     assert b.unsupported(scn("pipe_partly_full")) is None
 
 
