@@ -356,9 +356,11 @@ class Tracker:
             raise TrackerIncomplete(f"process {tgid}: some {kind} were not recorded (the "
                                     "tracker's map or ring buffer was full): take a full dump")
 
-    def _all_dirty_keys(self) -> list[int]:
-        """Every key of the `dirty` map, sorted, read with BPF_MAP_LOOKUP_BATCH."""
+    def _all_dirty_keys(self, take: bool = False) -> list[int]:
+        """Every key of the `dirty` map, sorted, read with BPF_MAP_LOOKUP_BATCH; ``take``:
+        deleted in the same pass (BPF_MAP_LOOKUP_AND_DELETE_BATCH)."""
         lib = self._bcc.libbcc.lib
+        batch = lib.bpf_lookup_and_delete_batch if take else lib.bpf_lookup_batch
         fd = self._bpf[b"dirty"].map_fd
         keys = (ctypes.c_uint64 * DIRTY_BATCH)()
         values = (ctypes.c_uint8 * DIRTY_BATCH)()
@@ -367,14 +369,15 @@ class Tracker:
         first = True
         while True:
             count = ctypes.c_uint32(DIRTY_BATCH)
-            res = lib.bpf_lookup_batch(fd, None if first else ctypes.byref(token_in),
-                                       ctypes.byref(token_out), keys, values, ctypes.byref(count))
+            res = batch(fd, None if first else ctypes.byref(token_in), ctypes.byref(token_out),
+                        keys, values, ctypes.byref(count))
             err = ctypes.get_errno()
             out.frombytes(memoryview(keys).cast("B")[:count.value * 8])
             if res != 0:
                 if err == errno.ENOENT:             # the end of the map
                     break
-                raise OSError(err, f"BPF_MAP_LOOKUP_BATCH on the dirty map: {os.strerror(err)}")
+                what = "LOOKUP_AND_DELETE" if take else "LOOKUP"
+                raise OSError(err, f"BPF_MAP_{what}_BATCH on the dirty map: {os.strerror(err)}")
             token_in.value, first = token_out.value, False
         return sorted(out)
 
@@ -391,6 +394,26 @@ class Tracker:
             self._need()
             self._check_complete(tgid, "dirty_lost")
             return _key_addresses(self._dirty_keys(tgid))
+
+    def dirty_by_tgid(self, take: bool = False) -> dict[int, list[int] | None]:
+        """``dirty_pages`` of every process with a record, in one pass over the map: tgid ->
+        sorted page addresses, or None when some of its pages were not recorded. ``take``
+        empties the map in the same pass (a checkpoint with the tree stopped: whatever is
+        written from then on is the next answer); the lost flags stay until ``reset``."""
+        with self._lock:
+            self._need()
+            keys = self._all_dirty_keys(take)
+            table = self._bpf[b"tracked"]
+            lost = {k.value for k, leaf in table.items() if leaf.dirty_lost}
+            out: dict[int, list[int] | None] = {t: None for t in lost}
+            lo = 0
+            while lo < len(keys):
+                tgid = keys[lo] >> TGID_SHIFT
+                hi = bisect.bisect_left(keys, (tgid + 1) << TGID_SHIFT, lo)
+                if tgid not in lost:
+                    out[tgid] = _key_addresses(keys[lo:hi])
+                lo = hi
+            return out
 
     def _events(self, tgid: int, kind: int) -> list[SyscallEvent]:
         with self._lock:
@@ -431,26 +454,37 @@ class Tracker:
     def reset(self, tgid: int) -> None:
         """Forget what ``tgid`` did so far (its dirty pages, events, io counts and lost flags);
         call it with the process stopped, right after its checkpoint."""
+        self.reset_many([tgid])
+
+    def reset_many(self, tgids: Iterable[int], dirty: bool = True) -> None:
+        """``reset`` of several tgids, one pass over each map; ``dirty=False`` leaves the
+        dirty map alone (``dirty_by_tgid(take=True)`` emptied it already)."""
+        tgids = set(tgids)
+        if not tgids:
+            return
         with self._lock:
             self._need()
             self._bpf.ring_buffer_consume()
-            keys = self._dirty_keys(tgid)
-            if keys:
-                packed = array("Q", keys)
-                buf = (ctypes.c_uint64 * len(keys)).from_buffer(packed)
-                count = ctypes.c_uint32(len(keys))
-                res = self._bcc.libbcc.lib.bpf_delete_batch(self._bpf[b"dirty"].map_fd, buf,
-                                                            ctypes.byref(count))
-                if res != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"BPF_MAP_DELETE_BATCH on the dirty map: "
-                                       f"{os.strerror(err)}")
+            if dirty:
+                keys = [k for k in self._all_dirty_keys() if k >> TGID_SHIFT in tgids]
+                if keys:
+                    packed = array("Q", keys)
+                    buf = (ctypes.c_uint64 * len(keys)).from_buffer(packed)
+                    count = ctypes.c_uint32(len(keys))
+                    res = self._bcc.libbcc.lib.bpf_delete_batch(self._bpf[b"dirty"].map_fd,
+                                                                buf, ctypes.byref(count))
+                    if res != 0:
+                        err = ctypes.get_errno()
+                        raise OSError(err, f"BPF_MAP_DELETE_BATCH on the dirty map: "
+                                           f"{os.strerror(err)}")
             io = self._bpf[b"io_calls"]
-            for k in [k for k in io if k.tgid == tgid]:
+            for k in [k for k in io if k.tgid in tgids]:
                 del io[k]
-            self._syscalls.pop(tgid, None)
+            for tgid in tgids:
+                self._syscalls.pop(tgid, None)
             table = self._bpf[b"tracked"]
-            leaf = table.get(table.Key(tgid))
-            if leaf is not None and (leaf.dirty_lost or leaf.events_lost):
-                leaf.dirty_lost = leaf.events_lost = 0
-                table[table.Key(tgid)] = leaf
+            for tgid in tgids:
+                leaf = table.get(table.Key(tgid))
+                if leaf is not None and (leaf.dirty_lost or leaf.events_lost):
+                    leaf.dirty_lost = leaf.events_lost = 0
+                    table[table.Key(tgid)] = leaf

@@ -185,7 +185,9 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
         for line in tracking.notices:
             log.debug(0, f"notice: {line}")
     crid = (time.time_ns() // 1000) & 0x7FFFFFFFFFFFFFFF or 1
-    ctx = CheckpointContext(None, None, _Root(), [], sink, log)
+    # an incremental image is kept in memory while the tree is stopped, written after
+    spool = tracking.spool(sink) if tracking is not None and not running_copy else None
+    ctx = CheckpointContext(None, None, _Root(), [], spool or sink, log)
     image_id = _header(ctx, flags, crid, tracking.parent if tracking is not None else None)
     gatherer = Gatherer(log)
     ctx.kernel = live_kernel(gatherer)   # the names of unix sockets (backend/sockets.py)
@@ -197,7 +199,7 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
                 if p not in seized.threads:
                     seized.add(p)
             if tracking is not None:    # before gathering: its injected calls write stacks
-                tracking.seized()
+                tracking.seized(seized)
             if not flags & core.CHECKPOINT_SUBTREE:  # a container: nothing shared with outside
                 leaks.check(list(seized.threads),
                             lambda line: log.error(errno.EBUSY, ctx.writer.offset, line))
@@ -221,6 +223,8 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
                         os.kill(p.pid, signal.SIGKILL)
         if tracking is not None:
             tracking.downtime = time.monotonic() - stop_began
+        if spool is not None:
+            spool.drain()
         if running_copy:
             _write_body(ctx, processes)
         if tracking is not None:
@@ -230,6 +234,8 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
         log.error(getattr(e, "errno", None) or errno.EBUSY, ctx.writer.offset, message)
         ctx.writer.write_error(message)
         ctx.writer.finish()
+        if spool is not None:
+            spool.drain()
         err = errno.ENOSYS if isinstance(e, Unsupported) else (getattr(e, "errno", None) or errno.EIO)
         raise CheckpointError(err, message) from None
     finally:

@@ -37,7 +37,8 @@ from ckptsim.image import core
 from ckptsim.image.codec import ImageReader
 from ckptsim.kinds.tasktree import TREE, TREE_NESTED
 
-from . import proc, track
+from . import kabi, proc, track
+from .dirty import marker_runs, scan_regions
 
 PAGE = 4096
 
@@ -88,37 +89,32 @@ def pages_in(pages: array, lo: int, hi: int) -> array:
     return pages[bisect.bisect_left(pages, lo):bisect.bisect_left(pages, hi)]
 
 
-# A pagemap entry's top byte: bit 63 present (0x80), 62 swapped (0x40).
-_NOT_PRESENT = bytes(0 if b & 0x80 else 1 for b in range(256))
-MARKER_MIN_TYPE = 16          # swap types real swap areas never reach (markers, migration...)
-
-
 def without_markers(pid: int, runs: list) -> list[tuple[int, int]]:
     """``runs`` (present or swapped pages, as PAGEMAP_SCAN reports them) minus the pages
     that are uffd-wp PTE markers: PAGEMAP_SCAN calls every non-present, non-none PTE
     "swapped", and write protection leaves markers where a protected page was unpopulated
-    or zapped; such a page has no private copy (a zapped one must count as dropped). The
-    entries are read in one pread per run; only non-present ones are looked at one by one."""
+    or zapped; such a page has no private copy (a zapped one must count as dropped). A
+    PAGEMAP_SCAN finds the non-present pages of the runs; only their pagemap entries are
+    read (backend.dirty.marker_runs)."""
     if not runs:
         return runs
-    out: list[tuple[int, int]] = []
+    markers: list[tuple[int, int]] = []
     fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
         for lo, hi in runs:
-            raw = os.pread(fd, ((hi - lo) // PAGE) * 8, (lo // PAGE) * 8)
-            flags = raw[7::8].translate(_NOT_PRESENT)
-            markers = []
-            i = flags.find(1)
-            while i >= 0:
-                entry = int.from_bytes(raw[i * 8:i * 8 + 8], "little")
-                if entry & (1 << 62) and (entry & 31) >= MARKER_MIN_TYPE \
-                        and ((entry >> 5) & ((1 << 50) - 1)) < 8:
-                    markers.append((lo + i * PAGE, lo + (i + 1) * PAGE))
-                i = flags.find(1, i + 1)
-            out.extend(subtract_runs([(lo, hi)], merge_runs(markers)) if markers else [(lo, hi)])
+            try:
+                found = scan_regions(fd, lo, hi, flags=0, mask=kabi.PAGE_IS_SWAPPED,
+                                     inverted=0, anyof=0, return_mask=kabi.PAGE_IS_SWAPPED,
+                                     check_wpasync=False)
+                swapped = list(zip(found[0::3], found[1::3]))
+            except OSError:                 # no PAGEMAP_SCAN: read every entry of the run
+                swapped = [(lo, hi)]
+            for a, b in swapped:
+                raw = os.pread(fd, ((b - a) // PAGE) * 8, (a // PAGE) * 8)
+                markers.extend(marker_runs(raw, a))
     finally:
         os.close(fd)
-    return out
+    return subtract_runs(runs, merge_runs(markers)) if markers else list(runs)
 
 
 @dataclass
@@ -294,6 +290,7 @@ class Tracking:
         self.downtime: float | None = None       # seconds the tree was stopped (dump sets it)
         self.image_id: bytes | None = None
         self.report = None                       # the session's DirtyReport at the stop
+        self._need: list[int] | None = None      # set when ``seized`` re-armed the session
 
     # -- before the stop ----------------------------------------------------------------------
     @classmethod
@@ -369,13 +366,20 @@ class Tracking:
         return self.parent is not None
 
     # -- while stopped ------------------------------------------------------------------------
-    def seized(self) -> None:
-        """The tree is stopped, nothing gathered yet: what the session saw written until now
-        (the gathering's injected calls write scratch bytes on stacks and put them back)."""
+    def seized(self, seized=None) -> None:
+        """The tree is stopped (by ``seized``), nothing gathered yet: what the session saw
+        written until now, and the session re-armed at once (TrackClient.checkpoint: one walk
+        and one eBPF map pass for both). The gathering's injected calls, which write scratch
+        bytes on stacks and put them back, come after: the next checkpoint has those pages.
+        ``arm`` finishes it (fresh trackers where needed). Without ``seized``: the report
+        alone (``arm`` re-arms at the end of the stop)."""
         self.report = None
         if self.incremental:
             try:
-                self.report = self.session.dirty()
+                if seized is None:
+                    self.report = self.session.dirty()
+                else:
+                    self.report, self._need = self.session.checkpoint(seized)
             except track.TrackError as e:   # the header says incremental: all saved whole
                 self.notices.append(f"the tracking session did not answer ({e}): every "
                                     "process is saved whole")
@@ -384,11 +388,15 @@ class Tracking:
         """The tree is stopped and gathered: present runs of every process, and for an
         incremental image each mm's delta (LiveMM.delta); ctx.incremental set."""
         live = [p for p in processes if not p.zombie and p.mm is not None]
+        report = self.report
         for p in live:
-            self.present[p.pid] = without_markers(p.pid, p.mm.present_runs())
+            d = report.processes.get(p.pid) if report is not None else None
+            if d is not None and d.present is not None:
+                self.present[p.pid] = _present_runs(p, d)
+            else:
+                self.present[p.pid] = without_markers(p.pid, p.mm.present_runs())
         if not self.incremental:
             return
-        report = self.report
         ctx.incremental = self
         if report is None:
             return
@@ -409,11 +417,15 @@ class Tracking:
         return delta.base if delta is not None else 0
 
     def arm(self, seized) -> None:
-        """Re-arm the session at this checkpoint (never raises: ``arm_error``)."""
+        """Re-arm the session at this checkpoint, or finish what ``seized`` began (fresh
+        trackers for the processes that need one). Never raises: ``arm_error``."""
         if self.session is None:
             return
         try:
-            self.generation = self.session.rearm(seized)
+            if self._need is not None:
+                self.generation = self.session.finish_checkpoint(seized, self._need)
+            else:
+                self.generation = self.session.rearm(seized)
         except Exception as e:          # noqa: BLE001 - the image stands; reported by callers
             self.arm_error = str(e) or type(e).__name__
 
@@ -438,10 +450,66 @@ class Tracking:
             self.arm_error = f"the checkpoint could not be recorded for the session: {e}"
             LastCheckpoint.forget(self.pid)
 
+    def spool(self, sink) -> "Spool | None":
+        """backend.dump: the sink an incremental image is written to while the tree is
+        stopped (None: ``sink`` itself)."""
+        return Spool(sink) if self.incremental else None
+
     # -- numbers --------------------------------------------------------------------------------
     @property
     def delta_pages(self) -> int:
         return sum(len(d.pages) for d in self.deltas.values())
+
+
+def _present_runs(p, d) -> list[tuple[int, int]]:
+    """The present runs of process ``p``'s private VMAs: the session's (``d.present``) in the
+    ranges it walked at the stop, a scan here of the others (mapped since the last arm,
+    refused by userfaultfd...)."""
+    from .memory import ProcessMemory
+    rest = subtract_runs(merge_runs(p.mm.private_ranges()), merge_runs(d.scanned))
+    if not rest:
+        return list(d.present)
+    private = set(p.mm.private_ranges())
+    runs = []
+    with ProcessMemory(p.pid) as memory:
+        for v in p.mm.vmas:
+            if (v.start, v.end) in private and intersect_runs([(v.start, v.end)], rest):
+                runs.extend(intersect_runs(memory.regions(v.entry), rest))
+    return merge_runs(list(d.present) + without_markers(p.pid, merge_runs(runs)))
+
+
+SPOOL_LIMIT = 256 << 20          # bytes an image keeps in memory before writing through
+
+
+class Spool:
+    """A sink that keeps what is written in memory until ``drain``: an incremental image is
+    encoded while the tree is stopped (every page read then) and reaches its file once the
+    tree runs again; page-cache writes can wait behind the writeback of earlier images
+    (measured: 20-70 ms for 13 MiB). Past ``limit`` bytes it drains and writes through."""
+
+    def __init__(self, sink, limit: int = SPOOL_LIMIT):
+        self.sink, self.limit = sink, limit
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.through = False
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        if self.through:
+            self.sink.write(data)
+            return n
+        self.parts.append(bytes(data))      # the writer reuses its buffers: copied
+        self.size += n
+        if self.size > self.limit:
+            self.drain()
+            self.through = True
+        return n
+
+    def drain(self) -> None:
+        """Everything kept so far into the sink."""
+        parts, self.parts, self.size = self.parts, [], 0
+        for part in parts:
+            self.sink.write(part)
 
 
 def _incomplete(report) -> str | None:

@@ -27,6 +27,14 @@ Client API (raises NoSession when nobody tracks ``root_pid``):
                                     process): reprotect and reset both sources, give new
                                     processes (or ones whose layout changed) a fresh
                                     WriteTracker; the session's new generation
+    .checkpoint(seized) -> (DirtyReport, need)
+                                    ``dirty`` and ``rearm`` at once, for a checkpoint of the
+                                    stopped tree: one page-table walk per protected range
+                                    gives the written pages (re-protected in that walk) and
+                                    the present runs (ProcessDirty.present); one pass over the
+                                    eBPF map takes and resets it. Then, once the image is
+                                    written and before the release:
+    .finish_checkpoint(seized, need) -> int   fresh WriteTrackers for ``need``; the generation
     .status() -> dict               .stop() -> None (synchronous: everything detached)
 
     unavailable_reason() -> str | None     why a session cannot run here (not root, no bcc...)
@@ -92,7 +100,9 @@ class ProcessDirty:
     and still ours. ``all_dirty``: the process was not write-protected at all (forked after the
     arm, exec'd, or its setup failed: ``reasons`` says which): dump it whole. ``bpf_complete``
     is False when the eBPF tracker dropped records (the uffd set still stands). ``exec``: it
-    exec'd since the arm."""
+    exec'd since the arm. From ``checkpoint`` only: ``scanned``, the ranges walked (the
+    protected VMAs), and ``present``, the runs of pages worth saving in them at the stop
+    (present or swapped, no uffd-wp markers: what backend.memory's scan gives)."""
     tgid: int
     pages: array
     uffd_pages: array
@@ -104,6 +114,8 @@ class ProcessDirty:
     bpf_complete: bool = True
     exec: bool = False
     reasons: tuple[str, ...] = ()
+    scanned: list[tuple[int, int]] = field(default_factory=list)
+    present: list[tuple[int, int]] | None = None
 
     def bpf_in_covered(self) -> array:
         """``bpf_pages`` inside the write-protected ranges: on a process that writes only its
@@ -178,6 +190,26 @@ def _pages(blob: bytes) -> array:
     return out
 
 
+def _report(reply: dict, blobs: list[bytes]) -> DirtyReport:
+    """A ``dirty`` or ``checkpoint`` reply: per process 3 blobs (union, uffd, bpf pages), and
+    a 4th (present runs as flat start, end pairs) with ``scanned``."""
+    processes, i = {}, 0
+    for p in reply["processes"]:
+        union, uffd, bpf = (_pages(b) for b in blobs[i:i + 3])
+        i += 3
+        present = None
+        if "scanned" in p:
+            flat = _pages(blobs[i])
+            i += 1
+            present = list(zip(flat[0::2], flat[1::2]))
+        processes[p["tgid"]] = ProcessDirty(
+            p["tgid"], union, uffd, bpf, [tuple(r) for r in p["new_vmas"]],
+            [tuple(r) for r in p["gone_vmas"]], [tuple(r) for r in p["covered"]],
+            p["all_dirty"], p["bpf_complete"], p["exec"], tuple(p["reasons"]),
+            [tuple(r) for r in p.get("scanned", ())], present)
+    return DirtyReport(reply["root"], reply["generation"], processes, reply["exited"])
+
+
 # --- availability ------------------------------------------------------------------------------
 def unavailable_reason() -> str | None:
     """Why a tracking session cannot run here, or None: root, the eBPF tracker's
@@ -206,6 +238,7 @@ class TrackClient:
         self._sock = sock
         self.daemon_pid = daemon_pid
         self.arm_error: str | None = None        # set by on_stopped when arming failed
+        self.spans: dict = {}                    # the daemon's timings of the last checkpoint
 
     def _ask(self, header: dict, fds=()) -> tuple[dict, list[bytes]]:
         if self._sock is None:
@@ -229,14 +262,31 @@ class TrackClient:
 
     def dirty(self) -> DirtyReport:
         reply, blobs = self._ask({"op": "dirty"})
-        processes = {}
-        for i, p in enumerate(reply["processes"]):
-            union, uffd, bpf = (_pages(b) for b in blobs[3 * i:3 * i + 3])
-            processes[p["tgid"]] = ProcessDirty(
-                p["tgid"], union, uffd, bpf, [tuple(r) for r in p["new_vmas"]],
-                [tuple(r) for r in p["gone_vmas"]], [tuple(r) for r in p["covered"]],
-                p["all_dirty"], p["bpf_complete"], p["exec"], tuple(p["reasons"]))
-        return DirtyReport(reply["root"], reply["generation"], processes, reply["exited"])
+        return _report(reply, blobs)
+
+    def checkpoint(self, seized) -> tuple[DirtyReport, list[int]]:
+        """For a checkpoint of the tree stopped by ``seized``: what was written since the last
+        arm (``dirty``, each process's ``present`` runs included) and the session re-armed in
+        the same walk. Returns (report, need): the processes that need a fresh WriteTracker
+        (new, exec'd, with VMAs nobody protects), to pass to ``finish_checkpoint`` once the
+        image is written (a fresh tracker's protection leaves uffd-wp markers that a process
+        saved whole must not see). Whatever the others write from here on, the checkpoint's
+        own injected calls included, is the next checkpoint's. ``spans`` keeps the daemon's
+        timings (ms)."""
+        tgids = sorted(pid for pid, tids in seized.threads.items() if tids)
+        reply, blobs = self._ask({"op": "checkpoint", "tgids": tgids})
+        self.spans = reply.get("spans", {})
+        return _report(reply, blobs), list(reply["need"])
+
+    def finish_checkpoint(self, seized, need) -> int:
+        """The end of ``checkpoint``, the tree still stopped: fresh WriteTrackers for ``need``
+        (as ``rearm`` makes them). Returns the session's generation."""
+        tgids = sorted(pid for pid, tids in seized.threads.items() if tids)
+        failed = self._adopt_fresh(need, seized)
+        reply, _ = self._ask({"op": "commit", "tgids": tgids, "collected": True,
+                              "fresh": list(need),
+                              "failed": {str(k): v for k, v in failed.items()}})
+        return reply["generation"]
 
     def rearm(self, seized) -> int:
         """Re-arm with the tree stopped by ``seized`` (a backend.ptrace.Seized of this process,
@@ -245,11 +295,19 @@ class TrackClient:
         made here, where the tracer is, and handed over; then the eBPF records are reset.
         Returns the new generation. A process whose WriteTracker cannot be made stays
         tracked as all dirty (the reason is in ``dirty()``)."""
-        from .dirty import DirtyTrackingError, WriteTracker
         tgids = sorted(pid for pid, tids in seized.threads.items() if tids)
         reply, _ = self._ask({"op": "begin", "tgids": tgids})
+        failed = self._adopt_fresh(reply["need"], seized)
+        reply, _ = self._ask({"op": "commit", "tgids": tgids,
+                              "failed": {str(k): v for k, v in failed.items()}})
+        return reply["generation"]
+
+    def _adopt_fresh(self, tgids, seized) -> dict[int, str]:
+        """A WriteTracker made here (where the tracer is) for each of ``tgids``, handed to
+        the daemon; {tgid: why} for those that could not be made."""
+        from .dirty import DirtyTrackingError, WriteTracker
         failed: dict[int, str] = {}
-        for tgid in reply["need"]:
+        for tgid in tgids:
             try:
                 tracker = WriteTracker(tgid, tid=seized.threads[tgid][0])
             except (DirtyTrackingError, OSError) as e:
@@ -257,17 +315,16 @@ class TrackClient:
                 continue
             fds = _hand_over(tracker)
             meta = {"op": "adopt", "pid": tracker.pid, "tid": tracker.tid,
-                    "registered": tracker.registered, "features": tracker.features,
-                    "user_mode_only": tracker.user_mode_only,
+                    "registered": tracker.registered,
+                    "registered_files": tracker.registered_files,
+                    "features": tracker.features, "user_mode_only": tracker.user_mode_only,
                     "untracked": [[m.start, m.end, why] for m, why in tracker.untracked]}
             try:
                 self._ask(meta, fds=fds)
             finally:
                 for fd in fds:               # the daemon holds its copies; ours may go
                     os.close(fd)
-        reply, _ = self._ask({"op": "commit", "tgids": tgids,
-                              "failed": {str(k): v for k, v in failed.items()}})
-        return reply["generation"]
+        return failed
 
     def on_stopped(self, seized, processes) -> None:
         """backend.dump.checkpoint's hook: arm at the checkpoint instant. Never raises (the

@@ -7,6 +7,13 @@ tracker itself (bcc state never crosses a fork or belongs to the checkpointer), 
 at ROOT_PID, listens on ``/run/ckptsim/track-ROOT_PID.sock`` and writes ``READY <pid> <socket>``
 (or ``ERROR <why>``) to READY_FD. Requests, one connection at a time:
 
+    checkpoint {tgids}    the tree is stopped for a checkpoint: ``dirty`` (with each process's
+                          present page runs in its protected ranges) and, in the same walk
+                          and map pass, re-protected and reset; the generation moves on now
+                          (a checkpoint that fails later leaves no session state that could
+                          pass for its parent's); which tgids need a fresh WriteTracker
+                          (their old one is closed). Once the image is written: adopt, then
+                          commit {collected: true, fresh: need}
     begin {tgids}         the tree is stopped by the client: which tgids need a fresh
                           WriteTracker (new, exec'd, or with VMAs nobody protects); their old
                           trackers are closed now (a second uffd could not register the ranges)
@@ -21,26 +28,39 @@ launcher's connection closes before the first arm; on every path the trackers ar
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import signal
 import socket
 import stat
 import sys
+import threading
 import time
 import traceback
 from array import array
+from collections import namedtuple
 from dataclasses import dataclass
 
 from backend import proc
 from backend.bpf_tracker import Tracker, TrackerIncomplete
-from backend.dirty import DirtyTrackingError, WriteTracker
-from backend.proc import read_smaps
+from backend.dirty import DirtyTrackingError, Layout, WriteTracker
 from backend.track import RUN_DIR, recv_message, send_message, socket_path, start_time
 
 IDLE_TICK = 0.2              # seconds between checks that the tree still lives
 CLIENT_IDLE = 300.0          # an armed session drops a client silent for this long
 NOT_PROTECTED_FORKED = "forked after the last checkpoint: not write-protected"
+
+
+def _keeps_layout(event) -> bool:
+    """An mm syscall that leaves the VMAs as they are: madvise (a zapped page shows in the
+    present scan; a split keeps the registration) and brk(0), which only asks for the break
+    (the checkpoint's gathering injects it)."""
+    return event.name == "madvise" or (event.name == "brk" and event.args[0] == 0)
+
+
+
+_Span = namedtuple("_Span", "start end")      # a VMA of a Layout's ``others``
 
 
 class _Stop(Exception):
@@ -54,6 +74,30 @@ class _Process:
     reason: str | None = None           # why it has no tracker
     exec: bool = False
     untracked: list | None = None       # [start, end, why] the tracker could not register
+    layout: Layout | None = None        # the tracker's Layout, kept while no mm syscall of the
+                                        # process (eBPF) can have changed it: no smaps read
+
+
+class _InThread:
+    """``fn(*args, **kwargs)`` in a thread; ``result()`` waits and returns or raises."""
+
+    def __init__(self, fn, *args, **kwargs):
+        self._box: dict = {}
+
+        def run():
+            try:
+                self._box["value"] = fn(*args, **kwargs)
+            except BaseException as e:      # noqa: BLE001 - re-raised by result()
+                self._box["error"] = e
+
+        self._thread = threading.Thread(target=run, name="track-daemon-worker", daemon=True)
+        self._thread.start()
+
+    def result(self):
+        self._thread.join()
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box["value"]
 
 
 def _alive(tgid: int, start: int | None = None) -> bool:
@@ -72,6 +116,7 @@ def _adopt(meta: dict, uffd: int, pagemap: int) -> WriteTracker:
     tracker.vmas, tracker.allow_seccomp = None, False
     tracker.user_mode_only = meta["user_mode_only"]
     tracker.registered = [tuple(r) for r in meta["registered"]]
+    tracker.registered_files = [tuple(r) for r in meta.get("registered_files", [])]
     tracker.untracked, tracker.features = [], int(meta["features"])
     tracker._uffd, tracker._pagemap = uffd, pagemap
     return tracker
@@ -245,54 +290,164 @@ class Daemon:
     def op_dirty(self, header):
         self._drain_notices()
         out, blobs, exited = [], [], []
+        bpf_dirty = self.bpf.dirty_by_tgid()
         for tgid in sorted(set(self.procs) | self.bpf.tracked()):
             p = self.procs.get(tgid)
             if not _alive(tgid, p.start if p else None):
                 if tgid in self.armed:
                     exited.append(tgid)
                 continue
-            entry, pages = self._process_dirty(tgid, p)
+            entry, pages = self._process_dirty(
+                tgid, p, bpf_dirty, self._scan(tgid, p, False, self._layout_kept(tgid, p)),
+                False)
             out.append(entry)
             blobs.extend(pages)
         return {"root": self.root, "generation": self.generation, "processes": out,
                 "exited": exited}, blobs
 
-    def _process_dirty(self, tgid: int, p: _Process | None):
-        reasons: list[str] = []
-        uffd = array("Q")
-        new = gone = covered = []
-        all_dirty = False
-        if p is not None and p.tracker is not None:
+    def op_checkpoint(self, header):
+        """See the module docstring. ``spans`` (ms) say where the time went."""
+        began = time.perf_counter()
+        # first: a checkpoint that fails from here on has re-protected pages its parent's
+        # record does not cover; the next one against that parent must be a full image
+        self.generation += 1
+        self._drain_notices()
+        tgids = [int(t) for t in header["tgids"]]
+        # decided first: the eBPF map pass below holds the tracker's lock meanwhile
+        kept = {t for t in tgids if self._layout_kept(t, self.procs.get(t))}
+        spans: dict = {}
+        taking = _InThread(self._timed, spans, "bpf_take", self.bpf.dirty_by_tgid, take=True)
+        try:
+            scans = {t: self._scan(t, self.procs.get(t), True, t in kept, spans) for t in tgids}
+        finally:
+            bpf_dirty = taking.result()     # both sides released the GIL: they overlap
+        out, blobs, need = [], [], []
+        for tgid in tgids:
+            p = self.procs.get(tgid)
+            entry, pages = self._process_dirty(tgid, p, bpf_dirty, scans[tgid], True)
+            out.append(entry)
+            blobs.extend(pages)
+            if entry.pop("fresh"):
+                if p is not None and p.tracker is not None:
+                    p.tracker.close()
+                    p.tracker, p.reason = None, "not re-armed (the checkpointer went away)"
+                need.append(tgid)
+        exited = sorted(t for t in self.armed if t not in tgids)
+        self._forget(tgids)
+        mark = time.perf_counter()
+        # a process that gets a fresh tracker is reset when it has one (commit)
+        self.bpf.reset_many((set(tgids) - set(need)) | self.armed, dirty=False)
+        spans["bpf_reset"] = time.perf_counter() - mark
+        self.armed, self.armed_at = set(tgids), time.time()
+        spans["total"] = time.perf_counter() - began
+        return {"root": self.root, "generation": self.generation, "processes": out,
+                "exited": exited, "need": need,
+                "spans": {k: round(v * 1000, 3) for k, v in spans.items()}}, blobs
+
+    def _layout_kept(self, tgid: int, p: _Process | None) -> bool:
+        """Whether ``tgid``'s kept Layout still holds: the eBPF tracker tracks it, recorded
+        all its events, and saw no mm syscall since the last arm that can change it."""
+        if p is None or p.layout is None or tgid not in self.bpf.tracked():
+            return False
+        try:
+            return all(_keeps_layout(e) for e in self.bpf.mm_events(tgid))
+        except TrackerIncomplete:
+            return False
+
+    def _layout(self, p: _Process, kept: bool) -> Layout:
+        """The tracker's Layout: the one kept from the last smaps read or registration, if
+        ``kept`` (``_layout_kept``), else read now (smaps walks every page table: ~15 ms at
+        1 GiB)."""
+        if not kept or p.layout is None:
+            p.layout = None
+            p.layout = p.tracker.layout()
+        return p.layout
+
+    def _scan(self, tgid: int, p: _Process | None, stopped: bool, kept: bool,
+              spans: dict | None = None):
+        """(layout, Scan), re-protecting and with present runs when ``stopped``; or the
+        error that makes the process all dirty; None without a tracker (or after an exec).
+        A kept layout the scan refuses (EPERM: a VMA in it is not ours any more) is read
+        again."""
+        if p is None or p.tracker is None or p.exec:
+            return None
+        mark = time.perf_counter()
+        try:
+            layout = self._layout(p, kept)
             try:
-                vmas = read_smaps(tgid)
-                # a non-reprotecting scan past one full region vector repeats pages here
-                # (measured: 5611 addresses, 5164 distinct, at 1 GiB): sorted and distinct
-                uffd = array("Q", sorted(set(p.tracker.written_pages(reprotect=False,
-                                                                     vmas=vmas))))
-                changes = p.tracker.changed_vmas(vmas)
-                new = [(m.start, m.end) for m in changes.new]
-                gone = changes.gone
-                covered = _covered(p.tracker.registered, gone)
-            except (DirtyTrackingError, OSError) as e:
-                all_dirty = True
-                reasons.append(str(e))
+                scan = p.tracker.scan(layout.ours, reprotect=stopped, present=stopped)
+            except DirtyTrackingError as e:
+                if not kept or e.errno != errno.EPERM:
+                    raise
+                kept, layout = False, self._layout(p, False)
+                scan = p.tracker.scan(layout.ours, reprotect=stopped, present=stopped)
+        except (DirtyTrackingError, OSError) as e:
+            return e
+        finally:
+            if spans is not None:
+                spans[f"scan {tgid}" + ("" if kept else " (smaps read)")] = \
+                    time.perf_counter() - mark
+        return layout, scan
+
+    @staticmethod
+    def _timed(spans: dict, name: str, fn, *args, **kwargs):
+        mark = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spans[name] = time.perf_counter() - mark
+
+    def _process_dirty(self, tgid: int, p: _Process | None, bpf_dirty: dict, scanned_now,
+                       stopped: bool):
+        """One process's entry and blobs (see track._report); ``scanned_now``: what _scan
+        gave; ``stopped``: for ``checkpoint`` (present runs)."""
+        reasons: list[str] = []
+        uffd, present = array("Q"), array("Q")
+        new = gone = covered = scanned = []
+        all_dirty = fresh = False
+        if isinstance(scanned_now, tuple):
+            layout, scan = scanned_now
+            uffd = scan.written
+                # a non-reprotecting scan past one full region vector repeated pages once
+                # (5611 addresses, 5164 distinct, at 1 GiB): scan_regions reports each once
+            for lo, hi in scan.present or ():
+                present.extend((lo, hi))
+            scanned = layout.ranges
+            new = [(m.start, m.end) for m in layout.others]
+            gone = _covered(p.tracker.registered, scanned)     # registered - scanned
+            covered = _covered(p.tracker.registered, gone)
+            fresh = bool(new)
+        elif scanned_now is not None:
+            all_dirty = fresh = True
+            reasons.append(str(scanned_now))
         else:
-            all_dirty = True
+            all_dirty = fresh = True
             reasons.append(p.reason if p is not None and p.reason else NOT_PROTECTED_FORKED)
         if p is not None and p.exec:
-            all_dirty = True
+            all_dirty = fresh = True
             reasons.append("exec'd since the last checkpoint: a new address space")
         bpf_complete = True
-        try:
-            bpf = array("Q", self.bpf.dirty_pages(tgid))
-        except TrackerIncomplete as e:
-            bpf, bpf_complete = array("Q"), False
-            reasons.append(str(e))
-        union = array("Q", sorted(set(uffd).union(bpf)))
+        bpf = bpf_dirty.get(tgid, [])
+        if bpf is None:
+            bpf, bpf_complete = [], False
+            reasons.append(f"process {tgid}: some dirty pages were not recorded (the tracker's "
+                           "map was full): take a full dump")
+        bpf = array("Q", bpf)
+        union = uffd if not len(bpf) else array("Q", sorted(set(uffd).union(bpf)))
         entry = {"tgid": tgid, "new_vmas": new, "gone_vmas": gone, "covered": covered,
                  "all_dirty": all_dirty, "bpf_complete": bpf_complete,
                  "exec": bool(p is not None and p.exec), "reasons": reasons}
-        return entry, [union, uffd, bpf]
+        if not stopped:
+            return entry, [union, uffd, bpf]
+        entry.update(scanned=scanned, fresh=fresh)
+        return entry, [union, uffd, bpf, present]
+
+    def _forget(self, tgids) -> None:
+        """Trackers of processes that left the tree are closed."""
+        for tgid in set(self.procs) - set(tgids):
+            p = self.procs.pop(tgid)
+            if p.tracker is not None:
+                p.tracker.close()
 
     def op_begin(self, header):
         self._drain_notices()
@@ -302,7 +457,8 @@ class Daemon:
             p = self.procs.get(tgid)
             if p is not None and p.tracker is not None and not p.exec:
                 try:
-                    if not p.tracker.changed_vmas().new:
+                    layout = self._layout(p, self._layout_kept(tgid, p))
+                    if not p.tracker.changed_vmas(layout=layout).new:
                         continue              # kept: reprotected in place at commit
                 except (DirtyTrackingError, OSError):
                     pass
@@ -310,10 +466,7 @@ class Daemon:
                 p.tracker.close()
                 p.tracker, p.reason = None, "not re-armed (the checkpointer went away)"
             need.append(tgid)
-        for tgid in set(self.procs) - set(tgids):         # left the tree
-            p = self.procs.pop(tgid)
-            if p.tracker is not None:
-                p.tracker.close()
+        self._forget(tgids)
         return {"need": need}, []
 
     def op_adopt(self, header, fds):
@@ -331,30 +484,40 @@ class Daemon:
         old = self.procs.get(tgid)
         if old is not None and old.tracker is not None:
             old.tracker.close()
-        self.procs[tgid] = _Process(started, tracker, None, False,
-                                    header.get("untracked") or [])
+        untracked = header.get("untracked") or []
+        layout = Layout(tracker.registered_layout().ours, [_Span(a, b) for a, b, _ in untracked])
+        self.procs[tgid] = _Process(started, tracker, None, False, untracked, layout)
         return {"adopted": tgid}, []
 
     def op_commit(self, header):
+        """Armed: with ``collected`` (after ``checkpoint``) only the adopted trackers and the
+        processes without one are settled, and the eBPF records of the ``fresh`` ones (the
+        checkpoint's ``need``) reset now that their trackers protect them; else the kept
+        trackers are re-protected and the eBPF records reset here."""
         self._drain_notices()
         tgids = [int(t) for t in header["tgids"]]
         failed = {int(k): v for k, v in header.get("failed", {}).items()}
+        collected = bool(header.get("collected"))
         for tgid in tgids:
             p = self.procs.get(tgid)
             if p is None:
                 p = self.procs[tgid] = _Process(start_time(tgid))
             if p.tracker is not None and p.tracker.pid == tgid and tgid not in failed:
-                p.tracker.written_pages(reprotect=True)   # adopted ones: no-op, just set up
+                if not collected:         # adopted ones: no-op, just set up
+                    p.tracker.written_pages(
+                        reprotect=True, layout=self._layout(p, self._layout_kept(tgid, p)))
             elif p.tracker is None:
                 p.reason = failed.get(tgid, "not write-protected: no tracker could be set up")
             p.exec = False
         missing = [t for t in tgids if t not in self.bpf.tracked()]
         if missing:
             self.bpf.start(missing)
-        for tgid in set(tgids) | self.armed:   # exited ones too: their records are freed
-            self.bpf.reset(tgid)
+        if collected:
+            self.bpf.reset_many(int(t) for t in header.get("fresh", ()))
+        else:
+            self.bpf.reset_many(set(tgids) | self.armed)  # exited ones too: records freed
+            self.generation += 1
         self.armed = set(tgids)
-        self.generation += 1
         self.armed_at = time.time()
         self.log(f"armed generation {self.generation}: {len(tgids)} processes, "
                  f"{sum(1 for t in tgids if self.procs[t].tracker)} write-protected")
