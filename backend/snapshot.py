@@ -173,6 +173,16 @@ def _rseq(tid: int) -> tuple[int, int, int] | None:
     return conf.rseq_abi_pointer, conf.rseq_abi_size, conf.signature
 
 
+def _program_break(pid: int, fallback: int) -> int:
+    """The exact program break (brk(0) inside the process): the [heap] mapping's end is only
+    its page-rounded value, and not even that once mprotect has split the heap."""
+    try:
+        got = ptrace.inject_syscall(pid, kabi.SYS_brk, 0, check=False)
+    except ptrace.PtraceError:
+        return fallback                       # a leader that has exited: no injection
+    return got if got > 0 else fallback
+
+
 def _altstack(tid: int) -> AltStack:
     with ptrace.stack_scratch(tid, kabi.STACK_T_SIZE) as addr:
         ptrace.inject_syscall(tid, kabi.SYS_sigaltstack, 0, addr)
@@ -395,6 +405,7 @@ class Gatherer:
         if exe:
             exe_file = next((f for f in self.mapped.values() if f.path == exe.removesuffix(" (deleted)")), None)
         mm = LiveMM(pid, stat, vmas, exe_file)
+        mm.brk = _program_break(pid, mm.brk)
         mm.file_ids, mm.vdso_layout = elf_ids.mm_identities(pid, vmas, exe_file)
         return mm
 

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from backend import kabi
-from backend.ptrace import PtraceError
+from backend.ptrace import PtraceError, set_sigmask
 from ckptsim.errors import CkptsimError
 from ckptsim.image import core
 from ckptsim.image.codec import ImageReader
@@ -320,6 +320,10 @@ class _Job:
         signals; the trampoline goes; registers, XSAVE and the mask last. ``own_ids``: the
         leader's (pid, tid) in its own namespace when they are not the image's (a restart
         in place of the caller)."""
+        for _, stub in group:
+            # every thread blocks every signal before any is queued: a shared pending signal
+            # would otherwise be taken (and lost) by a sibling stub that still accepts it
+            set_sigmask(stub.tid, (1 << 64) - 1)
         for tid, stub in group:
             task = self.by_vpid[tid]
             restore_thread_basics(stub, task)

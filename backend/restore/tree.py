@@ -64,34 +64,68 @@ def _clone_args(flags: int, exit_signal: int, pid: int) -> tuple[kabi.clone_args
 
 
 def spawn_seed(exe: str, pid: int, new_pidns: bool) -> int:
-    """Fork the seed (clone3 with ``pid``, 0 for any) that execs ``exe`` traced by us;
-    returns its pid as this process sees it. The caller must adopt() it."""
+    """Make the seed (clone3 with ``pid``, 0 for any) that execs ``exe`` traced by us;
+    returns its pid as this process sees it. The caller must adopt() it.
+
+    The restorer may have other threads (its checksum, pytest-xdist's), and a raw clone of a
+    threaded Python process can copy a lock another thread holds. So a helper made by
+    os.fork (after which Python's own locks are safe) does the clone3, with CLONE_PARENT: the
+    seed is this process's child all the same (TRACEME then makes us its tracer), and the
+    helper only reports the seed's pid and exits."""
     if not os.access(exe, os.X_OK):
         raise StubError(errno.ENOENT, f"the executable {exe} is missing or not executable")
-    args, _tids = _clone_args(kabi.CLONE_NEWPID if new_pidns else 0, signal.SIGCHLD, pid)
-    try:
-        child = kabi.syscall(kabi.SYS_clone3, ctypes.byref(args), ctypes.sizeof(args),
-                             what="clone3")
-    except OSError as e:
-        if e.errno == errno.EEXIST:
-            raise StubError(errno.EBUSY, f"pid {pid} is in use in this pid namespace "
-                                         "(restart with a new pid namespace: --pidns)") from None
-        raise StubError(e.errno, f"cannot create the first restored process: {e}") from None
-    if child == 0:                       # the seed: nothing but what it needs
+    r, w = os.pipe()
+    helper = os.fork()
+    if helper == 0:
+        result = -errno.EIO
         try:
-            # the restorer's ignored signals (Python ignores SIGPIPE, SIGXFSZ) would survive
-            # the exec into every restored task: each starts from the defaults instead
-            for sig in range(1, signal.NSIG):
-                if sig not in (signal.SIGKILL, signal.SIGSTOP):
-                    try:
-                        signal.signal(sig, signal.SIG_DFL)
-                    except (OSError, ValueError):
-                        pass
-            kabi.syscall(kabi.SYS_ptrace, kabi.PTRACE_TRACEME, 0, 0, 0)
-            os.execv(exe, [exe])
+            os.close(r)
+            flags = kabi.CLONE_PARENT | (kabi.CLONE_NEWPID if new_pidns else 0)
+            args, _tids = _clone_args(flags, 0, pid)
+            try:
+                child = kabi.syscall(kabi.SYS_clone3, ctypes.byref(args), ctypes.sizeof(args),
+                                     what="clone3")
+            except OSError as e:
+                child = -(e.errno or errno.EIO)
+            if child == 0:
+                _become_seed(exe)
+            result = child
         finally:
-            os._exit(127)
+            try:
+                os.write(w, struct.pack("<i", result))
+            finally:
+                os._exit(0)
+    os.close(w)
+    try:
+        os.waitpid(helper, 0)
+        data = os.read(r, 4)
+    finally:
+        os.close(r)
+    child = struct.unpack("<i", data)[0] if len(data) == 4 else -errno.EIO
+    if child == -errno.EEXIST:
+        raise StubError(errno.EBUSY, f"pid {pid} is in use in this pid namespace "
+                                     "(restart with a new pid namespace: --pidns)")
+    if child < 0:
+        raise StubError(-child, f"cannot create the first restored process: "
+                                f"{os.strerror(-child)}")
     return child
+
+
+def _become_seed(exe: str):
+    """In the seed: default signal dispositions, PTRACE_TRACEME, exec (never returns)."""
+    try:
+        # the restorer's ignored signals (Python ignores SIGPIPE, SIGXFSZ) would survive the
+        # exec into every restored task: each starts from the defaults instead
+        for sig in range(1, signal.NSIG):
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                try:
+                    signal.signal(sig, signal.SIG_DFL)
+                except (OSError, ValueError):
+                    pass
+        kabi.syscall(kabi.SYS_ptrace, kabi.PTRACE_TRACEME, 0, 0, 0)
+        os.execv(exe, [exe])
+    finally:
+        os._exit(127)
 
 
 def map_trampoline(stub: Stub, addr: int) -> None:
