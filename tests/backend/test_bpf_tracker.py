@@ -250,6 +250,29 @@ def test_a_lost_record_is_refused_until_reset(tracker, target):
     assert tracker.dirty_pages(t.pid) == [] and tracker.mm_events(t.pid) == []
 
 
+def test_dirty_by_tgid_reads_every_process_in_one_pass_and_take_empties_it(tracker, target):
+    """dirty_by_tgid() is dirty_pages of every recorded process; take=True deletes what it
+    read in the same pass (later writes are the next answer); a lost record maps to None
+    until reset_many clears the flag."""
+    t = target()
+    tracker.start([t.pid])
+    tracker.reset(t.pid)
+    assert _cmd(t, "w 1 3") == "done"
+    everything = tracker.dirty_by_tgid()
+    assert everything[t.pid] == tracker.dirty_pages(t.pid)
+    taken = tracker.dirty_by_tgid(take=True)
+    assert taken[t.pid] == everything[t.pid] and tracker.dirty_pages(t.pid) == []
+    assert _cmd(t, "w 5") == "done"
+    assert _region_pages(tracker, t) == [5]
+    table = tracker._bpf[b"tracked"]
+    leaf = table[table.Key(t.pid)]
+    leaf.dirty_lost = 1
+    table[table.Key(t.pid)] = leaf
+    assert tracker.dirty_by_tgid(take=True)[t.pid] is None
+    tracker.reset_many([t.pid], dirty=False)
+    assert tracker.dirty_by_tgid().get(t.pid, []) == []
+
+
 # --- availability, bounded loading, nothing left attached ---------------------------------------
 
 def test_not_root_is_unavailable_with_the_reason(monkeypatch):

@@ -18,7 +18,7 @@ from array import array
 import pytest
 
 from backend import kabi, ptrace
-from backend.dirty import DirtyTrackingError, WriteTracker
+from backend.dirty import DirtyTrackingError, WriteTracker, marker_runs
 from backend.memory_pages import PAGE_SIZE
 from backend.proc import read_smaps
 
@@ -353,3 +353,63 @@ def test_a_full_scan_vector_reports_no_page_twice(target, trackers, monkeypatch)
         written = tr.written_pages()
     assert len(peek) == len(set(peek)) and list(peek) == list(written)
     assert region_pages(written, a, A_PAGES) == set(range(0, 40, 2))
+
+
+def _entry(value: int) -> bytes:
+    return value.to_bytes(8, "little")
+
+
+def test_marker_runs_finds_runs_of_markers_among_pagemap_entries():
+    """Synthetic pagemap entries: a uffd-wp marker (swapped, not present, swap type >= 16,
+    offset < 8, soft-dirty allowed) is found per run; a real swap entry, a present page, a
+    none entry and bytes that would only match across two entries are not."""
+    base = 0x7F0000000000
+    marker = (1 << 62) | (1 << 57) | 0x1D | (1 << 5)          # type 29, offset 1, wp
+    soft = marker | (1 << 55)
+    real_swap = (1 << 62) | 3 | (12345 << 5)                  # type 3, a real offset
+    present = (1 << 63) | 0x1234
+    entries = [present, marker, marker, soft, real_swap, 0, marker, present]
+    assert marker_runs(b"".join(map(_entry, entries)), base) == [
+        (base + 1 * PAGE_SIZE, base + 4 * PAGE_SIZE), (base + 6 * PAGE_SIZE, base + 7 * PAGE_SIZE)]
+    # a marker-like byte pattern straddling two entries is no entry of its own
+    straddle = b"\x00\x00\x00\x10" + bytes(4) + b"\x00\x00\x00\x00\x40\x00\x00\x00"
+    assert marker_runs(straddle, base) == []
+    assert marker_runs(b"", base) == []
+
+
+def test_scan_gives_written_pages_and_present_runs_in_one_walk(target, trackers):
+    """scan(present=True): the written pages (re-protected in the same walk) and the present
+    runs: what backend.memory's scan gives there, without the uffd-wp markers protection
+    left on the never-touched pages 48..63 of region a."""
+    from backend.incremental import without_markers
+    from backend.memory import ProcessMemory
+    a, f = target.info["a"], target.info["f"]
+    tr = trackers(target.pid)
+    cmd(target, "w a 3 5")
+    cmd(target, "w a 50 51")                    # populates one of the never-touched pages
+    cmd(target, "w f 2 3")                      # copy-on-write of a private file page
+    with ptrace.seized(target.pid):
+        layout = tr.layout()
+        assert tr.registered_layout().ours == layout.ours and not layout.others
+        assert any(file for _, _, file in layout.ours) and not all(f for _, _, f in layout.ours)
+        scan = tr.scan(layout.ours, reprotect=True, present=True)
+        with ProcessMemory(target.pid) as memory:
+            expected = [run for e in read_smaps(target.pid) if "uw" in e.vm_flags
+                        for run in memory.regions(e)]
+        expected = without_markers(target.pid, expected)
+        again = tr.scan(layout.ours, reprotect=False, present=True)
+    assert region_pages(scan.written, a, A_PAGES) == {3, 4, 50}
+    assert region_pages(scan.written, f, F_PAGES) == {2}
+    assert (a, a + 48 * PAGE_SIZE) in scan.present and (a + 50 * PAGE_SIZE,
+                                                        a + 51 * PAGE_SIZE) in scan.present
+    assert (f + 2 * PAGE_SIZE, f + 3 * PAGE_SIZE) in scan.present      # the private copy only
+    assert not any(f <= lo < f + F_PAGES * PAGE_SIZE and (lo, hi) != (f + 2 * PAGE_SIZE,
+                   f + 3 * PAGE_SIZE) for lo, hi in scan.present)
+    joined = []
+    for lo, hi in expected:                     # memory's runs may stop at VMA boundaries
+        if joined and joined[-1][1] == lo:
+            joined[-1] = (joined[-1][0], hi)
+        else:
+            joined.append((lo, hi))
+    assert scan.present == joined
+    assert len(again.written) == 0 and again.present == scan.present      # re-protected

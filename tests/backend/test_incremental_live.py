@@ -290,3 +290,30 @@ def test_pre_copy_chain_restarts_consistent(writer, capsys, tmp_path, restored_t
     restored_trees.append(r)
     status, pages = writer.report(r.root, number=0)
     assert status == "OK" and pages                  # every page holds its last write
+
+
+def test_the_spool_keeps_the_image_until_drained_and_writes_through_past_its_limit():
+    """backend.dump writes an incremental image into a Spool while the tree is stopped: the
+    file gets nothing until drain(); past the limit it drains and writes through. Writes
+    are copied (the image writer reuses its buffers)."""
+    import io
+
+    from backend.incremental import Spool
+    out = io.BytesIO()
+    spool = Spool(out, limit=64, reserve=16)
+    reused = bytearray(b"0123456789")
+    spool.write(memoryview(reused)[:6])
+    reused[:6] = b"XXXXXX"                      # the writer's buffer, reused
+    spool.write(reused[6:])
+    spool.write(b"abcdefghij" * 2)              # past the reserved bytes: kept as a copy
+    assert out.getvalue() == b"" and spool.size == 30
+    spool.drain()
+    assert out.getvalue() == b"012345" + b"6789" + b"abcdefghij" * 2
+    out = io.BytesIO()
+    spool = Spool(out, limit=8)
+    spool.write(b"12345678")
+    assert out.getvalue() == b""
+    spool.write(b"9")                           # past the limit: all of it, then through
+    assert out.getvalue() == b"123456789" and spool.through
+    spool.write(b"0")
+    assert out.getvalue() == b"1234567890"

@@ -185,6 +185,56 @@ def test_rearm_in_a_stopped_tree_resets_both(target, tmp_path, capsys, daemons):
     client.stop()
 
 
+def test_checkpoint_reports_and_rearms_in_one_request(target, tmp_path, capsys, daemons):
+    """``checkpoint``: the written pages and the present runs, already re-protected (dirty()
+    right after has none); no smaps read while the eBPF tracker saw no mm syscall; after an
+    mmap the layout is read again and the process gets a fresh tracker at the end."""
+    a = target.info["a"]
+    client = tracked_checkpoint(target, tmp_path, capsys, daemons)
+    cmd(target, "w a 1 3")
+    with ptrace.seized(target.pid) as seized:
+        report, need = client.checkpoint(seized)
+        d = report.processes[target.pid]
+        assert region(d.pages, a, A_PAGES) == {1, 2} and need == [] and not d.new_vmas
+        assert (a, a + 48 * PAGE_SIZE) in d.present
+        assert any(lo <= a and a + A_PAGES * PAGE_SIZE <= hi for lo, hi in d.scanned)
+        assert not any("smaps read" in k for k in client.spans), client.spans
+        assert region(client.dirty().processes[target.pid].pages, a, A_PAGES) == set()
+        assert client.status()["generation"] == 2           # moved on at once
+        assert client.finish_checkpoint(seized, need) == 2
+    cmd(target, "m 4")                                      # an mm syscall: layout read
+    cmd(target, "w a 5 6")
+    with ptrace.seized(target.pid) as seized:
+        report, need = client.checkpoint(seized)
+        d = report.processes[target.pid]
+        assert region(d.pages, a, A_PAGES) == {5} and d.new_vmas and need == [target.pid]
+        assert any("smaps read" in k for k in client.spans), client.spans
+        assert client.finish_checkpoint(seized, need) == 3
+    cmd(target, "w a 7 8")
+    d = client.dirty().processes[target.pid]
+    assert region(d.pages, a, A_PAGES) == {7} and not d.new_vmas
+    assert list(d.uffd_pages) == list(d.bpf_in_covered())
+    client.stop()
+
+
+def test_a_checkpoint_failing_after_the_collect_makes_the_next_one_full(target, tmp_path,
+                                                                        capsys, daemons):
+    """The collect re-protects what its parent's record does not hold: once it ran, the
+    session's generation has moved on, and an incremental checkpoint against that parent is
+    a full image with a notice."""
+    from backend.incremental import Tracking
+    client = tracked_checkpoint(target, tmp_path, capsys, daemons)
+    parent = str(tmp_path / f"{target.pid}.img")
+    cmd(target, "w a 1 3")
+    assert Tracking.prepare(target.pid, parent, client).incremental
+    with ptrace.seized(target.pid) as seized:
+        client.checkpoint(seized)                           # and then the checkpoint fails
+    tracking = Tracking.prepare(target.pid, parent, client)
+    assert not tracking.incremental
+    assert any("re-armed since" in n for n in tracking.notices), tracking.notices
+    client.stop()
+
+
 def test_a_forked_child_is_covered(target, tmp_path, capsys, daemons):
     a = target.info["a"]
     client = tracked_checkpoint(target, tmp_path, capsys, daemons)
