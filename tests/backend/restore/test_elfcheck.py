@@ -51,8 +51,11 @@ def build(exe: str, build_id: str | None) -> str:
 def my_children() -> set[int]:
     out = set()
     for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/children") as f:
-            out |= {int(p) for p in f.read().split()}
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                out |= {int(p) for p in f.read().split()}
+        except FileNotFoundError:         # a thread (the restart's checksum) just ended
+            pass
     return out
 
 
