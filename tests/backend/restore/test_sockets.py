@@ -89,8 +89,11 @@ def _children() -> set[int]:
     me = os.getpid()
     out = set()
     for task in os.listdir(f"/proc/{me}/task"):
-        with open(f"/proc/{me}/task/{task}/children") as f:
-            out |= {int(p) for p in f.read().split()}
+        try:
+            with open(f"/proc/{me}/task/{task}/children") as f:
+                out |= {int(p) for p in f.read().split()}
+        except FileNotFoundError:         # a thread that ended meanwhile
+            pass
     return out
 
 
