@@ -47,18 +47,37 @@ class PageSink:
         self.pages = 0
 
     def private_pages(self, vma, addrs: array, data: memoryview) -> None:
-        if addrs and (addrs[0] < vma.start or addrs[-1] >= vma.end):
-            raise StubError(errno.EINVAL, f"page chunk {addrs[0]:#x}.. lies outside VMA "
-                                          f"{vma.start:#x}-{vma.end:#x}")
+        _check_chunk(addrs, data, vma.start, vma.end,
+                     f"VMA {vma.start:#x}-{vma.end:#x}")
         self.private.setdefault(id(vma), []).append((addrs, data))
         self.pages += len(addrs)
 
     def shmem_pages(self, seg, offsets: array, data: memoryview) -> None:
-        if offsets and offsets[-1] >= seg.size:
-            raise StubError(errno.EINVAL, f"shared segment page {offsets[-1]:#x} lies beyond "
-                                          f"its size {seg.size:#x}")
+        _check_chunk(offsets, data, 0, seg.size, f"a shared segment of {seg.size:#x} bytes")
         self.shmem.setdefault(id(seg), []).append((offsets, data))
         self.pages += len(offsets)
+
+
+# bytes whose low nibble is set: the second byte of an address that is not page aligned
+_LOW_NIBBLE = bytes(1 if b & 0x0F else 0 for b in range(256))
+
+
+def _check_chunk(addrs: array, data, lo: int, hi: int, where: str) -> None:
+    """Every page of the chunk lies in [lo, hi), page aligned, in increasing order, and the
+    data is exactly the pages: an image must not write anywhere else (the stub's trampoline,
+    another VMA), whatever it says. C-level passes over the addresses, no Python loop."""
+    n = len(addrs)
+    if not n:
+        return
+    raw = addrs.tobytes()
+    if raw[0::8].count(0) != n or raw[1::8].translate(_LOW_NIBBLE).count(0) != n:
+        raise StubError(errno.EINVAL, f"a page chunk of {where} holds an unaligned address")
+    if addrs[0] < lo or addrs[-1] >= hi or (n > 1 and min(map(sub, addrs[1:], addrs)) <= 0):
+        raise StubError(errno.EINVAL, f"a page chunk ({addrs[0]:#x}..{addrs[-1]:#x}) lies "
+                                      f"outside {where} or is not in increasing order")
+    if len(data) != n * PAGE:
+        raise StubError(errno.EINVAL, f"a page chunk of {where} holds {len(data)} bytes for "
+                                      f"{n} pages")
 
 
 def runs_of(addrs: array) -> list[tuple[int, int]]:

@@ -313,3 +313,30 @@ def test_restartable_sequences_are_registered_again(job_runs, counter):
     restored = job_runs.restart(job_runs.image(p))
     assert rseq_of(restored.root) == before
     assert _alive(restored.root)
+
+
+def test_page_chunks_outside_their_vma_are_refused():
+    """A hostile image cannot aim pages at the trampoline or another mapping: every address
+    of a chunk is checked, not only its ends."""
+    from array import array
+    from backend.restore.memory import PageSink
+
+    class Vma:
+        start, end = 0x10000, 0x20000
+
+    sink = PageSink()
+    sink.private_pages(Vma, array("Q", [0x10000, 0x11000]), memoryview(bytes(8192)))
+    bad = [[0x10000, 0x7e0000000000, 0x1f000],      # the middle one elsewhere
+           [0x10000, 0x10800],                      # unaligned
+           [0x11000, 0x10000],                      # decreasing
+           [0x10000, 0x10000]]                      # twice
+    for addrs in bad:
+        with pytest.raises(StubError):
+            sink.private_pages(Vma, array("Q", addrs), memoryview(bytes(4096 * len(addrs))))
+    with pytest.raises(StubError):
+        sink.private_pages(Vma, array("Q", [0x10000]), memoryview(bytes(100)))
+
+    class Seg:
+        size = 0x4000
+    with pytest.raises(StubError):
+        sink.shmem_pages(Seg, array("Q", [0x1000, 0x9000]), memoryview(bytes(8192)))
