@@ -753,6 +753,7 @@ LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # --------------------------------------------------------------------------------------------
 PR_SET_PTRACER = 0x59616D61
 PR_SET_PTRACER_NONE = 0
+PR_SET_PTRACER_ANY = (1 << 64) - 1
 YAMA_PTRACE_SCOPE = "/proc/sys/kernel/yama/ptrace_scope"
 
 # --------------------------------------------------------------------------------------------

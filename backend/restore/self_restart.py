@@ -64,6 +64,7 @@ def restart_self(data, log=None) -> None:
     finally:
         os.close(r)
     job.close()
+    _forbid_tracing()
     text = reason.decode(errors="replace").strip() or "the restart worker ended early"
     raise RestoreError(errno.EIO, f"restart --self failed: {text}")
 
@@ -75,7 +76,15 @@ def _allow_tracing() -> None:
     except (OSError, ValueError):
         return
     if scope == 1:
-        kabi.syscall(kabi.SYS_prctl, kabi.PR_SET_PTRACER, (1 << 64) - 1, 0, 0, 0)
+        kabi.syscall(kabi.SYS_prctl, kabi.PR_SET_PTRACER, kabi.PR_SET_PTRACER_ANY, 0, 0, 0)
+
+
+def _forbid_tracing() -> None:
+    """Undo _allow_tracing (the restart failed before the caller was touched)."""
+    try:
+        kabi.syscall(kabi.SYS_prctl, kabi.PR_SET_PTRACER, kabi.PR_SET_PTRACER_NONE, 0, 0, 0)
+    except OSError:
+        pass                                  # no Yama: nothing was allowed
 
 
 def _worker(job, target: int, w: int) -> int:
@@ -108,6 +117,8 @@ def _worker(job, target: int, w: int) -> int:
         stub.unregister_rseq()
         exe = os.readlink(f"/proc/{target}/exe")
         group = job.restore_process(vpid, stub, exe)
+        stub.syscall(kabi.SYS_prctl, kabi.PR_SET_PTRACER, kabi.PR_SET_PTRACER_NONE, 0, 0, 0,
+                     check=False)      # the caller's Yama exception for us goes with it
         job.finish_group(vpid, group, own_ids=own)
         _ptrace(kabi.PTRACE_DETACH, target, 0, 0)
         return 0

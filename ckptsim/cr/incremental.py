@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 from array import array
 from dataclasses import dataclass, field
 
@@ -179,12 +180,24 @@ def link_of(data) -> ImageLink:
 
 
 def _peek_image_id(path: str) -> bytes | None:
-    """The image id in a file's HEADER (no checksum pass), or None if it is no image."""
+    """The image id in a file's HEADER (no checksum pass), or None if it is no image -- or no
+    image to trust as an ancestor: only a regular file (no link followed, a FIFO never waited
+    on) owned by this user or root and writable by nobody else, as images are written (0600),
+    so that a file planted in a shared directory cannot supply a restored process's memory."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(8 + core.HEADER.fixed_size)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) \
+                or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return None
+        head = os.read(fd, 8 + core.HEADER.fixed_size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     if len(head) < 8 + core.HEADER.fixed_size or int.from_bytes(head[:4], "little") != core.HEADER.type_id:
         return None
     values = dict(zip((f.name for f in core.HEADER.fields), core.HEADER.struct.unpack_from(head, 8)))
@@ -227,12 +240,17 @@ class ImageChain:
             for d in self.directories:
                 for entry in sorted(os.listdir(d)) if os.path.isdir(d) else ():
                     path = os.path.join(d, entry)
-                    if os.path.isfile(path):
-                        found = _peek_image_id(path)
-                        if found is not None:
-                            self._dir_index.setdefault(found, path)
+                    found = _peek_image_id(path)
+                    if found is not None:
+                        if found in self._dir_index:   # two files claim one id: trust neither
+                            self._dir_index[found] = None
+                        else:
+                            self._dir_index[found] = path
         path = self._dir_index.get(image_id)
         if path is None:
+            if image_id in self._dir_index:
+                raise RestartError(errno.EINVAL, f"more than one file claims image "
+                                                 f"{image_id.hex()}: none of them is used")
             return None
         from ..image.storage import read_image_file
         self.images[image_id] = (path, read_image_file(path))

@@ -299,3 +299,27 @@ def test_ckptsim_replay_finds_the_chain_beside_the_image_or_where_told(setup, tm
     assert main(["replay", "--roundtrip", str(tmp_path / "a" / "inc.img"),
                  "--parent", str(tmp_path)]) == 0
     assert "roundtrip: identical" in capsys.readouterr().out
+
+
+def test_ancestors_found_in_a_directory_must_be_trustworthy(setup, tmp_path):
+    """A file planted in a shared directory cannot supply an ancestor: ancestors are regular
+    files owned by the user (or root) and writable by nobody else, and an id claimed twice is
+    refused."""
+    import os
+    k, root, full = setup
+    k.mem_write(root, A + P, b"second")
+    inc = image(k, root, parent=full)
+    parent = tmp_path / "parent.img"
+    parent.write_bytes(full)
+    os.chmod(parent, 0o600)
+    assert restored(inc, str(tmp_path)) == restored(image(k, root))   # as images are written
+    os.chmod(parent, 0o666)                                            # anyone could write it
+    with pytest.raises(RestartError) as e:
+        restored(inc, str(tmp_path))
+    assert e.value.errno == errno.ENOENT
+    os.chmod(parent, 0o600)
+    (tmp_path / "copy.img").write_bytes(full)
+    os.chmod(tmp_path / "copy.img", 0o600)
+    with pytest.raises(RestartError) as e:
+        restored(inc, str(tmp_path))
+    assert e.value.errno == errno.EINVAL and "more than one file" in str(e.value)
