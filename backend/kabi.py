@@ -768,3 +768,16 @@ class ptrace_rseq_configuration(ctypes.Structure):
 
 
 assert ctypes.sizeof(ptrace_rseq_configuration) == 24
+
+# --------------------------------------------------------------------------------------------
+# backend/restore: credentials and the rest of what task.py and files.py set
+# (include/uapi/linux/capability.h, securebits.h, prctl.h)
+# --------------------------------------------------------------------------------------------
+SYS_umask = 95
+CAP_SETGID, CAP_SETUID = 6, 7
+CAP_LAST_CAP = 40
+SECBIT_KEEP_CAPS = 1 << 4
+PR_SET_KEEPCAPS = 8
+PR_CAPBSET_DROP = 24
+PR_SET_SECUREBITS = 28
+UNBLOCKABLE_SIGNALS = {9, 19}              # SIGKILL, SIGSTOP: never caught, blocked or ignored

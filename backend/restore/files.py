@@ -333,4 +333,4 @@ def restore_fs_context(stub: Stub, fs, factory: FileFactory, transport) -> None:
     fd = dir_fd(fs.cwd_path, "cwd")
     stub.syscall(kabi.SYS_fchdir, fd, what="fchdir to the cwd")
     stub.syscall(kabi.SYS_close, fd, what="close")
-    stub.syscall(95, fs.umask, what="umask")        # SYS_umask
+    stub.syscall(kabi.SYS_umask, fs.umask, what="umask")

@@ -38,7 +38,8 @@ _U64 = (1 << 64) - 1
 def restore_handlers(stub: Stub, sighand) -> None:
     for sig in range(1, NSIG + 1):
         act = sighand.action(sig)
-        if sig in (9, 19) or (act.handler == SIG_DFL and not act.flags and not act.mask):
+        if sig in kabi.UNBLOCKABLE_SIGNALS or (act.handler == SIG_DFL and not act.flags
+                                                and not act.mask):
             continue
         addr = stub.put_scratch(struct.pack("<QQQQ", act.handler & _U64, act.flags & _U64,
                                             act.restorer & _U64, act.mask & _U64), 0)
@@ -79,7 +80,6 @@ def _caller_caps() -> tuple[int, int]:
     return int(fields["CapPrm"], 16), int(fields["CapEff"], 16)
 
 
-CAP_SETUID, CAP_SETGID = 7, 6
 
 
 def check_creds(creds) -> None:
@@ -89,10 +89,10 @@ def check_creds(creds) -> None:
     uids = {os.getuid(), os.geteuid()}
     gids = {os.getgid(), os.getegid()}
     for cred in creds:
-        if not effective & (1 << CAP_SETUID) and {cred.uid, cred.euid, cred.suid} - uids:
+        if not effective & (1 << kabi.CAP_SETUID) and {cred.uid, cred.euid, cred.suid} - uids:
             raise StubError(errno.EPERM, f"the image asks for uid {cred.uid}: the caller may "
                                          "not set it (no CAP_SETUID)")
-        if not effective & (1 << CAP_SETGID) and ({cred.gid, cred.egid, cred.sgid} - gids
+        if not effective & (1 << kabi.CAP_SETGID) and ({cred.gid, cred.egid, cred.sgid} - gids
                                                   or set(cred.groups) - set(os.getgroups())):
             raise StubError(errno.EPERM, f"the image asks for gid {cred.gid} or other groups: "
                                          "the caller may not set them (no CAP_SETGID)")
@@ -102,9 +102,6 @@ def check_creds(creds) -> None:
                                          "the caller's")
 
 
-SECBIT_KEEP_CAPS = 1 << 4
-PR_SET_KEEPCAPS, PR_SET_SECUREBITS, PR_CAPBSET_DROP = 8, 28, 24
-CAP_LAST_CAP = 40
 
 
 def restore_creds(stub: Stub, cred) -> None:
@@ -112,12 +109,12 @@ def restore_creds(stub: Stub, cred) -> None:
     and securebits while the stub still has every capability (with KEEP_CAPS, so that the
     uid change below keeps the permitted set), then groups, gids, uids, the three capability
     sets, and KEEP_CAPS back as the image has it."""
-    for cap in range(CAP_LAST_CAP + 1):
+    for cap in range(kabi.CAP_LAST_CAP + 1):
         if not cred.cap_bounding >> cap & 1:
-            stub.syscall(kabi.SYS_prctl, PR_CAPBSET_DROP, cap, 0, 0, 0,
+            stub.syscall(kabi.SYS_prctl, kabi.PR_CAPBSET_DROP, cap, 0, 0, 0,
                          what=f"prctl(PR_CAPBSET_DROP, {cap})")
-    stub.syscall(kabi.SYS_prctl, PR_SET_SECUREBITS, cred.securebits | SECBIT_KEEP_CAPS,
-                 0, 0, 0, what="prctl(PR_SET_SECUREBITS)")
+    stub.syscall(kabi.SYS_prctl, kabi.PR_SET_SECUREBITS,
+                 cred.securebits | kabi.SECBIT_KEEP_CAPS, 0, 0, 0, what="prctl(PR_SET_SECUREBITS)")
     data = struct.pack(f"<{len(cred.groups)}I", *cred.groups)
     addr = stub.put_scratch(data or b"\0", 0)
     stub.syscall(kabi.SYS_setgroups, len(cred.groups), addr, what="setgroups")
@@ -132,8 +129,8 @@ def restore_creds(stub: Stub, cred) -> None:
     hdr_addr = stub.put_scratch(bytes(hdr), 0)
     data_addr = stub.put_scratch(bytes(data), 64)
     stub.syscall(kabi.SYS_capset, hdr_addr, data_addr, what="capset")
-    if not cred.securebits & SECBIT_KEEP_CAPS:
-        stub.syscall(kabi.SYS_prctl, PR_SET_KEEPCAPS, 0, 0, 0, 0,
+    if not cred.securebits & kabi.SECBIT_KEEP_CAPS:
+        stub.syscall(kabi.SYS_prctl, kabi.PR_SET_KEEPCAPS, 0, 0, 0, 0,
                      what="prctl(PR_SET_KEEPCAPS, 0)")
 
 
@@ -185,7 +182,6 @@ def _resume_from_remaining(regs, nr: int) -> None:
         regs.rdx = regs.r10
 
 
-_SA_RESTART = 0x10000000
 
 
 def _handler_interrupts(task, code: int) -> bool:
@@ -199,7 +195,7 @@ def _handler_interrupts(task, code: int) -> bool:
         act = task.sighand.action(info.signo)
         if act.handler in (0, 1):        # SIG_DFL, SIG_IGN: no handler runs
             continue
-        if code == kabi.ERESTARTSYS and act.flags & _SA_RESTART:
+        if code == kabi.ERESTARTSYS and act.flags & kabi.SA_RESTART:
             return False
         return True
     return False
@@ -248,4 +244,5 @@ def set_cpu(stub: Stub, task) -> None:
                                       "(a model image cannot run on Linux)")
     set_xstate(stub.tid, x86.xstate)
     stub.set_final_regs(final_regs(x86, task))
-    set_sigmask(stub.tid, task.sigstate.blocked & ~((1 << 8) | (1 << 18)))
+    unblockable = sum(kabi.sigbit(sig) for sig in kabi.UNBLOCKABLE_SIGNALS)
+    set_sigmask(stub.tid, task.sigstate.blocked & ~unblockable)
