@@ -55,9 +55,8 @@ NOT_PROTECTED_FORKED = "forked after the last checkpoint: not write-protected"
 def _keeps_layout(event) -> bool:
     """An mm syscall that leaves the VMAs as they are: madvise (a zapped page shows in the
     present scan; a split keeps the registration) and brk(0), which only asks for the break
-    (the checkpoint's gathering injects it)."""
+    (seen between every two checkpoints of the C bench target)."""
     return event.name == "madvise" or (event.name == "brk" and event.args[0] == 0)
-
 
 
 _Span = namedtuple("_Span", "start end")      # a VMA of a Layout's ``others``
