@@ -336,12 +336,22 @@ class Tracking:
                                   f"checkpoint the session recorded under its id (crid "
                                   f"{last.crid}, checksum {last.checksum:#010x}; the file has "
                                   f"checksum {parent.checksum:#010x})")
-        status = session.status()
+        try:
+            status = session.status()
+        except track.TrackError as e:           # a session that no longer answers
+            t.notices.append(f"the tracking session of {pid} does not answer ({e}): a full "
+                             "image")
+            return t
         if (status.get("generation"), status.get("daemon")) != (last.generation, last.daemon):
             t.notices.append(f"the tracking session of {pid} was re-armed since "
                              f"{parent.describe()}: a full image")
             return t
-        report = session.dirty()
+        try:
+            report = session.dirty()
+        except track.TrackError as e:
+            t.notices.append(f"the tracking session of {pid} does not answer ({e}): a full "
+                             "image")
+            return t
         why = _incomplete(report)
         if why:
             t.notices.append(f"{why}: a full image")
