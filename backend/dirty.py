@@ -324,10 +324,10 @@ class WriteTracker:
         if target_fd < 0:
             raise self._error(-target_fd, f"userfaultfd() in the target failed: "
                               f"{os.strerror(-target_fd)}")
-        pidfd = None
+        pidfd = ours = None
         try:
             pidfd = kabi.syscall(kabi.SYS_pidfd_open, self.pid, 0, what="pidfd_open")
-            return kabi.syscall(kabi.SYS_pidfd_getfd, pidfd, target_fd, 0, what="pidfd_getfd")
+            ours = kabi.syscall(kabi.SYS_pidfd_getfd, pidfd, target_fd, 0, what="pidfd_getfd")
         except OSError as e:
             raise self._error(e.errno or errno.EIO, f"cannot take its userfaultfd: {e}") from None
         finally:
@@ -336,8 +336,11 @@ class WriteTracker:
             try:                        # the target's fd table as it was
                 inject_syscall(self.tid, kabi.SYS_close, target_fd)
             except OSError as e:
+                if ours is not None:    # not handed back: ours would leak
+                    os.close(ours)
                 raise self._error(e.errno or errno.EIO, f"cannot close the injected "
                                   f"userfaultfd {target_fd} in the target: {e}") from None
+        return ours
 
     def _api(self) -> None:
         want = kabi.UFFD_FEATURE_WP_ASYNC | kabi.UFFD_FEATURE_WP_UNPOPULATED
