@@ -79,7 +79,9 @@ def _write_tree(ctx, processes: list[LiveProcess]) -> list:
         ppid = vpid.get(st.ppid, 0) if p is not processes[0] else 0
         pgid, sid = vpid.get(st.pgrp, 0), vpid.get(st.session, 0)
         if container:   # a group or session whose leader is gone still lives in the container
-            pgid, sid = pgid or _ns_number(p.pid, "NSpgid"), sid or _ns_number(p.pid, "NSsid")
+            _, nspgid, nssid = _ns_numbers(p.pid)
+            pgid = pgid or (nspgid[-1] if nspgid else 0)
+            sid = sid or (nssid[-1] if nssid else 0)
         for t in p.threads:
             entries.append((vpid[t.tid], ppid, vpid[p.pid], pgid, sid, 0))
             tasks.append(t)
@@ -88,38 +90,24 @@ def _write_tree(ctx, processes: list[LiveProcess]) -> list:
     return tasks
 
 
-def _ns_number(pid: int, field: str) -> int:
-    """The innermost number of /proc/PID/status's ``field`` (NSpgid, NSsid): the group or
-    session as the process's own namespace sees it (0: not visible there)."""
+def _ns_numbers(pid: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """NSpid, NSpgid, NSsid of a task (empty when it is gone)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[-1])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
+        st = proc.read_status(pid)
+    except proc.ProcessGone:
+        return (), (), ()
+    return st.nspid, st.nspgid, st.nssid
 
 
 def _vpids(processes: list[LiveProcess]) -> dict[int, int]:
     """Global pid (and tid) -> the number in the root's pid namespace. A task in a pid
     namespace nested below the root's is refused (its inner pids are not saved yet)."""
-    def nspid(path: str) -> tuple[int, ...]:
-        try:
-            with open(path) as f:
-                for line in f:
-                    if line.startswith("NSpid:"):
-                        return tuple(int(x) for x in line.split()[1:])
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-        return ()
-
     root = processes[0]
-    level = max(len(nspid(f"/proc/{root.pid}/status")) - 1, 0)
+    level = max(len(_ns_numbers(root.pid)[0]) - 1, 0)
     out = {}
     for p in processes:
         for t in p.threads:
-            numbers = nspid(f"/proc/{p.pid}/task/{t.tid}/status") or (t.tid,) * (level + 1)
+            numbers = _ns_numbers(t.tid)[0] or (t.tid,) * (level + 1)
             if len(numbers) != level + 1:
                 raise CheckpointError(errno.EOPNOTSUPP, f"task {t.tid} is in a pid namespace "
                                                         f"nested below the root's: not supported")
