@@ -24,7 +24,7 @@ import errno
 import os
 import struct
 
-from backend import kabi
+from backend import kabi, proc
 from backend.ptrace import set_sigmask, set_xstate
 from ckptsim.kinds.cpu_x86 import X86_REGS
 from ckptsim.model.signals import SIG_DFL
@@ -71,21 +71,11 @@ def restore_thread_basics(stub: Stub, task) -> None:
         stub.syscall(kabi.SYS_prctl, kabi.PR_SET_NAME, addr, 0, 0, 0, what="prctl(PR_SET_NAME)")
 
 
-def _caller_caps() -> tuple[int, int]:
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            fields[key] = value.strip()
-    return int(fields["CapPrm"], 16), int(fields["CapEff"], 16)
-
-
-
-
 def check_creds(creds) -> None:
     """EPERM unless the caller could set every one of ``creds`` itself: other ids need
     CAP_SETUID/CAP_SETGID, and no capability beyond the caller's permitted set."""
-    permitted, effective = _caller_caps()
+    me = proc.read_status(os.getpid())
+    permitted, effective = me.cap_prm, me.cap_eff
     uids = {os.getuid(), os.geteuid()}
     gids = {os.getgid(), os.getegid()}
     for cred in creds:
@@ -136,15 +126,9 @@ def restore_creds(stub: Stub, cred) -> None:
 
 def caller_cred_matches(cred) -> bool:
     """Whether ``cred`` is exactly what a stub has from the caller (then nothing is set)."""
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            fields[key] = value.split()
-    uids = tuple(int(x) for x in fields["Uid"][:3])
-    gids = tuple(int(x) for x in fields["Gid"][:3])
-    groups = tuple(sorted(int(x) for x in fields.get("Groups", [])))
-    caps = tuple(int(fields[k][0], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd"))
+    me = proc.read_status(os.getpid())
+    uids, gids, groups = me.uid[:3], me.gid[:3], tuple(sorted(me.groups))
+    caps = (me.cap_inh, me.cap_prm, me.cap_eff, me.cap_bnd)
     return (uids == (cred.uid, cred.euid, cred.suid) and gids == (cred.gid, cred.egid, cred.sgid)
             and groups == tuple(sorted(cred.groups))
             and caps == (cred.cap_inheritable, cred.cap_permitted, cred.cap_effective,
