@@ -27,7 +27,7 @@ import os
 import stat
 import termios
 
-from backend import kabi
+from backend import kabi, proc
 from .stub import Stub, StubError
 
 _OPEN_ONLY = os.O_CREAT | os.O_TRUNC | os.O_EXCL | os.O_CLOEXEC | os.O_NOCTTY
@@ -288,13 +288,9 @@ def _check_flags(fd: int, want: int, where: str, path: str, reopened: bool) -> N
 def image_pid(stub: Stub) -> int:
     """The stub's pid in its innermost pid namespace: the image's pid (clone3 set_tid)."""
     try:
-        with open(f"/proc/{stub.pid}/status") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return int(line.split()[-1])
-    except OSError:
-        pass
-    return stub.pid
+        return proc.read_status(stub.pid).nspid[-1]
+    except (proc.ProcessGone, IndexError):
+        return stub.pid
 
 
 def restore_fdtable(stub: Stub, fdtable, factory: FileFactory, transport) -> None:

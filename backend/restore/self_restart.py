@@ -20,7 +20,7 @@ import errno
 import os
 import signal
 
-from backend import kabi
+from backend import kabi, proc
 from backend.ptrace import _ptrace, find_syscall_insn
 from .job import RestoreError, load_job
 from .memory import free_spot, stub_maps
@@ -150,9 +150,5 @@ def _worker(job, target: int, w: int) -> int:
 
 def _own_ids(pid: int) -> tuple[int, int]:
     """The caller's pid in its own pid namespace (what it is to itself)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("NSpid:"):
-                own = int(line.split()[-1])
-                return own, own
-    return pid, pid
+    own = proc.read_status(pid).nspid[-1]
+    return own, own
