@@ -289,6 +289,34 @@ class WriteTracker:
             raise
         self.vmas = None                # only needed at setup
 
+    # -- handing a tracker to another process (backend/track.py's daemon) ----------------
+    def detach_fds(self) -> tuple[int, int]:
+        """Take the (userfaultfd, pagemap) fds out of this tracker without unregistering
+        (close() would unregister the ranges in the userfaultfd context another process now
+        shares); this tracker is closed afterwards."""
+        fds = (self._uffd, self._pagemap)
+        self._uffd = self._pagemap = None
+        return fds
+
+    def describe(self) -> dict:
+        """What adopt() needs besides the fds (JSON-able)."""
+        return {"pid": self.pid, "tid": self.tid, "user_mode_only": self.user_mode_only,
+                "registered": self.registered, "registered_files": self.registered_files,
+                "features": self.features}
+
+    @classmethod
+    def adopt(cls, meta: dict, uffd: int, pagemap: int) -> "WriteTracker":
+        """A tracker over fds another process set up (``meta``: its describe())."""
+        tracker = object.__new__(cls)
+        tracker.pid, tracker.tid = int(meta["pid"]), int(meta["tid"])
+        tracker.vmas, tracker.allow_seccomp = None, False
+        tracker.user_mode_only = meta["user_mode_only"]
+        tracker.registered = [tuple(r) for r in meta["registered"]]
+        tracker.registered_files = [tuple(r) for r in meta.get("registered_files", [])]
+        tracker.untracked, tracker.features = [], int(meta["features"])
+        tracker._uffd, tracker._pagemap = uffd, pagemap
+        return tracker
+
     # -- setup ---------------------------------------------------------------------------
     def _error(self, err: int, what: str) -> DirtyTrackingError:
         if not os.path.exists(f"/proc/{self.pid}"):

@@ -313,12 +313,9 @@ class TrackClient:
             except (DirtyTrackingError, OSError) as e:
                 failed[tgid] = str(e)
                 continue
-            fds = _hand_over(tracker)
-            meta = {"op": "adopt", "pid": tracker.pid, "tid": tracker.tid,
-                    "registered": tracker.registered,
-                    "registered_files": tracker.registered_files,
-                    "features": tracker.features, "user_mode_only": tracker.user_mode_only,
+            meta = {"op": "adopt", **tracker.describe(),
                     "untracked": [[m.start, m.end, why] for m, why in tracker.untracked]}
+            fds = tracker.detach_fds()
             try:
                 self._ask(meta, fds=fds)
             finally:
@@ -350,15 +347,6 @@ class TrackClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _hand_over(tracker) -> tuple[int, int]:
-    """Take a WriteTracker's (uffd, pagemap) fds out of it without unregistering (its close()
-    would unregister the ranges in the uffd context the daemon shares). backend.dirty has no
-    public way for this yet."""
-    fds = (tracker._uffd, tracker._pagemap)
-    tracker._uffd = tracker._pagemap = None
-    return fds
 
 
 def _open_socket(root: int) -> socket.socket | None:

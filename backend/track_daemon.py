@@ -107,20 +107,6 @@ def _alive(tgid: int, start: int | None = None) -> bool:
     return st.state not in ("Z", "X") and (start is None or st.start_time == start)
 
 
-def _adopt(meta: dict, uffd: int, pagemap: int) -> WriteTracker:
-    """A WriteTracker over fds the client set up, its fields as WriteTracker.__post_init__
-    leaves them (backend.dirty has no constructor for this)."""
-    tracker = object.__new__(WriteTracker)
-    tracker.pid, tracker.tid = int(meta["pid"]), int(meta["tid"])
-    tracker.vmas, tracker.allow_seccomp = None, False
-    tracker.user_mode_only = meta["user_mode_only"]
-    tracker.registered = [tuple(r) for r in meta["registered"]]
-    tracker.registered_files = [tuple(r) for r in meta.get("registered_files", [])]
-    tracker.untracked, tracker.features = [], int(meta["features"])
-    tracker._uffd, tracker._pagemap = uffd, pagemap
-    return tracker
-
-
 def _covered(registered, gone) -> list[tuple[int, int]]:
     """``registered`` minus the ``gone`` ranges (both sorted, merged)."""
     out = []
@@ -473,7 +459,7 @@ class Daemon:
             for fd in fds:
                 os.close(fd)
             raise ValueError(f"adopt needs 2 fds (uffd, pagemap), got {len(fds)}")
-        tracker = _adopt(header, *fds)      # owns the fds from here
+        tracker = WriteTracker.adopt(header, *fds)      # owns the fds from here
         tgid = tracker.pid
         try:
             started = start_time(tgid)
