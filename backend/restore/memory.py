@@ -27,6 +27,7 @@ from operator import sub
 from backend import kabi
 from ckptsim.kinds.memory import SPECIAL_MAPPINGS
 from ckptsim.model.mm_pages import VM_GROWSDOWN, VM_MAYSHARE, VM_SHARED
+from backend.memory_pages import _runs_of as runs_of   # one run finder for both sides
 from .stub import PAGE, Stub, StubError
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -78,25 +79,6 @@ def _check_chunk(addrs: array, data, lo: int, hi: int, where: str) -> None:
     if len(data) != n * PAGE:
         raise StubError(errno.EINVAL, f"a page chunk of {where} holds {len(data)} bytes for "
                                       f"{n} pages")
-
-
-def runs_of(addrs: array) -> list[tuple[int, int]]:
-    """[start, end) runs of adjacent pages; one step per run break, none per page."""
-    n = len(addrs)
-    if n == 0:
-        return []
-    if addrs[-1] - addrs[0] == (n - 1) * PAGE:        # the common case: one run
-        return [(addrs[0], addrs[-1] + PAGE)]
-    diffs = array("q", map(sub, addrs[1:], addrs))
-    runs, start, i = [], addrs[0], 0
-    while True:
-        try:
-            j = next(k for k in range(i, len(diffs)) if diffs[k] != PAGE)
-        except StopIteration:
-            runs.append((start, addrs[-1] + PAGE))
-            return runs
-        runs.append((start, addrs[j] + PAGE))
-        start, i = addrs[j + 1], j + 1
 
 
 class _PyBuffer(ctypes.Structure):         # CPython's Py_buffer (the buffer protocol)
