@@ -112,8 +112,6 @@ def main(argv=None) -> int:
             return _pre_copy(args)
         if args.max_downtime is not None:
             raise CkptsimError("--max-downtime goes with --pre-copy")
-        if args.parent is not None and args.kill:
-            raise CkptsimError("--parent re-arms the tracking of a tree that runs on: not with --kill")
         if args.output is None and sys.stdout.isatty():
             raise CkptsimError("refusing to write an image to a terminal: use -o FILE or a redirection")
         log_file = open(args.log, "w") if args.log else None

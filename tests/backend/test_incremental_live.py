@@ -26,6 +26,8 @@ from ckptsim.image.storage import read_image_file
 PAGE = 4096
 NPAGES = 64
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def _require_tracking() -> None:
     why = track.unavailable_reason()
@@ -317,3 +319,64 @@ def test_the_spool_keeps_the_image_until_drained_and_writes_through_past_its_lim
     assert out.getvalue() == b"123456789" and spool.through
     spool.write(b"0")
     assert out.getvalue() == b"1234567890"
+
+
+def test_cli_track_parent_kill_then_restart_the_chain(c_target, tmp_path):
+    """The migration story with the tools: --track, --parent, a last --parent with --kill,
+    then `restart` of the newest image finds the chain in its directory and the program
+    counts on with no gap and no repeat."""
+    _require_tracking()
+    import subprocess
+    import sys
+    import time
+    exe = c_target("restore_prog_counter")
+    out = tmp_path / "out.txt"
+    with open(out, "w") as f:
+        prog = subprocess.Popen([exe, "1", "1"], stdout=f, stderr=subprocess.DEVNULL,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    root = None
+    tool = [sys.executable, "-m", "backend.cli"]
+    env = {**os.environ, "PYTHONPATH": REPO}
+
+    def counts():
+        return [int(x.split()[1]) for x in out.read_text().splitlines() if x.startswith("n ")]
+
+    def run(*args):
+        r = subprocess.run([*tool, *args], capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    try:
+        deadline = time.monotonic() + 10
+        while len(counts()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        run("--track", str(prog.pid), "-o", str(tmp_path / "a.img"))
+        time.sleep(0.1)
+        run("--parent", str(tmp_path / "a.img"), str(prog.pid), "-o", str(tmp_path / "b.img"))
+        time.sleep(0.1)
+        r = run("--parent", str(tmp_path / "b.img"), str(prog.pid), "-o",
+                str(tmp_path / "c.img"), "--kill")
+        assert "incremental image against" in r.stderr
+        prog.wait(timeout=10)
+        before = counts()
+        r = subprocess.run([sys.executable, "-m", "backend.restore_cli", "-i",
+                            str(tmp_path / "c.img"), "--detach"], capture_output=True,
+                           text=True, env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        root = int(r.stdout)
+        deadline = time.monotonic() + 10
+        while len(counts()) < len(before) + 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        got = counts()
+        assert len(got) >= len(before) + 3 and got == list(range(got[0], got[0] + len(got)))
+    finally:
+        if prog.poll() is None:
+            prog.kill()
+            prog.wait()
+        if root is not None:
+            with open(f"/proc/{root}/status") as f:
+                ppid = int(f.read().split("PPid:\t")[1].split()[0])
+            os.kill(ppid, signal.SIGKILL)          # the namespace init: the tree goes with it
+            deadline = time.monotonic() + 10
+            while os.path.exists(f"/proc/{root}") and time.monotonic() < deadline:
+                time.sleep(0.01)
