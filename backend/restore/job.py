@@ -184,6 +184,7 @@ class _Job:
         self.transport: Transport | None = None
         self.watchdog: Watchdog | None = None
         self.timings: dict[str, float] = {}
+        self.spawn_helper: int | None = None   # the seed's forked helper, reaped at close
 
     def _log(self, message: str) -> None:
         if self.log is not None:
@@ -210,7 +211,7 @@ class _Job:
         self.transport = Transport(max_fd + 1)
         self.watchdog = Watchdog(timeout)
         use_reaper = pidns and root_vpid != 1
-        seed_pid = spawn_seed(exe, 1 if pidns else root_vpid, pidns)
+        seed_pid, self.spawn_helper = spawn_seed(exe, 1 if pidns else root_vpid, pidns)
         self._created(seed_pid)
         self.transport.seed_spawned()
         seed = Stub.adopt(seed_pid)
@@ -383,6 +384,12 @@ class _Job:
                 pass
 
     def close(self) -> None:
+        if self.spawn_helper is not None:
+            try:
+                os.waitpid(self.spawn_helper, 0)
+            except ChildProcessError:
+                pass
+            self.spawn_helper = None
         if self.watchdog is not None:
             self.watchdog.disarm()
         if self.transport is not None:

@@ -63,9 +63,11 @@ def _clone_args(flags: int, exit_signal: int, pid: int) -> tuple[kabi.clone_args
     return args, tids
 
 
-def spawn_seed(exe: str, pid: int, new_pidns: bool) -> int:
+def spawn_seed(exe: str, pid: int, new_pidns: bool) -> tuple[int, int]:
     """Make the seed (clone3 with ``pid``, 0 for any) that execs ``exe`` traced by us;
-    returns its pid as this process sees it. The caller must adopt() it.
+    returns its pid as this process sees it and the helper's, which the caller reaps when
+    convenient (its exit is not waited for here: that alone took ~2 ms). The caller must
+    adopt() the seed.
 
     The restorer may have other threads (its checksum, pytest-xdist's), and a raw clone of a
     threaded Python process can copy a lock another thread holds. So a helper made by
@@ -97,18 +99,19 @@ def spawn_seed(exe: str, pid: int, new_pidns: bool) -> int:
                 os._exit(0)
     os.close(w)
     try:
-        os.waitpid(helper, 0)
         data = os.read(r, 4)
     finally:
         os.close(r)
     child = struct.unpack("<i", data)[0] if len(data) == 4 else -errno.EIO
+    if child <= 0:
+        os.waitpid(helper, 0)
     if child == -errno.EEXIST:
         raise StubError(errno.EBUSY, f"pid {pid} is in use in this pid namespace "
                                      "(restart with a new pid namespace: --pidns)")
     if child < 0:
         raise StubError(-child, f"cannot create the first restored process: "
                                 f"{os.strerror(-child)}")
-    return child
+    return child, helper
 
 
 def _become_seed(exe: str):
