@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conformance.dsl import Program
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -81,3 +83,24 @@ def program(build) -> list:
     p = Program()
     build(p)
     return p.build()
+
+
+def bit(*sigs):
+    return sum(1 << (s - 1) for s in sigs)
+
+
+@pytest.fixture
+def run(tmp_path):
+    """``run(build, **kw)``: an InterpRun of the program ``build`` makes; every one is
+    closed (killed by pid, reaped) at teardown."""
+    runs = []
+
+    def start(build, **kw):
+        d = tmp_path / f"run{len(runs)}"
+        d.mkdir()
+        r = InterpRun(program(build), d, **kw)
+        runs.append(r)
+        return r
+    yield start
+    for r in runs:
+        r.close()

@@ -17,7 +17,7 @@ from backend import kabi
 from backend.interp_signals import HANDLER_CODE, HANDLER_SOURCE, RING_POINTER_OFFSET
 from conformance.dsl import MAP_FIXED, MAP_PRIVATE_ANON, O_RDWR, PAGE, PROT_RW, Reg
 
-from .interp_harness import InterpRun, program
+from .interp_harness import bit, run  # noqa: F401,F811 (run: a fixture)
 
 SIGUSR1, SIGUSR2, SIGRT = 10, 12, 40
 SA_SIGINFO, SA_ONSTACK, SA_RESTART, SA_NODEFER, SA_RESETHAND = (
@@ -25,25 +25,6 @@ SA_SIGINFO, SA_ONSTACK, SA_RESTART, SA_NODEFER, SA_RESETHAND = (
 SA_RESTORER = 0x04000000
 HANDLER = 0x401000
 U64 = (1 << 64) - 1
-
-
-def bit(*sigs):
-    return sum(1 << (s - 1) for s in sigs)
-
-
-@pytest.fixture
-def run(tmp_path):
-    runs = []
-
-    def start(build, **kw):
-        d = tmp_path / f"run{len(runs)}"
-        d.mkdir()
-        r = InterpRun(program(build), d, **kw)
-        runs.append(r)
-        return r
-    yield start
-    for r in runs:
-        r.close()
 
 
 def test_handler_code_is_its_source(tmp_path):

@@ -6,36 +6,15 @@ from __future__ import annotations
 import os
 import sys
 
-import pytest
-
 from backend.interp import unsupported_op
 from backend.interp_tasks import MALLOC_TUNABLE
 from conformance.dsl import MAP_PRIVATE_ANON, O_RDWR, PAGE, PROT_RW
 
-from .interp_harness import InterpRun, program
+from .interp_harness import bit, run  # noqa: F401,F811 (run: a fixture)
 
 THREAD = 0x10f00
 SIGUSR1, SIGUSR2 = 10, 12
 HANDLER = 0x401000
-
-
-def bit(*sigs):
-    return sum(1 << (s - 1) for s in sigs)
-
-
-@pytest.fixture
-def run(tmp_path):
-    runs = []
-
-    def start(build, **kw):
-        d = tmp_path / f"run{len(runs)}"
-        d.mkdir()
-        r = InterpRun(program(build), d, **kw)
-        runs.append(r)
-        return r
-    yield start
-    for r in runs:
-        r.close()
 
 
 def _fails(r):
