@@ -3,7 +3,8 @@ by the tracepoint programs of ``bpf/tracker.c`` (loaded with bcc, Debian's pytho
 
 Per tracked process (tgid) it keeps: the user pages written (``dirty_pages``), address-space
 changes (``mm_events``: mmap, munmap, mremap, mprotect, pkey_mprotect, brk, madvise, shmat,
-shmdt), fd-table changes and lseek (``fd_events``), the read/write family counted per fd
+shmdt, remap_file_pages and the mlock family), fd-table changes and lseek (``fd_events``),
+the read/write family counted per fd
 (``io_counts``), and fork/exec/exit notices (``notices``). Children forked by a tracked
 process are tracked from their first instruction; a thread is no new process.
 
@@ -106,7 +107,8 @@ class SyscallEvent:
         a = self.args
         if self.name == "mmap":
             return [(self.ret, self.ret + a[1])]
-        if self.name in ("munmap", "mprotect", "pkey_mprotect", "madvise"):
+        if self.name in ("munmap", "mprotect", "pkey_mprotect", "madvise", "mlock", "mlock2",
+                         "munlock"):
             return [(a[0], a[0] + a[1])]
         if self.name == "mremap":
             return [(a[0], a[0] + a[1]), (self.ret, self.ret + a[2])]

@@ -102,7 +102,9 @@ class ProcessDirty:
     is False when the eBPF tracker dropped records (the uffd set still stands). ``exec``: it
     exec'd since the arm. From ``checkpoint`` only: ``scanned``, the ranges walked (the
     protected VMAs), and ``present``, the runs of pages worth saving in them at the stop
-    (present or swapped, no uffd-wp markers: what backend.memory's scan gives)."""
+    (present or swapped, no uffd-wp markers: what backend.memory's scan gives), and
+    ``vm_flags_kept``: every VMA whose /proc maps line is unchanged since the last arm has the
+    VmFlags it had then (the eBPF tracker saw no mm syscall that can change them)."""
     tgid: int
     pages: array
     uffd_pages: array
@@ -116,6 +118,7 @@ class ProcessDirty:
     reasons: tuple[str, ...] = ()
     scanned: list[tuple[int, int]] = field(default_factory=list)
     present: list[tuple[int, int]] | None = None
+    vm_flags_kept: bool = False
 
     def bpf_in_covered(self) -> array:
         """``bpf_pages`` inside the write-protected ranges: on a process that writes only its
@@ -206,7 +209,7 @@ def _report(reply: dict, blobs: list[bytes]) -> DirtyReport:
             p["tgid"], union, uffd, bpf, [tuple(r) for r in p["new_vmas"]],
             [tuple(r) for r in p["gone_vmas"]], [tuple(r) for r in p["covered"]],
             p["all_dirty"], p["bpf_complete"], p["exec"], tuple(p["reasons"]),
-            [tuple(r) for r in p.get("scanned", ())], present)
+            [tuple(r) for r in p.get("scanned", ())], present, p.get("vm_flags_kept", False))
     return DirtyReport(reply["root"], reply["generation"], processes, reply["exited"])
 
 

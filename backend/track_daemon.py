@@ -59,6 +59,23 @@ def _keeps_layout(event) -> bool:
     return event.name == "madvise" or (event.name == "brk" and event.args[0] == 0)
 
 
+# madvise advice that changes no vm_flags bit at all (the rest sets or clears one: sr, rr, dc,
+# dd, hg, mg, wf...; a split shows in the maps lines)
+_FLAG_KEEPING_ADVICE = frozenset({
+    3, 4, 8, 9,         # MADV_WILLNEED, MADV_DONTNEED, MADV_FREE, MADV_REMOVE
+    20, 21, 22, 23, 24,  # MADV_COLD, MADV_PAGEOUT, MADV_POPULATE_READ/WRITE, MADV_DONTNEED_LOCKED
+})
+
+
+def _keeps_vm_flags(event) -> bool:
+    """An mm syscall after which a VMA whose /proc maps line is unchanged still has the VmFlags
+    it had: brk (a moved break changes the [heap] line) and madvise with advice that changes
+    no flag. Anything else (mmap over the same range, mprotect there and back, the mlock
+    family) may change them with the line as it was."""
+    return event.name == "brk" or (event.name == "madvise"
+                                   and event.args[2] in _FLAG_KEEPING_ADVICE)
+
+
 _Span = namedtuple("_Span", "start end")      # a VMA of a Layout's ``others``
 
 
@@ -300,6 +317,7 @@ class Daemon:
         tgids = [int(t) for t in header["tgids"]]
         # decided first: the eBPF map pass below holds the tracker's lock meanwhile
         kept = {t for t in tgids if self._layout_kept(t, self.procs.get(t))}
+        flags_kept = {t for t in tgids if self._vm_flags_kept(t)}
         spans: dict = {}
         taking = _InThread(self._timed, spans, "bpf_take", self.bpf.dirty_by_tgid, take=True)
         try:
@@ -310,6 +328,7 @@ class Daemon:
         for tgid in tgids:
             p = self.procs.get(tgid)
             entry, pages = self._process_dirty(tgid, p, bpf_dirty, scans[tgid], True)
+            entry["vm_flags_kept"] = tgid in flags_kept
             out.append(entry)
             blobs.extend(pages)
             if entry.pop("fresh"):
@@ -336,6 +355,16 @@ class Daemon:
             return False
         try:
             return all(_keeps_layout(e) for e in self.bpf.mm_events(tgid))
+        except TrackerIncomplete:
+            return False
+
+    def _vm_flags_kept(self, tgid: int) -> bool:
+        """Whether every VMA of ``tgid`` whose maps line is as at the last arm has the VmFlags
+        it had then (the eBPF tracker saw all its events, none of which can change them)."""
+        if tgid not in self.bpf.tracked():
+            return False
+        try:
+            return all(_keeps_vm_flags(e) for e in self.bpf.mm_events(tgid))
         except TrackerIncomplete:
             return False
 

@@ -74,7 +74,10 @@ static __always_inline int syscall_kind(s64 nr)
     switch (nr) {
     case __NR_mmap: case __NR_munmap: case __NR_mremap: case __NR_mprotect:
     case __NR_pkey_mprotect: case __NR_brk: case __NR_madvise: case __NR_shmat:
-    case __NR_shmdt:
+    case __NR_shmdt: case __NR_remap_file_pages:
+    /* VM_LOCKED changes with the maps lines left as they are */
+    case __NR_mlock: case __NR_mlock2: case __NR_munlock: case __NR_mlockall:
+    case __NR_munlockall:
         return K_MM;
     case __NR_open: case __NR_openat: case __NR_openat2: case __NR_creat:
     case __NR_open_by_handle_at: case __NR_close: case __NR_close_range:

@@ -201,12 +201,14 @@ def test_address_space_changes_with_their_ranges(tracker, target):
     f = _fields(_cmd(t, "mm"))
     a, b = f["a"], f["b"]
     events = tracker.mm_events(t.pid)
-    assert [e.name for e in events] == ["mmap", "mremap", "mprotect", "madvise", "munmap", "brk"]
-    mmap_, mremap, mprotect, madvise, munmap, brk = events
+    assert [e.name for e in events] == ["mmap", "mremap", "mprotect", "madvise", "mlock",
+                                        "munlock", "munmap", "brk"]
+    mmap_, mremap, mprotect, madvise, mlock, munlock, munmap, brk = events
     assert mmap_.ret == a and mmap_.ranges() == [(a, a + 3 * PAGE)]
     assert mremap.ret == b and mremap.ranges() == [(a, a + 3 * PAGE), (b, b + 5 * PAGE)]
     assert mprotect.ranges() == [(b, b + PAGE)] and mprotect.args[2] == 1      # PROT_READ
     assert madvise.ranges() == [(b + 4 * PAGE, b + 5 * PAGE)] and madvise.args[2] == 4  # DONTNEED
+    assert mlock.ranges() == munlock.ranges() == [(b + 2 * PAGE, b + 3 * PAGE)]
     assert munmap.ranges() == [(b, b + 5 * PAGE)] and munmap.ret == 0
     assert brk.ret == f["brk1"] == f["brk0"] + PAGE
     assert all(e.tgid == e.tid == t.pid for e in events)

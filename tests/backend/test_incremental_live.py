@@ -15,9 +15,10 @@ import time
 
 import pytest
 
-from backend import cli, track
+from backend import cli, snapshot, track
 from backend.incremental import LastCheckpoint
 from backend.restore.job import restart_image
+from backend.snapshot_mm import _VM_FLAG_BITS
 from ckptsim.cr.context import RestartError
 from ckptsim.cr.incremental import ImageScan
 from ckptsim.image import core
@@ -176,6 +177,54 @@ def test_parent_images_hold_exactly_the_written_pages(runner, capsys, tmp_path):
         (_, pref), = pscan.task_mms
         assert scan.mms[ref].base == pref
     assert not _gone(runner.pid)                                     # it runs on
+    status, _ = runner.report()
+    assert status == "OK"
+
+
+def test_incremental_gathering_takes_known_vm_flags_instead_of_reading_smaps(
+        runner, capsys, tmp_path, monkeypatch):
+    """While the session saw no mm syscall that can change VmFlags, an incremental stop reads
+    /proc/PID/maps and the parent's VmFlags, not smaps (a page-table walk); the VMAs gathered
+    are what smaps says. MADV_DONTNEED (step 2) keeps them known; MADV_RANDOM (step 4) makes
+    the gathering read smaps and see "rr"; the next stop spares smaps again, "rr" kept."""
+    smaps_reads, gathered = [], []
+    read_smaps, gather_mm = snapshot.proc.read_smaps, snapshot.Gatherer._mm
+    monkeypatch.setattr(snapshot.proc, "read_smaps",
+                        lambda pid: smaps_reads.append(pid) or read_smaps(pid))
+
+    def recording_mm(self, pid, stat):
+        mm = gather_mm(self, pid, stat)
+        gathered.append([(v.start, v.end, v.vm_flags) for v in mm.vmas])
+        return mm
+    monkeypatch.setattr(snapshot.Gatherer, "_mm", recording_mm)
+
+    def vmas_now():                  # what a fresh smaps read gives (the target waits idle)
+        return [(e.start, e.end, sum(bit for flag, bit in _VM_FLAG_BITS.items()
+                                     if flag in e.vm_flags)) for e in read_smaps(runner.pid)]
+
+    def checkpoint(name, parent=None):
+        del smaps_reads[:], gathered[:]
+        args = [runner.pid, "-o", tmp_path / name] + (["--parent", tmp_path / parent]
+                                                      if parent else ["--track"])
+        rc, err = _checkpoint(capsys, *args)
+        assert rc == 0, err
+        assert len(gathered) == 1 and gathered[0] == vmas_now()
+        return len(smaps_reads), dict((start, flags) for start, _, flags in gathered[0])
+
+    random_bit = _VM_FLAG_BITS["rr"]
+    assert checkpoint("00.img")[0] == 1                     # a full image reads smaps
+    runner.step()                                           # writes
+    assert checkpoint("01.img", "00.img")[0] == 0
+    runner.step()                                           # writes, MADV_DONTNEED
+    reads, flags = checkpoint("02.img", "01.img")
+    assert reads == 0 and not flags[runner.a] & random_bit
+    runner.step()
+    runner.step()                                           # MADV_RANDOM on region a
+    reads, flags = checkpoint("03.img", "02.img")
+    assert reads == 1 and flags[runner.a] & random_bit
+    runner.step()
+    reads, flags = checkpoint("04.img", "03.img")
+    assert reads == 0 and flags[runner.a] & random_bit
     status, _ = runner.report()
     assert status == "OK"
 

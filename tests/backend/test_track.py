@@ -367,3 +367,20 @@ def test_bench_tracking_script_runs(c_target):
                        env={**os.environ, "PYTHONPATH": REPO})
     assert r.returncode == 0, r.stderr
     assert "untracked" in r.stdout and "tracked" in r.stdout and "ratio" in r.stdout
+
+
+@pytest.mark.parametrize("name, args, keeps", [
+    ("brk", (0x5000, 0, 0), True),
+    ("madvise", (0x1000, 0x1000, 4), True),          # MADV_DONTNEED
+    ("madvise", (0x1000, 0x1000, 8), True),          # MADV_FREE
+    ("madvise", (0x1000, 0x1000, 1), False),         # MADV_RANDOM: "rr"
+    ("madvise", (0x1000, 0x1000, 10), False),        # MADV_DONTFORK: "dc"
+    ("madvise", (0x1000, 0x1000, 16), False),        # MADV_DONTDUMP: "dd"
+    ("mlock", (0x1000, 0x1000), False),              # "lo", same maps line
+    ("mprotect", (0x1000, 0x1000, 3), False),
+    ("mmap", (0x1000, 0x1000, 3, 0x32, -1, 0), False),
+])
+def test_which_mm_syscalls_keep_the_vm_flags_of_unchanged_maps_lines(name, args, keeps):
+    from backend.track_daemon import _keeps_vm_flags
+    event = bpf_tracker.SyscallEvent(1, 1, name, args, 0)
+    assert _keeps_vm_flags(event) is keeps

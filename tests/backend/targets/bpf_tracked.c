@@ -66,6 +66,8 @@ int main(void) {
             unsigned char *b = mremap(a, 3 * PAGE, 5 * PAGE, MREMAP_MAYMOVE);
             mprotect(b, PAGE, PROT_READ);
             madvise(b + 4 * PAGE, PAGE, MADV_DONTNEED);
+            mlock(b + 2 * PAGE, PAGE);             /* VM_LOCKED: the maps lines stay */
+            munlock(b + 2 * PAGE, PAGE);
             munmap(b, 5 * PAGE);
             void *brk0 = sbrk(0);
             sbrk(PAGE);
