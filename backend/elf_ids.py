@@ -18,12 +18,16 @@ import errno
 import functools
 import hashlib
 import io
+import json
 import os
 import stat
+import tempfile
 from array import array
 
 from elftools.common.exceptions import ELFError
+from elftools.common.utils import struct_parse
 from elftools.elf.elffile import ELFFile
+from elftools.elf.segments import NoteSegment
 
 from ckptsim.errors import CkptsimError
 from ckptsim.kinds.memory import ID_BUILD_ID, ID_SHA256, FileIdentity, VdsoLayout
@@ -51,6 +55,79 @@ class ElfIdError(CkptsimError, OSError):
 
 # -- files ----------------------------------------------------------------------------------
 _identities: dict[tuple, FileIdentity | None] = {}
+_cache = {"loaded": False, "new": 0}          # the cache file's state in this process
+CACHE_ENV = "CKPTSIM_ELF_ID_CACHE"            # the cache file's path; "" keeps none
+MAX_CACHE_FILE = 4 << 20
+
+
+def cache_path() -> str | None:
+    """Where identities are kept between runs (a checkpoint is a fresh process, and reading
+    the notes of a dozen libraries with pyelftools costs it ~25 ms): $CKPTSIM_ELF_ID_CACHE,
+    else /run/ckptsim/elf-ids.json for root, else under $XDG_RUNTIME_DIR or ~/.cache."""
+    path = os.environ.get(CACHE_ENV)
+    if path is not None:
+        return path or None
+    if os.geteuid() == 0:
+        return "/run/ckptsim/elf-ids.json"
+    base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ckptsim", "elf-ids.json")
+
+
+def _trusted(st: os.stat_result) -> bool:
+    """Ours and writable by nobody else: the cache decides what a restart accepts."""
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _load_cache() -> None:
+    """Entries of the cache file join this process's cache; a missing, foreign, oversized or
+    malformed file is ignored (identities are then computed)."""
+    _cache["loaded"] = True
+    path = cache_path()
+    if path is None:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or not _trusted(st) or st.st_size > MAX_CACHE_FILE \
+                    or not _trusted(os.stat(os.path.dirname(path) or ".")):
+                return
+            entries = json.loads(f.read())
+        for key, ident in entries:
+            _identities.setdefault(tuple(key), None if ident is None else FileIdentity(
+                ident[0], bytes.fromhex(ident[1]), ident[2], ident[3]))
+    except (OSError, ValueError, TypeError, IndexError):
+        return
+
+
+def save_cache() -> None:
+    """Write this process's identities to the cache file (atomically, mode 0600) if it found
+    new ones. Never raises: a cache that cannot be written is only slower."""
+    path = cache_path()
+    if not _cache["new"] or path is None:
+        return
+    directory = os.path.dirname(path) or "."
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if not _trusted(os.stat(directory)):
+            return
+        entries = [[list(key), None if ident is None else
+                    [ident.kind, ident.value.hex(), ident.size, ident.mtime_ns]]
+                   for key, ident in _identities.items()]
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".elf-ids.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(entries, f)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        _cache["new"] = 0
+    except OSError:
+        return
 
 
 def build_id_of(f) -> bytes | None:
@@ -62,7 +139,7 @@ def build_id_of(f) -> bytes | None:
     try:
         elf = ELFFile(f)
         # PT_NOTE segments are what the loader sees; stripped files may lack section headers
-        for part in (elf.iter_segments(type="PT_NOTE"), elf.iter_sections(type="SHT_NOTE")):
+        for part in (_note_segments(elf), elf.iter_sections(type="SHT_NOTE")):
             for holder in part:
                 for note in holder.iter_notes():
                     if note["n_type"] == "NT_GNU_BUILD_ID" and note["n_name"] == "GNU":
@@ -70,6 +147,17 @@ def build_id_of(f) -> bytes | None:
     except _PARSE_ERRORS:
         return None
     return None
+
+
+def _note_segments(elf: ELFFile):
+    """The PT_NOTE segments. ELFFile.iter_segments builds every segment, and a PT_DYNAMIC one
+    parses the dynamic section and looks through the section headers for its string table:
+    ~2 ms a library, a third of a small checkpoint's gathering. Only the headers are read here."""
+    phdr = elf.structs.Elf_Phdr
+    for i in range(elf.num_segments()):
+        header = struct_parse(phdr, elf.stream, stream_pos=elf["e_phoff"] + i * elf["e_phentsize"])
+        if header["p_type"] == "PT_NOTE":
+            yield NoteSegment(header, elf.stream, elf)
 
 
 def _sha256(f) -> bytes:
@@ -98,12 +186,15 @@ def identity_of(path: str, kind: int | None = None, where: str = "") -> FileIden
         if not stat.S_ISREG(st.st_mode):
             raise ElfIdError(errno.EINVAL, f"{where or path}: not a regular file")
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, kind)
+        if not _cache["loaded"]:
+            _load_cache()
         if key in _identities:
             return _identities[key]
         ident = _compute(f, st, kind)
     if len(_identities) >= MAX_CACHED:
         _identities.clear()
     _identities[key] = ident
+    _cache["new"] += 1
     if kind is None and ident is not None:     # a later check by that kind needs no reread
         _identities[key[:-1] + (ident.kind,)] = ident
     return ident
@@ -131,6 +222,7 @@ def mm_identities(pid: int, vmas, exe_file) -> tuple[dict, VdsoLayout | None]:
                 raise
             raise ElfIdError(e.errno or errno.EIO, f"{where}: cannot be read through {path} "
                                                    f"to record its identity: {e.strerror}") from None
+    save_cache()
     return ids, _target_vdso(pid, vmas)
 
 

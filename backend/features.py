@@ -353,60 +353,67 @@ def _run(name: str, fn: Callable[[], tuple[bool, str]]) -> Feature:
     return Feature(name, present, detail, name in MUST_HAVE, DISABLES[name])
 
 
-def probe() -> list[Feature]:
-    """Probe every feature the live backend may use, in a fixed order."""
-    out: list[Feature] = []
-    try:
-        child: _Child | None = _Child()
-        child_err = ""
-    except OSError as e:
-        child, child_err = None, f"could not fork a probe child: {_errdetail(e)}"
-    try:
-        def with_child(fn):
-            def run():
-                if child is None:
-                    return False, child_err
-                return fn(child)
-            return run
-
-        out.append(_run("ptrace", with_child(_probe_ptrace)))
-        out.append(_run("process_vm_readv", with_child(_probe_process_vm_readv)))
+def probe(names=None) -> list[Feature]:
+    """Probe every feature the live backend may use (or those in ``names``), in a fixed
+    order. Only what is asked for is probed: the eBPF tracker's probe imports bcc, which maps
+    ~60 MiB of LLVM and costs ~40 ms, and a plain checkpoint needs only the must-haves."""
+    wanted = set(DISABLES if names is None else names)
+    child: _Child | None = None
+    child_err = ""
+    if wanted & {"ptrace", "process_vm_readv", "kcmp", "pidfd_getfd"}:
         try:
-            pm, scan = _probe_pagemap()
-        except Exception as e:
-            pm = scan = (False, _errdetail(e))
-        out.append(_run("pagemap", lambda: pm))
-        out.append(_run("pagemap_scan", lambda: scan))
-        out.append(_run("uffd_wp_async", _probe_uffd_wp))
-        out.append(_run("bpf", _probe_bpf))
-        out.append(_run("btf", _probe_btf))
-        out.append(_run("tracefs", _probe_tracefs))
-        out.append(_run("bpf_tracker", _probe_bpf_tracker))
-        out.append(_run("kcmp", with_child(_probe_kcmp)))
-        out.append(_run("pidfd_getfd", with_child(_probe_pidfd_getfd)))
-        out.append(_run("clone3_set_tid", _probe_clone3_set_tid))
-        out.append(_run("freezer_v1", _probe_freezer_v1))
-        out.append(_run("freezer_v2", _probe_freezer_v2))
+            child = _Child()
+        except OSError as e:
+            child_err = f"could not fork a probe child: {_errdetail(e)}"
+    pagemap: list = []
+
+    def with_child(fn):
+        def run():
+            if child is None:
+                return False, child_err
+            return fn(child)
+        return run
+
+    def from_pagemap(index):
+        def run():
+            if not pagemap:
+                try:
+                    pagemap.extend(_probe_pagemap())
+                except Exception as e:
+                    pagemap.extend([(False, _errdetail(e))] * 2)
+            return pagemap[index]
+        return run
+
+    probes = [("ptrace", with_child(_probe_ptrace)),
+              ("process_vm_readv", with_child(_probe_process_vm_readv)),
+              ("pagemap", from_pagemap(0)), ("pagemap_scan", from_pagemap(1)),
+              ("uffd_wp_async", _probe_uffd_wp), ("bpf", _probe_bpf), ("btf", _probe_btf),
+              ("tracefs", _probe_tracefs), ("bpf_tracker", _probe_bpf_tracker),
+              ("kcmp", with_child(_probe_kcmp)), ("pidfd_getfd", with_child(_probe_pidfd_getfd)),
+              ("clone3_set_tid", _probe_clone3_set_tid), ("freezer_v1", _probe_freezer_v1),
+              ("freezer_v2", _probe_freezer_v2)]
+    try:
+        return [_run(name, fn) for name, fn in probes if name in wanted]
     finally:
         if child is not None:
             child.close()
-    return out
 
 
-_probed: list = []          # [(the probe function, its result)]: this process's probe
+_probed: dict = {}          # names (None: all) -> (the probe function, its result)
 
 
-def probed() -> list[Feature]:
-    """``probe()``, run once per process: what the kernel offers cannot change while this
-    process runs (a checkpoint calls this every time; probing forks a child). Only a result
-    with every must-have present is kept (a missing one may be transient, a failed fork);
-    a replaced ``probe`` (tests monkeypatch it) is probed anew."""
-    cached = _probed[0] if _probed else None
+def probed(names=None) -> list[Feature]:
+    """``probe(names)``, run once per process: what the kernel offers cannot change while
+    this process runs (a checkpoint calls this every time; probing forks a child). Only a
+    result with every must-have it holds present is kept (a missing one may be transient, a
+    failed fork); a replaced ``probe`` (tests monkeypatch it) is probed anew."""
+    key = None if names is None else tuple(names)
+    cached = _probed.get(key)
     if cached is not None and cached[0] is probe:
         return list(cached[1])
-    found = probe()
+    found = probe() if names is None else probe(key)
     if all(f.present for f in found if f.must_have):
-        _probed[:] = [(probe, tuple(found))]
+        _probed[key] = (probe, tuple(found))
     return found
 
 
@@ -414,7 +421,7 @@ def require_must_haves(features: list[Feature] | None = None) -> None:
     """Raise MissingFeatures if a must-have feature is missing (the process's ``probed()``
     result if not given)."""
     if features is None:
-        features = probed()
+        features = probed(MUST_HAVE)
     missing = [f for f in features if f.must_have and not f.present]
     if missing:
         raise MissingFeatures(missing)

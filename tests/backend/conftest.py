@@ -2,6 +2,7 @@
 target processes that the tests own (ended by pid at teardown, never left traced or stopped).
 
 Fixtures:
+    elf_id_cache -> path          (autouse) the ELF identity cache file of the session
     c_target(name) -> path        compile tests/backend/targets/<name>.c (session cache)
     start_target(exe, *args)      start a process; returns a Target (pid, info, readline());
                                   teardown: untrace, SIGKILL, reap - on every path
@@ -19,6 +20,20 @@ import time
 import pytest
 
 TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def elf_id_cache(tmp_path_factory):
+    """The ELF identity cache (backend/elf_ids.py) of this session's checkpoints and restarts,
+    in and out of process, is a file of its own, not the machine's."""
+    path = str(tmp_path_factory.mktemp("elf-id-cache") / "elf-ids.json")
+    old = os.environ.get("CKPTSIM_ELF_ID_CACHE")
+    os.environ["CKPTSIM_ELF_ID_CACHE"] = path
+    yield path
+    if old is None:
+        os.environ.pop("CKPTSIM_ELF_ID_CACHE", None)
+    else:
+        os.environ["CKPTSIM_ELF_ID_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

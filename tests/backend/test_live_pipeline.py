@@ -267,29 +267,41 @@ def test_present_chunks_stopped_early_leaves_no_reader_thread(target):
 
 # --- features: one probe per process ----------------------------------------------------------
 
-def _feats(missing: str = "") -> list[Feature]:
+def _feats(missing: str = "", names=None) -> list[Feature]:
     return [Feature(n, n != missing, "ok", n in features.MUST_HAVE, features.DISABLES[n])
-            for n in features.DISABLES]
+            for n in features.DISABLES if names is None or n in names]
 
 
-def test_require_must_haves_probes_once_per_process(monkeypatch):
+def test_require_must_haves_probes_only_them_once_per_process(monkeypatch):
     calls = []
-    monkeypatch.setattr(features, "probe", lambda: calls.append(1) or _feats())
+    monkeypatch.setattr(features, "probe", lambda names=None: calls.append(names) or
+                        _feats(names=names))
     features.require_must_haves()
     features.require_must_haves()
-    assert len(calls) == 1
+    assert calls == [features.MUST_HAVE]
     assert [f.name for f in features.probed()] == list(features.DISABLES)
-    assert len(calls) == 1
+    assert [f.name for f in features.probed()] == list(features.DISABLES)
+    assert calls == [features.MUST_HAVE, None]
+
+
+def test_probe_of_the_must_haves_runs_only_their_probes(monkeypatch):
+    monkeypatch.setattr(features, "_probe_bpf_tracker",
+                        lambda: pytest.fail("a must-have probe imported bcc"))
+    found = features.probe(features.MUST_HAVE)
+    assert [f.name for f in found] == list(features.MUST_HAVE)
+    assert all(f.present for f in found), found
 
 
 def test_a_missing_must_have_is_probed_again(monkeypatch):
     calls = []
-    monkeypatch.setattr(features, "probe", lambda: calls.append(1) or _feats("ptrace"))
+    monkeypatch.setattr(features, "probe", lambda names=None: calls.append(1) or
+                        _feats("ptrace", names))
     for _ in range(2):
         with pytest.raises(MissingFeatures, match="ptrace"):
             features.require_must_haves()
     assert len(calls) == 2
     # a probe replaced again (a test's monkeypatch) is not answered from the old cache
-    monkeypatch.setattr(features, "probe", lambda: calls.append(1) or _feats())
+    monkeypatch.setattr(features, "probe", lambda names=None: calls.append(1) or
+                        _feats(names=names))
     features.require_must_haves()
     assert len(calls) == 3
