@@ -55,6 +55,7 @@ class ElfIdError(CkptsimError, OSError):
 
 # -- files ----------------------------------------------------------------------------------
 _identities: dict[tuple, FileIdentity | None] = {}
+_vdso_layouts: dict[tuple, VdsoLayout] = {}   # (SHA-256 of the vdso, vvar, vvar_vclock sizes)
 _cache = {"loaded": False, "new": 0}          # the cache file's state in this process
 CACHE_ENV = "CKPTSIM_ELF_ID_CACHE"            # the cache file's path; "" keeps none
 MAX_CACHE_FILE = 4 << 20
@@ -95,11 +96,15 @@ def _load_cache() -> None:
             if not stat.S_ISREG(st.st_mode) or not _trusted(st) or st.st_size > MAX_CACHE_FILE \
                     or not _trusted(os.stat(os.path.dirname(path) or ".")):
                 return
-            entries = json.loads(f.read())
-        for key, ident in entries:
+            kept = json.loads(f.read())
+        for key, ident in kept["files"]:
             _identities.setdefault(tuple(key), None if ident is None else FileIdentity(
                 ident[0], bytes.fromhex(ident[1]), ident[2], ident[3]))
-    except (OSError, ValueError, TypeError, IndexError):
+        for digest, vvar, vclock, size, build_id, symbols in kept["vdso"]:
+            _vdso_layouts.setdefault((digest, vvar, vclock), VdsoLayout(
+                vvar, vclock, size, bytes.fromhex(build_id),
+                tuple((name, offset, length) for name, offset, length in symbols)))
+    except (OSError, ValueError, TypeError, IndexError, KeyError, AttributeError):
         return
 
 
@@ -114,13 +119,16 @@ def save_cache() -> None:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         if not _trusted(os.stat(directory)):
             return
-        entries = [[list(key), None if ident is None else
-                    [ident.kind, ident.value.hex(), ident.size, ident.mtime_ns]]
-                   for key, ident in _identities.items()]
+        kept = {"files": [[list(key), None if ident is None else
+                           [ident.kind, ident.value.hex(), ident.size, ident.mtime_ns]]
+                          for key, ident in _identities.items()],
+                "vdso": [[digest, vvar, vclock, v.vdso_size, v.build_id.hex(),
+                          [list(sym) for sym in v.symbols]]
+                         for (digest, vvar, vclock), v in _vdso_layouts.items()]}
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".elf-ids.")
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump(entries, f)
+                json.dump(kept, f)
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)
@@ -222,8 +230,9 @@ def mm_identities(pid: int, vmas, exe_file) -> tuple[dict, VdsoLayout | None]:
                 raise
             raise ElfIdError(e.errno or errno.EIO, f"{where}: cannot be read through {path} "
                                                    f"to record its identity: {e.strerror}") from None
+    vdso = _target_vdso(pid, vmas)
     save_cache()
-    return ids, _target_vdso(pid, vmas)
+    return ids, vdso
 
 
 # -- the vdso -------------------------------------------------------------------------------
@@ -267,8 +276,17 @@ def _target_vdso(pid: int, vmas) -> VdsoLayout | None:
 
 
 def _layout(data: bytes, specials: dict) -> VdsoLayout:
+    """vdso_layout_of, kept in the cache file by the vdso's digest (parsing it costs a
+    checkpoint ~3-5 ms, and every process of a boot has the same)."""
     size = {name: e - s for name, (s, e) in specials.items()}
-    return vdso_layout_of(data, size.get("[vvar]", 0), size.get("[vvar_vclock]", 0))
+    key = (hashlib.sha256(data).hexdigest(), size.get("[vvar]", 0), size.get("[vvar_vclock]", 0))
+    if not _cache["loaded"]:
+        _load_cache()
+    layout = _vdso_layouts.get(key)
+    if layout is None or layout.vdso_size != len(data):
+        layout = _vdso_layouts[key] = vdso_layout_of(data, key[1], key[2])
+        _cache["new"] += 1
+    return layout
 
 
 @functools.cache

@@ -45,6 +45,7 @@ def cache(tmp_path, monkeypatch):
     path = tmp_path / "cache" / "elf-ids.json"
     monkeypatch.setenv(elf_ids.CACHE_ENV, str(path))
     monkeypatch.setattr(elf_ids, "_identities", {})
+    monkeypatch.setattr(elf_ids, "_vdso_layouts", {})
     monkeypatch.setattr(elf_ids, "_cache", {"loaded": False, "new": 0})
     return path
 
@@ -54,6 +55,7 @@ def _new_process(monkeypatch) -> list:
     computed: list = []
     real = elf_ids._compute
     monkeypatch.setattr(elf_ids, "_identities", {})
+    monkeypatch.setattr(elf_ids, "_vdso_layouts", {})
     monkeypatch.setattr(elf_ids, "_cache", {"loaded": False, "new": 0})
     monkeypatch.setattr(elf_ids, "_compute", lambda *a: computed.append(a) or real(*a))
     return computed
@@ -106,3 +108,19 @@ def test_no_cache_file_when_the_variable_is_empty(tmp_path, monkeypatch):
     elf_ids.identity_of(str(lib))
     elf_ids.save_cache()                              # nothing to write to, no error
     assert sorted(os.listdir(tmp_path)) == ["lib.bin"]
+
+
+def test_the_vdso_layout_is_kept_between_processes(cache, monkeypatch):
+    here = elf_ids.own_vdso_layout()
+    if here is None:
+        pytest.skip("this kernel maps no vdso")
+    elf_ids.own_vdso_layout.cache_clear()
+    elf_ids.vdso_layout_of.cache_clear()
+    parsed = elf_ids.own_vdso_layout()
+    assert parsed == here and "__vdso_clock_gettime" in parsed.offsets
+    elf_ids.save_cache()
+    _new_process(monkeypatch)
+    elf_ids.own_vdso_layout.cache_clear()
+    monkeypatch.setattr(elf_ids, "vdso_layout_of",
+                        lambda *a: pytest.fail("the vdso was parsed again"))
+    assert elf_ids.own_vdso_layout() == here
