@@ -14,6 +14,7 @@ import itertools
 import os
 import queue
 import threading
+import zlib
 from array import array
 from typing import TYPE_CHECKING
 
@@ -170,8 +171,9 @@ class LiveMM:
         return not (vma.name in SPECIAL_MAPPINGS or vma.shared)
 
     def present_chunks(self, vma: LiveVMA, max_pages: int = 1024):
-        """(page addresses, their contents) of the pages worth saving, max_pages at a time;
-        the contents are only valid until the next chunk is asked for."""
+        """(page addresses, their contents, zlib.crc32 of the contents) of the pages worth
+        saving, max_pages at a time; the contents are only valid until the next chunk is
+        asked for."""
         if not self._has_private_pages(vma):
             return  # kernel-provided or shared: no private pages to save
         addrs = self._process_memory().pages_to_dump(vma.entry)
@@ -207,18 +209,22 @@ class LiveMM:
         parts = [addrs[i:i + max_pages] for i in range(0, len(addrs), max_pages)]
 
         def fill(part: array, buf: bytearray):
+            # the image's CRC of the pages is taken here, while they are in this core's
+            # cache and off the writer's thread (ImageWriter.write_pages(data_crc=))
             size = len(part) * PAGE
             memory.read_pages(part, out=memoryview(buf)[:size])
             if drop_zero:
-                return drop_zero_pages(part, buf, size)
-            return part, memoryview(buf)[:size]
+                part, view = drop_zero_pages(part, buf, size)
+            else:
+                view = memoryview(buf)[:size]
+            return part, view, zlib.crc32(view)
 
         bufs = _ChunkBuffers.take(max_pages * PAGE)
         try:
             if len(parts) == 1:
-                part, view = fill(parts[0], bufs[0])
+                part, view, crc = fill(parts[0], bufs[0])
                 if len(part):
-                    yield part, view
+                    yield part, view, crc
                 return
             # Two buffers: a helper thread reads chunk k+1 (process_vm_readv releases the
             # GIL) while the consumer writes chunk k; chunk k's buffer is refilled only once
@@ -226,14 +232,14 @@ class LiveMM:
             # started when it is needed is done here (never wait for an idle helper).
             reader = _ReadAhead(f"ckptsim-read-{self.pid}")
             try:
-                part, view = fill(parts[0], bufs[0])
+                part, view, crc = fill(parts[0], bufs[0])
                 for k in range(len(parts)):
                     if k:
-                        part, view = reader.result()
+                        part, view, crc = reader.result()
                     if k + 1 < len(parts):
                         reader.submit(fill, parts[k + 1], bufs[(k + 1) % 2])
                     if len(part):
-                        yield part, view
+                        yield part, view, crc
             finally:
                 reader.close()
         finally:

@@ -72,9 +72,9 @@ class CheckpointContext:
     def write(self, lay: Layout, var=None, **fields) -> None:
         self.writer.write(lay, var, **fields)
 
-    def write_pages(self, addrs: array, data) -> None:
+    def write_pages(self, addrs: array, data, data_crc: int | None = None) -> None:
         if len(addrs):
-            self.writer.write_pages(addrs, data)
+            self.writer.write_pages(addrs, data, data_crc)
 
     def end_pages(self) -> None:
         self.writer.end_pages()

@@ -223,13 +223,26 @@ class ImageWriter:
         self._emit(_HDR.pack(type_id, size), *parts, _PAD[:_pad_len(size)])
         self.nr_records += 1
 
-    def write_pages(self, addrs: array, data) -> None:
-        """Page chunks: PGARR{n} + BUFFER(n addresses, n pages), at most MAX_PAGES_PER_CHUNK each."""
+    def write_pages(self, addrs: array, data, data_crc: int | None = None) -> None:
+        """Page chunks: PGARR{n} + BUFFER(n addresses, n pages), at most MAX_PAGES_PER_CHUNK each.
+        ``data_crc``: zlib.crc32 of ``data``, when the caller computed it while the pages were
+        in its cache (the live backend does, on its read-ahead thread); the data is then not
+        read again for the image's checksum. A wrong one makes the image fail its check."""
         view = memoryview(data).cast("B")
         n = len(addrs)
         if len(view) != n * PAGE_SIZE:
             raise ValueError(f"{n} page addresses but {len(view)} bytes of page data")
         step = core.MAX_PAGES_PER_CHUNK
+        if data_crc is not None and n <= step:
+            self.write(core.PGARR, nr_pages=n)
+            size = 8 + 8 * n + len(view)
+            self._emit(_HDR.pack(core.BUFFER.type_id, size), addrs.tobytes())
+            self.sink.write(view)
+            self.crc = crc32_combine(self.crc, data_crc, len(view))
+            self.offset += len(view)
+            self._emit(_PAD[:_pad_len(size)])
+            self.nr_records += 1
+            return
         for i in range(0, n, step):
             part = addrs[i:i + step]
             self.write(core.PGARR, nr_pages=len(part))

@@ -174,8 +174,8 @@ def save_mm(ctx, mm: MM) -> None:
                   vm_flags=vma.vm_flags, vm_pgoff=vma.pgoff)
         if vtype in (VMA_ANON, VMA_FILE):
             if not ctx.collecting:  # pages hold no references: the leak dry run skips them
-                for addrs, blob in chunks(vma, MAX_PAGES_PER_CHUNK):
-                    ctx.write_pages(addrs, blob)
+                for chunk in chunks(vma, MAX_PAGES_PER_CHUNK):   # (addrs, blob[, crc])
+                    ctx.write_pages(*chunk)
             ctx.end_pages()
     ctx.write(MM_CONTEXT, vdso=vdso, ldt_entry_size=0, nldt=0)
     _save_elf(ctx, mm, file_refs)

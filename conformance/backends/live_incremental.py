@@ -86,7 +86,7 @@ class IncrementalSteps:
                     pages = set(mm_delta(base[0], mm.private_ranges(), present,
                                          _UffdOnly(d), base[2]).pages)
                 else:
-                    pages = {a for v in mm.vmas for addrs, _ in mm.present_chunks(v) for a in addrs}
+                    pages = {a for v in mm.vmas for addrs, *_ in mm.present_chunks(v) for a in addrs}
                 pages.update(_shared_pages(pid, mm))
             finally:
                 mm.close()

@@ -231,9 +231,10 @@ def test_present_chunks_reads_ahead_in_order_and_drops_zero_pages(target, max_pa
     page = bytes((i * 7 + 1) % 251 + 1 for i in range(PAGE))
     addrs, seen = [], 0
     try:
-        for part, view in mm.present_chunks(vma, max_pages):
+        for part, view, crc in mm.present_chunks(vma, max_pages):
             assert 0 < len(part) <= max_pages and len(view) == len(part) * PAGE
             held = bytes(view)
+            assert crc == zlib.crc32(held)
             threading.Event().wait(0.02)    # the reader runs meanwhile: not into this chunk
             assert bytes(view) == held, "a chunk changed before the next one was asked for"
             for i, a in enumerate(part):

@@ -96,6 +96,33 @@ def test_page_chunks_round_trip_and_split_at_1024():
     assert b"".join(bytes(d) for _, d in chunks) == pages
 
 
+def _paged_image(chunks) -> bytes:
+    out = io.BytesIO()
+    w = ImageWriter(out)
+    w.write_raw(core.HEADER.type_id, header_record()[8:])
+    for chunk in chunks:
+        w.write_pages(*chunk)
+    w.end_pages()
+    w.finish()
+    return out.getvalue()
+
+
+def test_pages_with_the_callers_crc_make_the_same_image():
+    import zlib
+    chunks = [(array("Q", range(k * 4096, (k + n) * 4096, 4096)),
+               bytes([k % 251 + 1]) * (n * 4096)) for k, n in ((0, 3), (10, 1024), (2000, 17))]
+    plain = _paged_image(chunks)
+    checked = _paged_image([(a, d, zlib.crc32(d)) for a, d in chunks])
+    assert checked == plain
+    reader = ImageReader(checked)
+    reader.next()
+    assert b"".join(bytes(d) for _, d in reader.read_pages()) == b"".join(d for _, d in chunks)
+    reader.finish()                                    # the tail's checksum holds
+    wrong = _paged_image([(a, d, zlib.crc32(d) ^ 1) for a, d in chunks])
+    with pytest.raises(ImageError, match="checksum"):
+        ImageReader(wrong).verify_checksum()
+
+
 def test_write_pages_needs_matching_data():
     with pytest.raises(ValueError, match="page addresses"):
         ImageWriter(io.BytesIO()).write_pages(array("Q", [0]), bytes(10))
