@@ -31,14 +31,18 @@ from ckptsim.errors import CkptsimError
 from ckptsim.image import core
 from ckptsim.image.codec import ImageReader
 from .files import FileFactory, restore_fdtable, restore_fs_context
-from .memory import PageSink, SharedSegments, free_spot, restore_mm, stub_maps
+from .memory import PageSink, SharedSegments, free_spot, protect_written, restore_mm, stub_maps
+from .pagewriter import PageWriter
 from .stub import PAGE, Stub, StubError, Watchdog
-from .task import (caller_cred_matches, check_creds, queue_pending, restore_creds,
-                   restore_handlers, restore_rlimits, restore_rseq, restore_thread_basics,
-                   set_cpu)
+from .task import (caller_cred_matches, check_creds, int3_stops_safe, queue_pending,
+                   restore_creds, restore_handlers, restore_rlimits, restore_rseq,
+                   restore_thread_basics, set_cpu)
 from .transport import Transport
 from .tree import THREAD_FLAGS, become_reaper, clone_child, map_trampoline, set_options, \
     spawn_seed
+
+
+CHECKSUM_NICE = 10          # the checksum thread's nice value (see _Checksum)
 
 
 class RestoreError(CkptsimError, OSError):
@@ -76,6 +80,7 @@ def preload() -> None:
     from ckptsim.cr import api  # noqa: F401
     from ckptsim.kinds import load_all
     from ckptsim.model import kernel  # noqa: F401
+    from backend import ptrace_inject  # noqa: F401  (the seed's first syscall instruction)
     from . import elfcheck  # noqa: F401
     load_all()
 
@@ -85,7 +90,7 @@ def restart_image(data, *, pidns: bool = True, frozen: bool = False, log=None,
     """Restart the live image ``data`` (bytes, bytearray, memoryview or an mmap of the image
     file: pages go to process_vm_writev straight from it) as a new tree of processes."""
     t0 = time.perf_counter()
-    job = load_job(data, log, background_checksum=True, chain=chain)
+    job = load_job(data, log, background_checksum=True, chain=chain, timeout=timeout)
     job.timings["decode"] = time.perf_counter() - t0
     try:
         return job.run(pidns, frozen, timeout)
@@ -102,13 +107,16 @@ def restart_image(data, *, pidns: bool = True, frozen: bool = False, log=None,
         job.close()
 
 
-def load_job(data, log=None, *, background_checksum: bool, chain=None) -> "_Job":
+def load_job(data, log=None, *, background_checksum: bool, chain=None,
+             timeout: float | None = None) -> "_Job":
     """Steps 1 and 2: the image restored into a fresh model (refusing model images, other
     architectures and credentials the caller could not set). ``background_checksum``: the
     CRC pass runs on a helper thread, checked by run() before anything runs (else it is
     checked here, for a caller about to fork). ``chain``: where an incremental image's
     ancestors are (a directory, a list of images or an ImageChain; ckptsim/cr/incremental.py):
-    their pages come first, this image's on top, all written by the page sink in that order."""
+    their pages come first, this image's on top, all written by the page sink in that order.
+    ``timeout``: with ``background_checksum``, the checksum's thread then serves as the
+    watchdog of the job's run() (one thread start fewer)."""
     from ckptsim.cr.api import restart_job
     from ckptsim.model.kernel import Kernel
 
@@ -121,53 +129,74 @@ def load_job(data, log=None, *, background_checksum: bool, chain=None) -> "_Job"
         raise RestoreError(errno.EINVAL, f"image architecture {header['arch']} is not x86-64")
     # The CRC pass runs on a helper thread (zlib releases the GIL) while the records are
     # decoded and the pages written; job.run checks it before any restored process runs.
-    checksum = _Checksum(reader) if background_checksum else None
+    watchdog = None
+    if background_checksum and timeout is not None:
+        watchdog = Watchdog(timeout, own_thread=False)
+    checksum = _Checksum(reader, watchdog) if background_checksum else None
     if checksum is None:
         reader.verify_checksum()
     kernel, sink = Kernel(0), PageSink()
     try:
-        tasks, rctx = restart_job(kernel, kernel.init, 0, data, core.RESTART_FROZEN,
-                                  restore_fs=True, page_sink=sink, checksum=False,
-                                  chain=chain)
+        try:
+            tasks, rctx = restart_job(kernel, kernel.init, 0, data, core.RESTART_FROZEN,
+                                      restore_fs=True, page_sink=sink, checksum=False,
+                                      chain=chain)
+        except BaseException:
+            if checksum is not None:
+                checksum.result()          # a corrupted image is reported as such first
+            raise
+        job = _Job(kernel, rctx, sink, log)
+        job.checksum = checksum or _Checksum.done()
+        job.watchdog = watchdog
+        try:
+            check_creds([t.cred for t in tasks if t.state != "zombie"])
+        except StubError as e:
+            raise RestoreError(e.errno, str(e)) from None
     except BaseException:
-        if checksum is not None:
-            checksum.result()          # a corrupted image is reported as such first
+        if watchdog is not None:
+            watchdog.disarm()              # its thread ends
         raise
-    job = _Job(kernel, rctx, sink, log)
-    job.checksum = checksum or _Checksum.done()
-    try:
-        check_creds([t.cred for t in tasks if t.state != "zombie"])
-    except StubError as e:
-        raise RestoreError(e.errno, str(e)) from None
     return job
 
 
 class _Checksum:
-    """The image's CRC-32, computed on a helper thread; ``result()`` raises its ImageError."""
+    """The image's CRC-32, computed on a helper thread; ``result()`` raises its ImageError.
+    The thread runs at a lower priority (CHECKSUM_NICE): on two cores it would otherwise
+    take CPU from the page writes and the stubs, which are on the critical path while it
+    is not (it is only waited for before detaching). Then it serves as ``watchdog``."""
 
-    def __init__(self, reader: ImageReader):
+    def __init__(self, reader: ImageReader, watchdog: Watchdog | None = None):
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(reader,), daemon=True,
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(reader, watchdog), daemon=True,
                                         name="image-checksum")
         self._thread.start()
 
-    def _run(self, reader: ImageReader) -> None:
+    def _run(self, reader: ImageReader, watchdog: Watchdog | None) -> None:
         try:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHECKSUM_NICE)
+            except OSError:
+                pass                     # (a limit on nice values: the default priority)
             reader.verify_checksum()
         except BaseException as e:       # handed to the restoring thread
             self._error = e
+        finally:
+            self._done.set()
+        if watchdog is not None:
+            watchdog.run()
 
     @classmethod
     def done(cls) -> "_Checksum":
         """An already verified checksum."""
         c = cls.__new__(cls)
-        c._error, c._thread = None, None
+        c._error, c._done = None, None
         return c
 
     def result(self) -> None:
-        if self._thread is None:
+        if self._done is None:
             return
-        self._thread.join()
+        self._done.wait()
         if self._error is not None:
             raise self._error
 
@@ -185,6 +214,8 @@ class _Job:
         self.watchdog: Watchdog | None = None
         self.timings: dict[str, float] = {}
         self.spawn_helper: int | None = None   # the seed's forked helper, reaped at close
+        self.writer = PageWriter()
+        self.to_protect: dict[int, list] = {}  # pid -> VMAs to mprotect once written
 
     def _log(self, message: str) -> None:
         if self.log is not None:
@@ -193,8 +224,6 @@ class _Job:
     # -- the steps -------------------------------------------------------------------------
     def run(self, pidns: bool, frozen: bool, timeout: float) -> Restored:
         t0 = time.perf_counter()
-        from .elfcheck import verify   # executables and vdso still match, before anything runs
-        verify(self.by_vpid.values(), self._log)
         if any(e[5] for e in self.entries):
             raise RestoreError(errno.EOPNOTSUPP, "the image holds nested pid namespaces: not "
                                                  "restorable live yet")
@@ -209,7 +238,8 @@ class _Job:
         max_fd = max([fd for t in self.by_vpid.values() if t.state != "zombie"
                       for fd in t.files.fds] + [2])
         self.transport = Transport(max_fd + 1)
-        self.watchdog = Watchdog(timeout)
+        if self.watchdog is None:
+            self.watchdog = Watchdog(timeout)
         use_reaper = pidns and root_vpid != 1
         seed_pid, self.spawn_helper = spawn_seed(exe, 1 if pidns else root_vpid, pidns)
         self._created(seed_pid)
@@ -269,6 +299,10 @@ class _Job:
         for vpid, stub in self.stubs.items():
             threads[vpid] = self.restore_process(vpid, stub, exe)
         self.timings["processes"] = time.perf_counter() - t0
+        # the executables and vdso still match (before anything runs): while pages are written
+        from .elfcheck import verify
+        verify(self.by_vpid.values(), self._log)
+        self.timings["elfcheck"] = time.perf_counter() - t0
         # 5. each thread, then the registers
         for vpid, group in threads.items():
             self.finish_group(vpid, group)
@@ -299,12 +333,15 @@ class _Job:
         is ``stub_exe``): memory, fds, cwd/root, limits, handlers, then its other threads.
         Returns [(image tid, stub)] for the thread group, the leader first."""
         task = self.by_vpid[vpid]
-        restore_mm(stub, task.mm, self.sink, self.segments, self.transport,
-                   self.factory.open_path,
-                   task.mm.exe_file.path if task.mm.exe_file is not None else None, stub_exe)
+        self.to_protect[stub.pid] = restore_mm(
+            stub, task.mm, self.sink, self.segments, self.transport, self.factory.open_path,
+            task.mm.exe_file.path if task.mm.exe_file is not None else None, stub_exe,
+            self.writer)
         restore_fdtable(stub, task.files, self.factory, self.transport)
         restore_fs_context(stub, task.fs, self.factory, self.transport)
         restore_rlimits(stub.pid, task.signal.rlimits)
+        if not int3_stops_safe(task, pending=False):
+            stub.int3_stops = False        # (its threads, cloned below, inherit that)
         restore_handlers(stub, task.sighand)
         group = [(vpid, stub)]
         for tid, _, vtgid, *_ in self.entries:
@@ -321,6 +358,15 @@ class _Job:
         signals; the trampoline goes; registers, XSAVE and the mask last. ``own_ids``: the
         leader's (pid, tid) in its own namespace when they are not the image's (a restart
         in place of the caller)."""
+        leader = group[0][1]
+        t0 = time.perf_counter()
+        self.writer.wait()                 # every process's pages (the first call waits)
+        self.timings.setdefault("pages wait", time.perf_counter() - t0)
+        self.timings["pages"] = self.writer.busy_s
+        protect_written(leader, self.to_protect.pop(leader.pid, ()))
+        if not all(int3_stops_safe(self.by_vpid[tid], pending=True) for tid, _ in group):
+            for _, stub in group:
+                stub.int3_stops = False
         for _, stub in group:
             # every thread blocks every signal before any is queued: a shared pending signal
             # would otherwise be taken (and lost) by a sibling stub that still accepts it
@@ -333,8 +379,8 @@ class _Job:
             ids = own_ids if own_ids is not None and tid == vpid else (vpid, tid)
             restore_rseq(stub, task)
             queue_pending(stub, task, tid == vpid, *ids)
-        leader = group[0][1]
-        leader.syscall(kabi.SYS_munmap, leader.tramp, PAGE, what="munmap of the trampoline")
+        leader.syscall(kabi.SYS_munmap, leader.tramp, PAGE, what="munmap of the trampoline",
+                       exit_stop=True)
         for tid, stub in group:
             set_cpu(stub, self.by_vpid[tid])
 
@@ -377,6 +423,7 @@ class _Job:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        self.writer.close()              # a write under way fails at once: its target is gone
         for pid in reversed(self.created):
             try:
                 os.waitpid(pid, kabi.WALL)
@@ -384,6 +431,7 @@ class _Job:
                 pass
 
     def close(self) -> None:
+        self.writer.close()
         if self.spawn_helper is not None:
             try:
                 os.waitpid(self.spawn_helper, 0)

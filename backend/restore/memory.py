@@ -9,9 +9,10 @@ Order, per process (the leader stub; its threads are created afterwards and shar
      silent replacement) with its backing: anonymous, a file the restorer opened (handed over
      by the transport), or a shared anonymous segment (the restorer's own shared mapping,
      reopened through /proc/self/map_files so that every task maps the same segment);
-  4. private pages are written in bulk with process_vm_writev, one call per image chunk
-     (up to 1024 pages), straight from the mmap'd image (VMAs that are not writable get
-     PROT_WRITE for this and their own protection back afterwards);
+  4. private pages are handed to the job's PageWriter (pagewriter.py: process_vm_writev in
+     bulk on a helper thread, straight from the mmap'd image) while the tracer goes on; VMAs
+     that are not writable get PROT_WRITE for this and their own protection back
+     (``protect_written``) once the writer is done;
   5. the mm fields (code, data, brk, stack, arguments and environment) with PR_SET_MM_MAP,
      and the executable link when it differs from the stub's.
 """
@@ -28,14 +29,11 @@ from backend import kabi
 from ckptsim.kinds.memory import SPECIAL_MAPPINGS
 from ckptsim.model.mm_pages import VM_GROWSDOWN, VM_MAYSHARE, VM_SHARED
 from backend.memory_pages import _runs_of as runs_of   # one run finder for both sides
+from .pagewriter import PageWriter
 from .stub import PAGE, Stub, StubError
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_process_vm_writev = _libc.process_vm_writev
-_process_vm_writev.restype = ctypes.c_ssize_t
 _MOVABLE_SPECIALS = ("[vvar]", "[vvar_vclock]", "[vdso]")
 VM_MAYWRITE = 0x20
-IOV_MAX = 1024
 
 
 class PageSink:
@@ -79,51 +77,6 @@ def _check_chunk(addrs: array, data, lo: int, hi: int, where: str) -> None:
     if len(data) != n * PAGE:
         raise StubError(errno.EINVAL, f"a page chunk of {where} holds {len(data)} bytes for "
                                       f"{n} pages")
-
-
-class _PyBuffer(ctypes.Structure):         # CPython's Py_buffer (the buffer protocol)
-    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
-                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int),
-                ("ndim", ctypes.c_int), ("format", ctypes.c_char_p),
-                ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
-                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = (ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int)
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = (ctypes.POINTER(_PyBuffer),)
-
-
-def write_pages(pid: int, addrs: array, data: memoryview) -> None:
-    """process_vm_writev the chunk ``data`` (len(addrs) pages) to the pages ``addrs``,
-    straight from ``data``'s memory (a read-only mmap of the image is fine: the buffer
-    protocol gives its address without a copy)."""
-    runs = runs_of(addrs)
-    view = _PyBuffer()
-    _get_buffer(data, ctypes.byref(view), 0)      # PyBUF_SIMPLE: contiguous bytes
-    try:
-        # at most IOV_MAX remote iovecs per call: a chain's inherited pages come as one
-        # chunk of a whole VMA, whose runs can be many more
-        done = 0
-        for k in range(0, len(runs), IOV_MAX):
-            batch = runs[k:k + IOV_MAX]
-            size = sum(b - a for a, b in batch)
-            _write_runs(pid, addrs, view.buf + done, size, batch)
-            done += size
-    finally:
-        _release_buffer(ctypes.byref(view))
-
-
-def _write_runs(pid: int, addrs: array, buf: int, size: int, runs) -> None:
-    data_len = size
-    local = kabi.iovec(buf, size)
-    remote = (kabi.iovec * len(runs))(*[kabi.iovec(a, b - a) for a, b in runs])
-    done = _process_vm_writev(pid, ctypes.byref(local), 1, remote, len(runs), 0)
-    if done != data_len:
-        err = ctypes.get_errno() if done < 0 else errno.EFAULT
-        raise StubError(err, f"pid {pid}: writing {len(addrs)} pages at {addrs[0]:#x} "
-                             f"failed ({os.strerror(err)})")
 
 
 def stub_maps(pid: int) -> list[tuple[int, int, str]]:
@@ -189,10 +142,11 @@ def _run_positions(offsets: array):
 
 
 def restore_mm(stub: Stub, mm, sink: PageSink, segments: SharedSegments, transport,
-               open_file, exe_path: str | None, stub_exe: str) -> None:
+               open_file, exe_path: str | None, stub_exe: str, writer: PageWriter) -> list:
     """Rebuild ``mm`` (a model MM restored from the image) in the process of ``stub``.
     ``open_file(file, flags)`` is the restorer's fd for a model File (its path reopened);
-    ``exe_path`` the image's executable."""
+    ``exe_path`` the image's executable. The private pages go to ``writer``; returns the VMAs
+    for ``protect_written`` once it is done."""
     tramp = (stub.tramp, stub.tramp + PAGE)
     current = stub_maps(stub.pid)
     specials_now = {name: (s, e) for s, e, name in current if name in _MOVABLE_SPECIALS}
@@ -256,11 +210,7 @@ def restore_mm(stub: Stub, mm, sink: PageSink, segments: SharedSegments, transpo
                            offset, what=f"mmap of {_describe(vma)}")
         if got != vma.start:
             raise StubError(errno.EFAULT, f"mmap of {_describe(vma)} landed at {got:#x}")
-        for addrs, data in chunks:
-            write_pages(stub.pid, addrs, data)
-    for vma in to_protect:
-        stub.syscall(kabi.SYS_mprotect, vma.start, vma.end - vma.start, vma.prot,
-                     what=f"mprotect of {_describe(vma)}")
+        writer.submit(stub.pid, chunks)  # written while the next syscalls are injected
     for fd in fds.values():
         stub.syscall(kabi.SYS_close, fd, what="close")
     # 5. the mm fields and the executable
@@ -275,6 +225,15 @@ def restore_mm(stub: Stub, mm, sink: PageSink, segments: SharedSegments, transpo
                  ctypes.sizeof(fields), 0, what="prctl(PR_SET_MM_MAP)")
     if exe_fd != 0xFFFFFFFF:
         stub.syscall(kabi.SYS_close, exe_fd, what="close")
+    return to_protect
+
+
+def protect_written(stub: Stub, to_protect) -> None:
+    """Once the writer has written them: the VMAs that got PROT_WRITE for the copy get their
+    own protection back."""
+    for vma in to_protect:
+        stub.syscall(kabi.SYS_mprotect, vma.start, vma.end - vma.start, vma.prot,
+                     what=f"mprotect of {_describe(vma)}")
 
 
 def _stub_fd(stub, transport, cache, key, opener, what) -> int:

@@ -9,6 +9,13 @@ syscall sets rip to the trampoline, rax and the arguments, and runs PTRACE_SYSCA
 syscall's entry stop and on to its exit stop, where the stub stays until the next one. The
 rest of the trampoline page is scratch memory for the syscalls' in/out structures.
 
+Once the trampoline holds that code (``set_trampoline``), an injected syscall costs one stop
+instead of two: PTRACE_CONT runs the syscall and stops at the int3's SIGTRAP, which is never
+delivered. The kernel forces that SIGTRAP, and forcing it while SIGTRAP is blocked or ignored
+resets its action to SIG_DFL: so a stub whose process has another SIGTRAP action, or that
+holds a pending SIGTRAP, goes back to the two syscall stops (``int3_stops = False``), and so
+does the syscall that unmaps the trampoline itself.
+
 Unlike backend/ptrace.inject_syscall (which must leave a live thread exactly as it found it),
 nothing here is saved or put back: a stub's registers are only ever its final ones, set last.
 Every wait is a blocking waitpid; a job-wide watchdog (``Watchdog``) kills every stub if the
@@ -21,6 +28,7 @@ import errno
 import os
 import signal
 import threading
+import time
 
 from backend import kabi
 from backend.ptrace import PtraceError, ThreadGone, _ptrace, get_regs, set_regs, signed
@@ -56,8 +64,9 @@ class Stub:
     """One traced thread being restored. ``pid`` is its tgid, ``tid`` its thread id, both as
     this restorer sees them; ``tramp`` the trampoline page's address in its address space."""
 
-    def __init__(self, pid: int, tid: int, tramp: int = 0):
+    def __init__(self, pid: int, tid: int, tramp: int = 0, int3_stops: bool = False):
         self.pid, self.tid, self.tramp = pid, tid, tramp
+        self.int3_stops = int3_stops and bool(tramp)
         self._regs = get_regs(tid)
         self.injected = 0
         self.last_event: int | None = None
@@ -65,13 +74,20 @@ class Stub:
 
     # -- stops ---------------------------------------------------------------------------------
     @classmethod
-    def adopt(cls, tid: int, pid: int | None = None, tramp: int = 0) -> "Stub":
+    def adopt(cls, tid: int, pid: int | None = None, tramp: int = 0,
+              int3_stops: bool = False) -> "Stub":
         """Take a freshly traced thread at its first stop (exec SIGTRAP, or the SIGSTOP an
         auto-attached clone starts with); the signal is never delivered."""
         status = _wait(tid)
         if not os.WIFSTOPPED(status):
             raise StubError(errno.ECHILD, f"stub {tid}: unexpected wait status {status:#x}")
-        return cls(pid if pid is not None else tid, tid, tramp)
+        return cls(pid if pid is not None else tid, tid, tramp, int3_stops)
+
+    def set_trampoline(self, addr: int) -> None:
+        """The page at ``addr`` (mapped rwx) becomes the trampoline: its code is written."""
+        self.write(addr, TRAMPOLINE_CODE)
+        self.tramp = addr
+        self.int3_stops = True
 
     # -- memory --------------------------------------------------------------------------------
     def write(self, addr: int, data) -> None:
@@ -103,9 +119,11 @@ class Stub:
         return addr
 
     # -- syscalls ------------------------------------------------------------------------------
-    def syscall(self, nr: int, *args: int, what: str = "", check: bool = True) -> int:
+    def syscall(self, nr: int, *args: int, what: str = "", check: bool = True,
+                exit_stop: bool = False) -> int:
         """Run syscall ``nr`` in the stub; returns rax (raises StubError on -errno with
-        ``check``). The stub ends at the syscall's exit stop."""
+        ``check``). The stub ends stopped at the trampoline's int3, or at the syscall's exit
+        stop (without int3 stops, or with ``exit_stop``: a syscall that unmaps the int3)."""
         if not self.tramp:
             raise StubError(errno.EINVAL, f"stub {self.tid}: no trampoline yet")
         regs = self._regs
@@ -113,9 +131,12 @@ class Stub:
         for name, value in zip(_ARG_REGS, args):
             setattr(regs, name, int(value) & _U64)
         set_regs(self.tid, regs)
-        self._resume_to_syscall_stop()              # entry
-        event = self._resume_to_syscall_stop()      # exit (a fork event may come between)
-        result = signed(get_regs(self.tid).rax)
+        if self.int3_stops and not exit_stop:
+            event, result = self._resume_to_int3()
+        else:
+            self._resume_to_syscall_stop()          # entry
+            event = self._resume_to_syscall_stop()  # exit (a fork event may come between)
+            result = signed(get_regs(self.tid).rax)
         self.injected += 1
         self.last_event = event
         if check and -kabi.MAX_ERRNO <= result < 0:
@@ -124,6 +145,20 @@ class Stub:
                                      f"{os.strerror(-result)}")
         return result
 
+    def _resume_to_int3(self) -> tuple[int | None, int]:
+        """PTRACE_CONT until the SIGTRAP of the trampoline's int3 (rip just past it); returns
+        the new child's pid if a fork/clone event stop came first, and rax."""
+        child = None
+        done_at = self.tramp + len(TRAMPOLINE_CODE)
+        while True:
+            _ptrace(kabi.PTRACE_CONT, self.tid, 0, 0)      # 0: a stopped-for signal is dropped
+            status = _wait(self.tid)
+            if os.WSTOPSIG(status) == signal.SIGTRAP and not status >> 16:
+                regs = get_regs(self.tid)
+                if regs.rip == done_at:
+                    return child, signed(regs.rax)
+            child = self._other_stop(status, child)
+
     def _resume_to_syscall_stop(self) -> int | None:
         """PTRACE_SYSCALL until a syscall stop; returns the new child's pid if a fork/clone
         event stop came first (its child is auto-attached)."""
@@ -131,31 +166,36 @@ class Stub:
         while True:
             _ptrace(kabi.PTRACE_SYSCALL, self.tid, 0, 0)   # 0: a stopped-for signal is dropped
             status = _wait(self.tid)
-            sig = os.WSTOPSIG(status)
-            if sig == _SYSCALL_STOP:
+            if os.WSTOPSIG(status) == _SYSCALL_STOP:
                 return child
-            event = status >> 16
-            if sig == signal.SIGTRAP and event in (kabi.PTRACE_EVENT_FORK,
-                                                   kabi.PTRACE_EVENT_CLONE,
-                                                   kabi.PTRACE_EVENT_VFORK):
-                msg = ctypes.c_ulong()
-                _ptrace(kabi.PTRACE_GETEVENTMSG, self.tid, 0, ctypes.addressof(msg))
-                child = msg.value
-                continue
-            if sig in (signal.SIGSTOP, signal.SIGTRAP) and event:
-                raise StubError(errno.EINVAL, f"stub {self.tid}: unexpected event {event} "
-                                              "during a syscall")
-            # A signal-delivery-stop: SIGCHLD of a child stub made a zombie, or a signal sent
-            # from outside to a process that does not exist yet as far as the world knows.
-            # Stubs have no handlers and no pending state worth keeping: it is dropped (the
-            # restored pending signals are queued last, with every signal blocked). A signal
-            # the kernel raises again at once (a fault on the way back to user mode) would
-            # loop for ever: that is an error.
-            self.dropped_signals.append(sig)
-            if len(self.dropped_signals) > 64 and \
-                    self.dropped_signals[-64:].count(sig) == 64:
-                raise StubError(errno.EFAULT, f"stub {self.tid}: signal {sig} keeps coming back"
-                                              " (a fault the kernel raises on each resume)")
+            child = self._other_stop(status, child)
+
+    def _other_stop(self, status: int, child: int | None) -> int | None:
+        """A stop on the way to the one awaited: a fork/clone event (returns the new child's
+        pid) or a signal, which is dropped (returns ``child`` unchanged)."""
+        sig = os.WSTOPSIG(status)
+        event = status >> 16
+        if sig == signal.SIGTRAP and event in (kabi.PTRACE_EVENT_FORK,
+                                               kabi.PTRACE_EVENT_CLONE,
+                                               kabi.PTRACE_EVENT_VFORK):
+            msg = ctypes.c_ulong()
+            _ptrace(kabi.PTRACE_GETEVENTMSG, self.tid, 0, ctypes.addressof(msg))
+            return msg.value
+        if sig in (signal.SIGSTOP, signal.SIGTRAP) and event:
+            raise StubError(errno.EINVAL, f"stub {self.tid}: unexpected event {event} "
+                                          "during a syscall")
+        # A signal-delivery-stop: SIGCHLD of a child stub made a zombie, or a signal sent
+        # from outside to a process that does not exist yet as far as the world knows.
+        # Stubs have no handlers and no pending state worth keeping: it is dropped (the
+        # restored pending signals are queued last, with every signal blocked). A signal
+        # the kernel raises again at once (a fault on the way back to user mode) would
+        # loop for ever: that is an error.
+        self.dropped_signals.append(sig)
+        if len(self.dropped_signals) > 64 and \
+                self.dropped_signals[-64:].count(sig) == 64:
+            raise StubError(errno.EFAULT, f"stub {self.tid}: signal {sig} keeps coming back"
+                                          " (a fault the kernel raises on each resume)")
+        return child
 
     # -- the end -------------------------------------------------------------------------------
     def unregister_rseq(self) -> None:
@@ -181,14 +221,22 @@ class Stub:
 
 
 class Watchdog:
-    """Kills every pid it was told about if ``disarm`` does not come within ``timeout``."""
+    """Kills every pid it was told about if ``disarm`` does not come within ``timeout``: on
+    a thread of its own, or (``own_thread=False``) on one the caller has, which calls run()
+    (a thread start can cost milliseconds on a busy machine)."""
 
-    def __init__(self, timeout: float):
+    def __init__(self, timeout: float, own_thread: bool = True):
         self.pids: list[int] = []
         self.fired = False
-        self._timer = threading.Timer(timeout, self._fire)
-        self._timer.daemon = True
-        self._timer.start()
+        self._deadline = time.monotonic() + timeout
+        self._disarmed = threading.Event()
+        if own_thread:
+            threading.Thread(target=self.run, daemon=True, name="restore-watchdog").start()
+
+    def run(self) -> None:
+        """Wait for disarm() until the deadline; then kill."""
+        if not self._disarmed.wait(max(0.0, self._deadline - time.monotonic())):
+            self._fire()
 
     def _fire(self) -> None:
         self.fired = True
@@ -199,4 +247,4 @@ class Watchdog:
                 pass
 
     def disarm(self) -> None:
-        self._timer.cancel()
+        self._disarmed.set()

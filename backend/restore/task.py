@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
 import struct
 
 from backend import kabi, proc
@@ -44,6 +45,19 @@ def restore_handlers(stub: Stub, sighand) -> None:
         addr = stub.put_scratch(struct.pack("<QQQQ", act.handler & _U64, act.flags & _U64,
                                             act.restorer & _U64, act.mask & _U64), 0)
         stub.syscall(kabi.SYS_rt_sigaction, sig, addr, 0, 8, what=f"rt_sigaction({sig})")
+
+
+def int3_stops_safe(task, pending: bool) -> bool:
+    """Whether injected syscalls may stop at the trampoline's int3 in ``task`` (stub.py): its
+    SIGTRAP action is the default (the forced SIGTRAP would reset another one while blocked
+    or ignored) and, with ``pending``, it holds no pending SIGTRAP (which that SIGTRAP's
+    unblocking would let a stub take)."""
+    if task.sighand.action(signal.SIGTRAP).handler != SIG_DFL:
+        return False
+    if pending:
+        queued = list(task.sigstate.pending.items) + list(task.signal.shared_pending.items)
+        return all(info.signo != signal.SIGTRAP for info in queued)
+    return True
 
 
 def restore_rlimits(pid: int, rlimits) -> None:

@@ -141,8 +141,7 @@ def map_trampoline(stub: Stub, addr: int) -> None:
                        -1, 0, what="mmap of the trampoline")
     if got != addr:
         raise StubError(errno.EEXIST, f"trampoline landed at {got:#x}, not {addr:#x}")
-    stub.tramp = addr
-    stub.write(addr, TRAMPOLINE_CODE)
+    stub.set_trampoline(addr)
 
 
 def set_options(tid: int) -> None:
@@ -169,7 +168,8 @@ def clone_child(parent: Stub, pid: int, flags: int = 0, exit_signal: int = signa
     child = parent.last_event
     if child is None:
         raise StubError(errno.ECHILD, f"clone3 of {pid} in {parent.pid}: no fork event")
-    stub = Stub.adopt(child, parent.pid if flags & kabi.CLONE_THREAD else child, parent.tramp)
+    stub = Stub.adopt(child, parent.pid if flags & kabi.CLONE_THREAD else child, parent.tramp,
+                      parent.int3_stops)
     return stub
 
 

@@ -1,0 +1,137 @@
+"""The restart's fast paths give what the slow ones gave: page writes batched on a helper
+thread, syscalls injected with one stop (int3) and kept off where that stop would change the
+restored SIGTRAP state, ELF checks without pyelftools."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import sys
+from array import array
+
+import pytest
+
+from backend import elf_ids
+from backend.restore import elfcheck, pagewriter
+from backend.restore.pagewriter import IOV_MAX, PageWriter, plan_calls, write_chunks
+from backend.restore.stub import StubError
+from .test_programs import restore_runs, status  # noqa: F401  (the fixture, ended by pid)
+
+PAGE = 4096
+
+
+# -- page writes ---------------------------------------------------------------------------------
+
+def test_plan_merges_runs_across_chunks_and_keeps_every_byte():
+    a = array("Q", range(0x10000, 0x10000 + 4 * PAGE, PAGE))
+    b = array("Q", range(0x10000 + 4 * PAGE, 0x10000 + 6 * PAGE, PAGE))   # continues a
+    c = array("Q", [0x40000, 0x42000])                                      # two runs
+    calls = plan_calls([(1000, a), (90000, b), (500000, c)])
+    assert len(calls) == 1
+    call = calls[0]
+    assert call.local == [(1000, 4 * PAGE), (90000, 2 * PAGE), (500000, 2 * PAGE)]
+    assert call.remote == [(0x10000, 0x10000 + 6 * PAGE), (0x40000, 0x41000),
+                           (0x42000, 0x43000)]
+    assert call.size == 8 * PAGE
+
+
+def test_plan_cuts_at_iov_max_runs_and_at_the_call_size(monkeypatch):
+    scattered = array("Q", range(0x100000, 0x100000 + 2500 * 2 * PAGE, 2 * PAGE))  # 2500 runs
+    calls = plan_calls([(0, scattered)])
+    assert [len(c.remote) for c in calls] == [IOV_MAX, IOV_MAX, 2500 - 2 * IOV_MAX]
+    assert [c.local[0][0] for c in calls] == [0, IOV_MAX * PAGE, 2 * IOV_MAX * PAGE]
+    monkeypatch.setattr(pagewriter, "CALL_BYTES", 3 * PAGE)
+    chunks = [(k * PAGE, array("Q", [0x200000 + k * PAGE])) for k in range(7)]
+    calls = plan_calls(chunks)
+    assert [c.size for c in calls] == [3 * PAGE, 3 * PAGE, PAGE]
+    assert sum(len(c.local) for c in calls) == 7
+
+
+def _own_pages(n: int):
+    area = mmap.mmap(-1, n * PAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(area))
+    return area, base
+
+
+def test_write_chunks_lands_every_page_where_its_address_says():
+    area, base = _own_pages(8)
+    try:
+        addrs = array("Q", [base + 1 * PAGE, base + 2 * PAGE, base + 5 * PAGE])
+        data = memoryview(bytes([1]) * PAGE + bytes([2]) * PAGE + bytes([3]) * PAGE)
+        write_chunks(os.getpid(), [(addrs, data), (array("Q", [base + 7 * PAGE]),
+                                                   memoryview(bytes([4]) * PAGE))])
+        got = [area[k * PAGE] for k in range(8)]
+        assert got == [0, 1, 2, 0, 0, 3, 0, 4]
+    finally:
+        del base
+        area.close()
+
+
+def test_a_failed_write_is_raised_by_wait_naming_the_pid():
+    writer = PageWriter()
+    try:
+        writer.submit(os.getpid(), [(array("Q", [0x1000]), memoryview(bytes(PAGE)))])
+        with pytest.raises(StubError) as info:
+            writer.wait()
+        assert info.value.errno == errno.EFAULT and f"pid {os.getpid()}" in str(info.value)
+        writer.wait()                                  # reported once
+    finally:
+        writer.close()
+
+
+# -- int3 stops and SIGTRAP ------------------------------------------------------------------------
+
+SIGTRAP_HOLDER = """
+import os, signal, sys, time
+if sys.argv[1] == "handled":
+    signal.signal(signal.SIGTRAP, lambda *a: None)
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTRAP])
+    os.kill(os.getpid(), signal.SIGTRAP)            # pending, blocked
+else:
+    signal.signal(signal.SIGTRAP, signal.SIG_IGN)
+print("READY", flush=True)
+while True:
+    time.sleep(0.01)
+"""
+
+
+@pytest.mark.parametrize("how", ["handled", "ignored"])
+def test_the_sigtrap_state_survives_the_injected_syscalls(restore_runs, how):
+    """A forced SIGTRAP (the trampoline's int3) resets a blocked or ignored SIGTRAP's action;
+    the restart must not use those stops in such a process."""
+    prog = restore_runs.start([sys.executable, "-I", "-c", SIGTRAP_HOLDER, how], name="py")
+    fields = ("SigIgn", "SigCgt", "SigBlk", "ShdPnd", "SigPnd")
+    before = {k: status(prog.pid)[k] for k in fields}
+    bit = 1 << 4                                                  # SIGTRAP is 5
+    if how == "handled":
+        assert int(before["SigCgt"], 16) & bit and int(before["ShdPnd"], 16) & bit
+    else:
+        assert int(before["SigIgn"], 16) & bit
+    restored = restore_runs.restart(prog, restore_runs.checkpoint_kill(prog))
+    assert {k: status(restored.root)[k] for k in fields} == before
+
+
+# -- ELF checks ------------------------------------------------------------------------------------
+
+def test_own_vdso_layout_is_elf_ids_one():
+    assert elfcheck.own_vdso_layout() == elf_ids.own_vdso_layout()
+
+
+def test_build_ids_read_with_struct_are_pyelftools_ones(c_target):
+    libc = next(line.split()[-1] for line in open("/proc/self/maps")
+                if "/libc.so" in line or "/libc-" in line)
+    for path in (c_target("elf_target"), libc, os.path.realpath(sys.executable)):
+        quick = elfcheck._quick_identity(path)
+        with open(path, "rb") as f:
+            full = elf_ids.build_id_of(f)
+        assert full is not None, f"{path} has no build id: nothing to compare"
+        assert quick is not None and quick.value == full, path
+
+
+def test_a_file_without_a_build_id_note_goes_the_full_way(tmp_path):
+    path = tmp_path / "plain"
+    path.write_bytes(b"\x7fELF\x02\x01" + bytes(200))            # no program headers
+    assert elfcheck._quick_identity(str(path)) is None
+    path.write_bytes(b"#!/bin/sh\n")
+    assert elfcheck._quick_identity(str(path)) is None
