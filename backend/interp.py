@@ -243,6 +243,9 @@ class Interp(SignalOps, TaskOps):
     def op_mremap(self, out, old, old_len, new_len, flags, new_addr=0):
         return libc_call("mremap", old, old_len, new_len, flags, new_addr)
 
+    def op_madvise(self, out, addr, length, advice):
+        return libc_call("madvise", addr, length, advice)
+
     # -- sockets (AF_UNIX) ------------------------------------------------------------------
     def op_socket(self, out, family, sock_type, protocol=0):
         return libc_call("socket", family, sock_type, protocol)

@@ -24,7 +24,7 @@ _FUNCS = {
     "open": _I, "close": _I, "read": _L, "write": _L, "pread64": _L, "pwrite64": _L,
     "lseek64": _L, "dup": _I, "dup2": _I, "dup3": _I, "fcntl": _I, "pipe2": _I, "mkfifo": _I,
     "mkdir": _I, "unlink": _I, "chdir": _I, "ftruncate64": _I, "umask": _I,
-    "mmap64": _P, "munmap": _I, "mprotect": _I, "mremap": _P,
+    "mmap64": _P, "munmap": _I, "mprotect": _I, "mremap": _P, "madvise": _I,
     "socket": _I, "socketpair": _I, "bind": _I, "listen": _I, "connect": _I, "accept4": _I,
     "send": _L, "recv": _L, "sendto": _L, "shutdown": _I,
     "kill": _I, "tgkill": _I, "sigqueue": _I,
