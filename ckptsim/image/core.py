@@ -13,8 +13,8 @@ CHECKPOINT_SUBTREE = 0x1
 CHECKPOINT_NETNS = 0x2
 CHECKPOINT_USER_FLAGS = CHECKPOINT_SUBTREE | CHECKPOINT_NETNS
 # Ours: an image holding only what changed since a parent image (cr/incremental.py). The
-# model's checkpoint() takes it; it stays out of CHECKPOINT_USER_FLAGS so that a checkpoint
-# that cannot write incremental images (the live one, for now) refuses it as unknown.
+# model's checkpoint() takes it; it stays out of CHECKPOINT_USER_FLAGS: the live checkpoint
+# refuses it as a flag and sets it itself when it is given a parent (backend/incremental.py).
 CHECKPOINT_INCREMENTAL = 0x4
 RESTART_TASKSELF = 0x1
 RESTART_FROZEN = 0x2
