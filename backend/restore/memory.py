@@ -181,6 +181,7 @@ def restore_mm(stub: Stub, mm, sink: PageSink, segments: SharedSegments, transpo
     # 3. map every VMA; 4. write its pages
     fds: dict[int, int] = {}              # id(file or segment) -> fd number in the stub
     to_protect = []
+    pages = []
     for vma in mm.vmas:
         if vma.name in SPECIAL_MAPPINGS:
             continue
@@ -210,7 +211,10 @@ def restore_mm(stub: Stub, mm, sink: PageSink, segments: SharedSegments, transpo
                            offset, what=f"mmap of {_describe(vma)}")
         if got != vma.start:
             raise StubError(errno.EFAULT, f"mmap of {_describe(vma)} landed at {got:#x}")
-        writer.submit(stub.pid, chunks)  # written while the next syscalls are injected
+        pages.extend(chunks)
+    # only once every VMA is mapped: a write under way holds the mm's lock that mmap and
+    # mprotect wait for; what follows (fds, cwd, limits, threads) runs meanwhile
+    writer.submit(stub.pid, pages)
     for fd in fds.values():
         stub.syscall(kabi.SYS_close, fd, what="close")
     # 5. the mm fields and the executable
