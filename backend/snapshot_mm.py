@@ -14,11 +14,11 @@ import itertools
 import os
 import queue
 import threading
-import zlib
 from array import array
 from typing import TYPE_CHECKING
 
 from ckptsim.errors import CkptsimError
+from ckptsim.image.codec import crc32
 from ckptsim.kinds.memory import SPECIAL_MAPPINGS
 
 from . import proc
@@ -171,7 +171,7 @@ class LiveMM:
         return not (vma.name in SPECIAL_MAPPINGS or vma.shared)
 
     def present_chunks(self, vma: LiveVMA, max_pages: int = 1024):
-        """(page addresses, their contents, zlib.crc32 of the contents) of the pages worth
+        """(page addresses, their contents, the CRC-32 of the contents) of the pages worth
         saving, max_pages at a time; the contents are only valid until the next chunk is
         asked for."""
         if not self._has_private_pages(vma):
@@ -217,7 +217,7 @@ class LiveMM:
                 part, view = drop_zero_pages(part, buf, size)
             else:
                 view = memoryview(buf)[:size]
-            return part, view, zlib.crc32(view)
+            return part, view, crc32(view)
 
         bufs = _ChunkBuffers.take(max_pages * PAGE)
         try:

@@ -14,7 +14,6 @@ import os
 import queue
 import struct
 import threading
-import zlib
 from array import array
 from typing import Iterator
 
@@ -22,6 +21,11 @@ from ..errors import ImageError
 from . import core
 from .schema import LAYOUTS, Field, ItemArray, Layout, Record
 from .types import MAGIC_HEAD, MAGIC_TAIL, PAGE_SIZE, ObjType
+
+try:    # zlib-ng's CRC-32: the same values as zlib's, 6-7x faster (SIMD), the GIL released
+    from zlib_ng.zlib_ng import crc32
+except ImportError:     # pragma: no cover - the package is a dependency; zlib still works
+    from zlib import crc32
 
 _HDR = struct.Struct("<II")
 _PAD = bytes(8)
@@ -49,7 +53,7 @@ def _encode_var(lay: Layout, var) -> bytes | memoryview:
 
 
 # Parts of at least this many bytes (page data) are checksummed on a helper thread while the
-# writer's thread writes them: zlib.crc32 and a file's write both release the GIL, so on two
+# writer's thread writes them: crc32 and a file's write both release the GIL, so on two
 # cores the checksum costs (almost) no extra time. Smaller parts are checksummed inline.
 _PARALLEL_CRC_MIN = 64 * 1024
 _PIECE = 1 << 20            # a large part is checksummed in pieces of this size, combined
@@ -115,7 +119,7 @@ class _Checksummer:
             piece, i, claim = jobs.get()
             if claim.acquire(blocking=False):   # else the caller took it
                 try:
-                    results.put((i, zlib.crc32(piece)))
+                    results.put((i, crc32(piece)))
                 except BaseException as e:      # handed to the waiting caller
                     results.put((i, e))
             del piece
@@ -134,10 +138,10 @@ class _Checksummer:
         return inst
 
     def write_and_crc(self, sink, chunk, crc: int) -> int:
-        """``sink.write(chunk)``; returns ``zlib.crc32(chunk, crc)``, computed meanwhile."""
+        """``sink.write(chunk)``; returns ``crc32(chunk, crc)``, computed meanwhile."""
         if not self.busy.acquire(blocking=False):
             sink.write(chunk)
-            return zlib.crc32(chunk, crc)
+            return crc32(chunk, crc)
         view = memoryview(chunk)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
@@ -152,7 +156,7 @@ class _Checksummer:
         finally:
             for i in range(len(pieces) - 1, -1, -1):
                 if claims[i].acquire(blocking=False):
-                    crcs[i] = zlib.crc32(pieces[i])     # not started: ours
+                    crcs[i] = crc32(pieces[i])          # not started: ours
                 else:
                     helper += 1
             try:
@@ -199,7 +203,7 @@ class ImageWriter:
                 self.crc = helper.write_and_crc(self.sink, chunk, self.crc)
             else:
                 self.sink.write(chunk)
-                self.crc = zlib.crc32(chunk, self.crc)
+                self.crc = crc32(chunk, self.crc)
             self.offset += n
 
     def write(self, lay: Layout, var=None, **fields) -> None:
@@ -225,7 +229,7 @@ class ImageWriter:
 
     def write_pages(self, addrs: array, data, data_crc: int | None = None) -> None:
         """Page chunks: PGARR{n} + BUFFER(n addresses, n pages), at most MAX_PAGES_PER_CHUNK each.
-        ``data_crc``: zlib.crc32 of ``data``, when the caller computed it while the pages were
+        ``data_crc``: the CRC-32 (``crc32``) of ``data``, when the caller computed it while the pages were
         in its cache (the live backend does, on its read-ahead thread); the data is then not
         read again for the image's checksum. A wrong one makes the image fail its check."""
         view = memoryview(data).cast("B")
@@ -303,7 +307,7 @@ class ImageReader:
 
     def verify_checksum(self) -> None:
         """The CRC-32 of everything before the tail must be the tail's (ImageError if not)."""
-        actual = zlib.crc32(self.data[:self.end])
+        actual = crc32(self.data[:self.end])
         if actual != self.tail_checksum:
             raise ImageError(self.end, "TAIL", f"checksum mismatch: image says "
                                                f"{self.tail_checksum:#010x}, bytes give {actual:#010x}")

@@ -123,6 +123,17 @@ def test_pages_with_the_callers_crc_make_the_same_image():
         ImageReader(wrong).verify_checksum()
 
 
+def test_the_codecs_crc32_is_zlibs():
+    """The image checksum is zlib's CRC-32 whichever library computes it (zlib-ng's)."""
+    import zlib
+    from ckptsim.image.codec import crc32
+    data = os.urandom(1 << 20) + bytes(4096)
+    view = memoryview(data)
+    for start in (0, 1, 0xDEADBEEF):
+        for part in (b"", b"a", view[:12345], view):
+            assert crc32(part, start) == zlib.crc32(part, start)
+
+
 def test_write_pages_needs_matching_data():
     with pytest.raises(ValueError, match="page addresses"):
         ImageWriter(io.BytesIO()).write_pages(array("Q", [0]), bytes(10))
