@@ -213,7 +213,6 @@ class _Job:
         self.transport: Transport | None = None
         self.watchdog: Watchdog | None = None
         self.timings: dict[str, float] = {}
-        self.spawn_helper: int | None = None   # the seed's forked helper, reaped at close
         self.writer = PageWriter()
         self.to_protect: dict[int, list] = {}  # pid -> VMAs to mprotect once written
 
@@ -241,7 +240,7 @@ class _Job:
         if self.watchdog is None:
             self.watchdog = Watchdog(timeout)
         use_reaper = pidns and root_vpid != 1
-        seed_pid, self.spawn_helper = spawn_seed(exe, 1 if pidns else root_vpid, pidns)
+        seed_pid = spawn_seed(exe, 1 if pidns else root_vpid, pidns)
         self._created(seed_pid)
         self.transport.seed_spawned()
         seed = Stub.adopt(seed_pid)
@@ -432,12 +431,6 @@ class _Job:
 
     def close(self) -> None:
         self.writer.close()
-        if self.spawn_helper is not None:
-            try:
-                os.waitpid(self.spawn_helper, 0)
-            except ChildProcessError:
-                pass
-            self.spawn_helper = None
         if self.watchdog is not None:
             self.watchdog.disarm()
         if self.transport is not None:

@@ -63,72 +63,91 @@ def _clone_args(flags: int, exit_signal: int, pid: int) -> tuple[kabi.clone_args
     return args, tids
 
 
-def spawn_seed(exe: str, pid: int, new_pidns: bool) -> tuple[int, int]:
-    """Make the seed (clone3 with ``pid``, 0 for any) that execs ``exe`` traced by us;
-    returns its pid as this process sees it and the helper's, which the caller reaps when
-    convenient (its exit is not waited for here: that alone took ~2 ms). The caller must
-    adopt() the seed.
+# The seed's spawner, in x86-64 machine code run in the restorer (through ctypes): like
+# posix_spawn, a clone3 with CLONE_VM | CLONE_VFORK (no copy of the restorer's address space,
+# which a fork helper and its clone took ~3-5 ms to make, and no Python in the child), whose
+# child, with every signal blocked, resets each signal's action to SIG_DFL (an ignored one
+# would survive the exec into every restored task), calls PTRACE_TRACEME, sets the signal
+# mask to exec with, and execs. Assembled from (GNU as, Intel syntax):
+#   spawn:                      # long spawn(struct clone_args *, size_t, struct _SpawnData *)
+#       mov r9, rdx ; mov eax, 435 ; syscall ; test rax, rax ; jz child ; ret
+#   child:
+#       mov ebx, 1
+#   again:
+#       cmp ebx, 9 ; je next ; cmp ebx, 19 ; je next
+#       mov eax, 13 ; mov edi, ebx ; mov rsi, r9 ; xor edx, edx ; mov r10d, 8 ; syscall
+#   next:
+#       inc ebx ; cmp ebx, 64 ; jbe again                # rt_sigaction(sig, &dfl, 0, 8)
+#       mov eax, 101 ; xor edi, edi ; xor esi, esi ; xor edx, edx ; xor r10d, r10d ; syscall
+#       mov eax, 14 ; mov edi, 2 ; lea rsi, [r9 + 56] ; xor edx, edx ; mov r10d, 8 ; syscall
+#       mov eax, 59 ; mov rdi, [r9 + 32] ; mov rsi, [r9 + 40] ; mov rdx, [r9 + 48] ; syscall
+#       mov eax, 231 ; mov edi, 127 ; syscall            # the exec failed
+# The child touches no stack (none is given: it shares the suspended caller's) and no memory
+# but _SpawnData, which lives until the caller returns, after the exec.
+SPAWN_CODE = bytes.fromhex(
+    "4989d1b8b30100000f054885c07401c3bb0100000083fb09741983fb137414b80d00000089df4c89ce31d2"
+    "41ba080000000f05ffc383fb4076dbb86500000031ff31f631d24531d20f05b80e000000bf020000004"
+    "98d713831d241ba080000000f05b83b000000498b7920498b7128498b51300f05b8e7000000bf7f0000000f05")
 
-    The restorer may have other threads (its checksum, pytest-xdist's), and a raw clone of a
-    threaded Python process can copy a lock another thread holds. So a helper made by
-    os.fork (after which Python's own locks are safe) does the clone3, with CLONE_PARENT: the
-    seed is this process's child all the same (TRACEME then makes us its tracer), and the
-    helper only reports the seed's pid and exits."""
+
+class _SpawnData(ctypes.Structure):
+    _fields_ = [("default_action", ctypes.c_uint64 * 4),  # struct sigaction: SIG_DFL
+                ("path", ctypes.c_void_p), ("argv", ctypes.c_void_p), ("envp", ctypes.c_void_p),
+                ("mask", ctypes.c_uint64)]
+
+
+_spawner = None
+
+
+def _spawn_function():
+    """SPAWN_CODE in an executable page of its own, as a C function (made once)."""
+    global _spawner
+    if _spawner is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long)
+        page = libc.mmap(None, PAGE, kabi.PROT_READ | kabi.PROT_WRITE,
+                         kabi.MAP_PRIVATE | kabi.MAP_ANONYMOUS, -1, 0)
+        if page in (None, ctypes.c_void_p(-1).value):
+            raise StubError(ctypes.get_errno(), "cannot map the seed's spawner")
+        ctypes.memmove(page, SPAWN_CODE, len(SPAWN_CODE))
+        if libc.mprotect(ctypes.c_void_p(page), PAGE, kabi.PROT_READ | kabi.PROT_EXEC):
+            raise StubError(ctypes.get_errno(), "cannot make the seed's spawner executable")
+        _spawner = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_void_p, ctypes.c_size_t,
+                                    ctypes.c_void_p)(page)
+    return _spawner
+
+
+def spawn_seed(exe: str, pid: int, new_pidns: bool) -> int:
+    """Make the seed (clone3 with ``pid``, 0 for any) that execs ``exe`` traced by us;
+    returns its pid. The caller must adopt() it. (The calling thread is suspended until the
+    exec, which is what makes sharing its address space with the child safe.)"""
     if not os.access(exe, os.X_OK):
         raise StubError(errno.ENOENT, f"the executable {exe} is missing or not executable")
-    r, w = os.pipe()
-    helper = os.fork()
-    if helper == 0:
-        result = -errno.EIO
-        try:
-            os.close(r)
-            flags = kabi.CLONE_PARENT | (kabi.CLONE_NEWPID if new_pidns else 0)
-            args, _tids = _clone_args(flags, 0, pid)
-            try:
-                child = kabi.syscall(kabi.SYS_clone3, ctypes.byref(args), ctypes.sizeof(args),
-                                     what="clone3")
-            except OSError as e:
-                child = -(e.errno or errno.EIO)
-            if child == 0:
-                _become_seed(exe)
-            result = child
-        finally:
-            try:
-                os.write(w, struct.pack("<i", result))
-            finally:
-                os._exit(0)
-    os.close(w)
+    path = ctypes.create_string_buffer(os.fsencode(exe))
+    argv = (ctypes.c_void_p * 2)(ctypes.addressof(path), None)
+    env = [ctypes.create_string_buffer(os.fsencode(k) + b"=" + os.fsencode(v))
+           for k, v in os.environ.items()]
+    envp = (ctypes.c_void_p * (len(env) + 1))(*[ctypes.addressof(e) for e in env], None)
+    flags = kabi.CLONE_VM | kabi.CLONE_VFORK | (kabi.CLONE_NEWPID if new_pidns else 0)
+    args, _tids = _clone_args(flags, 0, pid)
+    spawn = _spawn_function()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     try:
-        data = os.read(r, 4)
+        data = _SpawnData(path=ctypes.addressof(path), argv=ctypes.addressof(argv),
+                          envp=ctypes.addressof(envp),
+                          mask=sum(1 << (int(sig) - 1) for sig in old))
+        child = spawn(ctypes.addressof(args), ctypes.sizeof(args), ctypes.addressof(data))
     finally:
-        os.close(r)
-    child = struct.unpack("<i", data)[0] if len(data) == 4 else -errno.EIO
-    if child <= 0:
-        os.waitpid(helper, 0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
     if child == -errno.EEXIST:
         raise StubError(errno.EBUSY, f"pid {pid} is in use in this pid namespace "
                                      "(restart with a new pid namespace: --pidns)")
     if child < 0:
         raise StubError(-child, f"cannot create the first restored process: "
                                 f"{os.strerror(-child)}")
-    return child, helper
-
-
-def _become_seed(exe: str):
-    """In the seed: default signal dispositions, PTRACE_TRACEME, exec (never returns)."""
-    try:
-        # the restorer's ignored signals (Python ignores SIGPIPE, SIGXFSZ) would survive the
-        # exec into every restored task: each starts from the defaults instead
-        for sig in range(1, signal.NSIG):
-            if sig not in (signal.SIGKILL, signal.SIGSTOP):
-                try:
-                    signal.signal(sig, signal.SIG_DFL)
-                except (OSError, ValueError):
-                    pass
-        kabi.syscall(kabi.SYS_ptrace, kabi.PTRACE_TRACEME, 0, 0, 0)
-        os.execv(exe, [exe])
-    finally:
-        os._exit(127)
+    return child
 
 
 def map_trampoline(stub: Stub, addr: int) -> None:
