@@ -422,7 +422,7 @@ class ProcessMemory:
         return keep, view
 
 
-def drop_zero_pages(addrs: array, buf: bytearray, size: int) -> tuple[array, memoryview]:
+def drop_zero_pages(addrs: array, buf, size: int) -> tuple[array, memoryview]:
     """Drop the all-zero pages from the chunk held in ``buf[:size]`` (page i belongs to
     ``addrs[i]``), compacting the rest in place: (kept addresses, a view of their contents).
     For anonymous mappings only: there a missing page reads back as zeros."""
@@ -436,7 +436,7 @@ def drop_zero_pages(addrs: array, buf: bytearray, size: int) -> tuple[array, mem
     w = first               # write offset: pages before ``first`` stay where they are
     for i in range(first // PAGE_SIZE, len(addrs)):
         off = i * PAGE_SIZE
-        if buf.startswith(_ZERO_PAGE, off):
+        if buf.find(_ZERO_PAGE, off, off + PAGE_SIZE) == off:    # bytearray or mmap
             continue
         if w != off:
             buf[w:w + PAGE_SIZE] = view[off:off + PAGE_SIZE]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import mmap
 import os
 import queue
 import threading
@@ -69,18 +70,20 @@ class _ChunkBuffers:
     gets fresh buffers, which are then dropped). At most two are kept."""
 
     _lock = threading.Lock()
-    _kept: list[bytearray] = []
+    _kept: list = []          # mmap buffers
 
     @classmethod
-    def take(cls, size: int) -> list[bytearray]:
+    def take(cls, size: int) -> list:
         with cls._lock:
             bufs, cls._kept = [b for b in cls._kept if len(b) == size], []
         while len(bufs) < 2:
-            bufs.append(bytearray(size))
+            # populated in one call: bytearray(size) zeroes 4 MiB through 1,024 page faults
+            bufs.append(mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                                  | getattr(mmap, "MAP_POPULATE", 0)))
         return bufs
 
     @classmethod
-    def give_back(cls, bufs: list[bytearray]) -> None:
+    def give_back(cls, bufs: list) -> None:
         with cls._lock:
             if not cls._kept:
                 cls._kept = bufs[:2]
