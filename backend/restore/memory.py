@@ -15,6 +15,8 @@ Order, per process (the leader stub; its threads are created afterwards and shar
      (``protect_written``) once the writer is done;
   5. the mm fields (code, data, brk, stack, arguments and environment) with PR_SET_MM_MAP,
      and the executable link when it differs from the stub's.
+The files to map are handed over first, so that the syscalls of steps 1-3 (and those of 5)
+run as batches, one stop each (stub.syscalls).
 """
 from __future__ import annotations
 
@@ -157,31 +159,10 @@ def restore_mm(stub: Stub, mm, sink: PageSink, segments: SharedSegments, transpo
             raise StubError(errno.EINVAL, "the vdso layout of this kernel differs from the "
                                           f"image's ({name}: image {_size(want)}, here "
                                           f"{_size(have)}): saved code calls into it")
-    # 1. unmap all but the trampoline and the specials
-    keep = sorted([tramp] + list(specials_now.values()))
-    lo = 0
-    for s, e in keep + [(kabi.TASK_SIZE_X86_64, kabi.TASK_SIZE_X86_64)]:
-        if s > lo:
-            stub.syscall(kabi.SYS_munmap, lo, s - lo, what="munmap of the stub's mappings")
-        lo = max(lo, e)
-    # 2. move the specials, through a free spot
-    if specials_now:
-        image_busy = [(v.start, v.end) for v in mm.vmas]
-        first = min(s for s, _ in specials_now.values())
-        span = max(e for _, e in specials_now.values()) - first
-        temp = free_spot(span, image_busy + keep)
-        for hop in ("temp", "final"):
-            for name, (s, e) in sorted(specials_now.items()):
-                src = s if hop == "temp" else temp + (s - first)
-                dst = temp + (s - first) if hop == "temp" else wanted[name][0]
-                if src != dst:
-                    stub.syscall(kabi.SYS_mremap, src, e - s, e - s,
-                                 kabi.MREMAP_MAYMOVE | kabi.MREMAP_FIXED, dst,
-                                 what=f"mremap of {name}")
-    # 3. map every VMA; 4. write its pages
+    # 3a. the files and segments to map, handed over first (each a recvmsg in the stub) so
+    # that steps 1-3 then run as batches of syscalls (stub.syscalls: one stop per batch)
     fds: dict[int, int] = {}              # id(file or segment) -> fd number in the stub
-    to_protect = []
-    pages = []
+    to_protect, pages, maps = [], [], []
     for vma in mm.vmas:
         if vma.name in SPECIAL_MAPPINGS:
             continue
@@ -207,16 +188,39 @@ def restore_mm(stub: Stub, mm, sink: PageSink, segments: SharedSegments, transpo
             offset = vma.pgoff * PAGE
         else:
             flags |= kabi.MAP_ANONYMOUS
-        got = stub.syscall(kabi.SYS_mmap, vma.start, vma.end - vma.start, prot, flags, fd,
-                           offset, what=f"mmap of {_describe(vma)}")
-        if got != vma.start:
-            raise StubError(errno.EFAULT, f"mmap of {_describe(vma)} landed at {got:#x}")
+        maps.append((vma, (kabi.SYS_mmap, (vma.start, vma.end - vma.start, prot, flags, fd,
+                                           offset), f"mmap of {_describe(vma)}")))
         pages.extend(chunks)
-    # only once every VMA is mapped: a write under way holds the mm's lock that mmap and
-    # mprotect wait for; what follows (fds, cwd, limits, threads) runs meanwhile
+    calls = []
+    # 1. unmap all but the trampoline and the specials
+    keep = sorted([tramp] + list(specials_now.values()))
+    lo = 0
+    for s, e in keep + [(kabi.TASK_SIZE_X86_64, kabi.TASK_SIZE_X86_64)]:
+        if s > lo:
+            calls.append((kabi.SYS_munmap, (lo, s - lo), "munmap of the stub's mappings"))
+        lo = max(lo, e)
+    # 2. move the specials, through a free spot
+    if specials_now:
+        image_busy = [(v.start, v.end) for v in mm.vmas]
+        first = min(s for s, _ in specials_now.values())
+        span = max(e for _, e in specials_now.values()) - first
+        temp = free_spot(span, image_busy + keep)
+        for hop in ("temp", "final"):
+            for name, (s, e) in sorted(specials_now.items()):
+                src = s if hop == "temp" else temp + (s - first)
+                dst = temp + (s - first) if hop == "temp" else wanted[name][0]
+                if src != dst:
+                    calls.append((kabi.SYS_mremap, (src, e - s, e - s, kabi.MREMAP_MAYMOVE
+                                                    | kabi.MREMAP_FIXED, dst),
+                                  f"mremap of {name}"))
+    # 3. map every VMA
+    got = stub.syscalls(calls + [call for _, call in maps])[len(calls):]
+    for (vma, _), at in zip(maps, got):
+        if at != vma.start:
+            raise StubError(errno.EFAULT, f"mmap of {_describe(vma)} landed at {at:#x}")
+    # 4. its pages, only once every VMA is mapped: a write under way holds the mm's lock
+    # that mmap and mprotect wait for; what follows (fds, cwd, limits, threads) runs meanwhile
     writer.submit(stub.pid, pages)
-    for fd in fds.values():
-        stub.syscall(kabi.SYS_close, fd, what="close")
     # 5. the mm fields and the executable
     exe_fd = 0xFFFFFFFF
     if exe_path and exe_path != stub_exe:
@@ -225,19 +229,20 @@ def restore_mm(stub: Stub, mm, sink: PageSink, segments: SharedSegments, transpo
     fields = kabi.prctl_mm_map(**{name: getattr(mm, name) for name in mm.FIELDS},
                                auxv=0, auxv_size=0, exe_fd=exe_fd)
     addr = stub.put_scratch(bytes(fields), 0)
-    stub.syscall(kabi.SYS_prctl, kabi.PR_SET_MM, kabi.PR_SET_MM_MAP, addr,
-                 ctypes.sizeof(fields), 0, what="prctl(PR_SET_MM_MAP)")
+    calls = [(kabi.SYS_close, (fd,), "close") for fd in fds.values()]
+    calls.append((kabi.SYS_prctl, (kabi.PR_SET_MM, kabi.PR_SET_MM_MAP, addr,
+                                   ctypes.sizeof(fields), 0), "prctl(PR_SET_MM_MAP)"))
     if exe_fd != 0xFFFFFFFF:
-        stub.syscall(kabi.SYS_close, exe_fd, what="close")
+        calls.append((kabi.SYS_close, (exe_fd,), "close"))
+    stub.syscalls(calls)
     return to_protect
 
 
 def protect_written(stub: Stub, to_protect) -> None:
     """Once the writer has written them: the VMAs that got PROT_WRITE for the copy get their
     own protection back."""
-    for vma in to_protect:
-        stub.syscall(kabi.SYS_mprotect, vma.start, vma.end - vma.start, vma.prot,
-                     what=f"mprotect of {_describe(vma)}")
+    stub.syscalls([(kabi.SYS_mprotect, (vma.start, vma.end - vma.start, vma.prot),
+                    f"mprotect of {_describe(vma)}") for vma in to_protect])
 
 
 def _stub_fd(stub, transport, cache, key, opener, what) -> int:

@@ -36,7 +36,15 @@ from backend.ptrace import PtraceError, ThreadGone, _ptrace, get_regs, set_regs,
 PAGE = 4096
 TRAMPOLINE_CODE = b"\x0f\x05\xcc"          # syscall; int3
 SCRATCH_OFFSET = 64                         # scratch data starts here in the trampoline page
-SCRATCH_SIZE = PAGE - SCRATCH_OFFSET
+BATCH_OFFSET = 2048                         # ... up to here; then a batch's results and code
+SCRATCH_SIZE = BATCH_OFFSET - SCRATCH_OFFSET
+BATCH_MAX = 22                              # syscalls per batch: 8 bytes of result, 79 of code
+BATCH_CODE_OFFSET = BATCH_OFFSET + 8 * BATCH_MAX + 80
+# x86-64: mov REG, imm64 for rax and the six argument registers; mov [rip + disp32], rax
+_MOV_IMM64 = (b"\x48\xb8", b"\x48\xbf", b"\x48\xbe", b"\x48\xba", b"\x49\xba", b"\x49\xb8",
+              b"\x49\xb9")
+_STORE_RAX = b"\x48\x89\x05"
+assert BATCH_CODE_OFFSET + BATCH_MAX * (7 * 10 + 2 + 7) + 1 <= PAGE
 STUB_OPTIONS = (kabi.PTRACE_O_TRACESYSGOOD | kabi.PTRACE_O_EXITKILL | kabi.PTRACE_O_TRACEFORK
                 | kabi.PTRACE_O_TRACECLONE | kabi.PTRACE_O_TRACEVFORK)
 _U64 = (1 << 64) - 1
@@ -145,11 +153,51 @@ class Stub:
                                      f"{os.strerror(-result)}")
         return result
 
-    def _resume_to_int3(self) -> tuple[int | None, int]:
-        """PTRACE_CONT until the SIGTRAP of the trampoline's int3 (rip just past it); returns
-        the new child's pid if a fork/clone event stop came first, and rax."""
+    def syscalls(self, calls: list[tuple]) -> list[int]:
+        """Run ``calls`` ((nr, (args...), what) each, in order) with one stop per BATCH_MAX:
+        a code sequence in the trampoline page makes them one after the other and keeps each
+        result. Returns the results; raises StubError naming the first that failed (the ones
+        after it ran too: a failure ends the restart anyway). Without int3 stops, one by one.
+        For syscalls that create no process and leave the trampoline in place."""
+        if not self.int3_stops:
+            return [self.syscall(nr, *args, what=what) for nr, args, what in calls]
+        results: list[int] = []
+        for k in range(0, len(calls), BATCH_MAX):
+            results += self._batch(calls[k:k + BATCH_MAX])
+        return results
+
+    def _batch(self, calls: list[tuple]) -> list[int]:
+        base = self.tramp + BATCH_OFFSET
+        code = bytearray()
+        start = self.tramp + BATCH_CODE_OFFSET
+        for i, (nr, args, _) in enumerate(calls):
+            for prefix, value in zip(_MOV_IMM64, (nr,) + tuple(args)):
+                code += prefix + (int(value) & _U64).to_bytes(8, "little")
+            code += b"\x0f\x05" + _STORE_RAX
+            code += ((base + 8 * i) - (start + len(code) + 4)).to_bytes(4, "little", signed=True)
+        code += b"\xcc"                                      # int3
+        self.write(start, bytes(code))
+        regs = self._regs
+        regs.rip, regs.orig_rax = start, _U64
+        set_regs(self.tid, regs)
+        self._resume_to_int3(start + len(code))
+        raw = self.read(base, 8 * len(calls))
+        results = [signed(int.from_bytes(raw[8 * i:8 * i + 8], "little"))
+                   for i in range(len(calls))]
+        self.injected += len(calls)
+        for (nr, _, what), result in zip(calls, results):
+            if -kabi.MAX_ERRNO <= result < 0:
+                raise StubError(-result, f"{what or f'syscall {nr}'} in pid {self.pid}"
+                                         f"{'' if self.tid == self.pid else f' (tid {self.tid})'}"
+                                         f": {os.strerror(-result)}")
+        return results
+
+    def _resume_to_int3(self, done_at: int = 0) -> tuple[int | None, int]:
+        """PTRACE_CONT until the SIGTRAP of an int3 that leaves rip at ``done_at`` (by
+        default: the trampoline's); returns the new child's pid if a fork/clone event stop
+        came first, and rax."""
         child = None
-        done_at = self.tramp + len(TRAMPOLINE_CODE)
+        done_at = done_at or self.tramp + len(TRAMPOLINE_CODE)
         while True:
             _ptrace(kabi.PTRACE_CONT, self.tid, 0, 0)      # 0: a stopped-for signal is dropped
             status = _wait(self.tid)
