@@ -15,7 +15,10 @@ import pytest
 from backend import elf_ids
 from backend.restore import elfcheck, pagewriter
 from backend.restore.pagewriter import IOV_MAX, PageWriter, plan_calls, write_chunks
-from backend.restore.stub import StubError
+from backend import kabi
+from backend.restore.memory import free_spot, stub_maps
+from backend.restore.stub import BATCH_MAX, Stub, StubError
+from backend.restore.tree import map_trampoline, set_options, spawn_seed
 from .test_programs import restore_runs, status  # noqa: F401  (the fixture, ended by pid)
 
 PAGE = 4096
@@ -78,6 +81,41 @@ def test_a_failed_write_is_raised_by_wait_naming_the_pid():
         writer.wait()                                  # reported once
     finally:
         writer.close()
+
+
+# -- batches of injected syscalls -----------------------------------------------------------------
+
+@pytest.fixture
+def seed_stub():
+    """A traced seed (/bin/sleep, never run) with its trampoline; killed and reaped after."""
+    pid = spawn_seed("/bin/sleep", 0, False)
+    try:
+        stub = Stub.adopt(pid)
+        set_options(pid)
+        map_trampoline(stub, free_spot(PAGE, [(s, e) for s, e, _ in stub_maps(pid)],
+                                       below=0x7e0000000000))
+        yield stub
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, kabi.WALL)
+
+
+def test_a_batch_runs_its_syscalls_in_order_with_one_stop_each_batch(seed_stub):
+    calls = [(kabi.SYS_getpid, (), "getpid")] * (BATCH_MAX + 3)
+    calls[5] = (kabi.SYS_dup, (0,), "dup")
+    calls[6] = (kabi.SYS_dup, (0,), "dup")
+    got = seed_stub.syscalls(calls)
+    assert got[5] >= 0 and got[6] == got[5] + 1          # the second saw the first's fd
+    assert got[:5] == [seed_stub.pid] * 5 and got[7:] == [seed_stub.pid] * (BATCH_MAX - 4)
+    assert seed_stub.syscall(kabi.SYS_getpid) == seed_stub.pid    # one by one still works
+
+
+def test_a_batch_names_its_first_failed_syscall(seed_stub):
+    with pytest.raises(StubError) as info:
+        seed_stub.syscalls([(kabi.SYS_getpid, (), "getpid"),
+                            (kabi.SYS_close, (999,), "close of fd 999"),
+                            (kabi.SYS_close, (998,), "close of fd 998")])
+    assert info.value.errno == errno.EBADF and "close of fd 999" in str(info.value)
 
 
 # -- int3 stops and SIGTRAP ------------------------------------------------------------------------
