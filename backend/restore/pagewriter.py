@@ -70,12 +70,24 @@ class _Call:
         self.size += size
 
 
+def in_order(runs: list[tuple[int, int]], addrs: array) -> list[tuple[int, int]]:
+    """``runs`` (the runs of adjacent pages of ``addrs``), once sure that the pages are in
+    strictly increasing order (each run starts past the one before): a chunk whose first and
+    last pages lie in its VMA (memory._check_chunk) then lies in it whole. StubError if not."""
+    for (_, end), (start, _) in zip(runs, runs[1:]):
+        if start < end:
+            raise StubError(errno.EINVAL, f"a page chunk ({addrs[0]:#x}..{addrs[-1]:#x}) is "
+                                          "not in increasing order: refused, it could reach "
+                                          "outside its mapping")
+    return runs
+
+
 def plan_calls(chunks: list[tuple[int, array]]) -> list[_Call]:
     """The calls that write ``chunks`` ((buffer address, page addresses), in order)."""
     calls: list[_Call] = []
     call = _Call()
     for buf, addrs in chunks:
-        runs = runs_of(addrs)
+        runs = in_order(runs_of(addrs), addrs)
         # a chain's inherited pages come as one chunk of a whole VMA, whose runs can be
         # many more than IOV_MAX: such a chunk is cut into pieces of IOV_MAX runs
         for k in range(0, len(runs), IOV_MAX):

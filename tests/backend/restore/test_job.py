@@ -317,26 +317,38 @@ def test_restartable_sequences_are_registered_again(job_runs, counter):
 
 def test_page_chunks_outside_their_vma_are_refused():
     """A hostile image cannot aim pages at the trampoline or another mapping: every address
-    of a chunk is checked, not only its ends."""
+    of a chunk is checked, not only its ends (the order by the writer, before it writes)."""
     from array import array
-    from backend.restore.memory import PageSink
+    from backend.restore.memory import PageSink, SharedSegments
+    from backend.restore.pagewriter import plan_calls
 
     class Vma:
         start, end = 0x10000, 0x20000
 
     sink = PageSink()
     sink.private_pages(Vma, array("Q", [0x10000, 0x11000]), memoryview(bytes(8192)))
-    bad = [[0x10000, 0x7e0000000000, 0x1f000],      # the middle one elsewhere
-           [0x10000, 0x10800],                      # unaligned
-           [0x11000, 0x10000],                      # decreasing
-           [0x10000, 0x10000]]                      # twice
-    for addrs in bad:
+    for addrs in ([0x10000, 0x10800],                       # unaligned
+                  [0x0f000, 0x10000],                       # begins before
+                  [0x10000, 0x20000]):                      # ends after
         with pytest.raises(StubError):
             sink.private_pages(Vma, array("Q", addrs), memoryview(bytes(4096 * len(addrs))))
     with pytest.raises(StubError):
         sink.private_pages(Vma, array("Q", [0x10000]), memoryview(bytes(100)))
+    for addrs in ([0x10000, 0x7e0000000000, 0x1f000],       # the middle one elsewhere
+                  [0x11000, 0x10000],                       # decreasing
+                  [0x10000, 0x10000]):                      # twice
+        sink.private_pages(Vma, array("Q", addrs), memoryview(bytes(4096 * len(addrs))))
+        with pytest.raises(StubError, match="increasing order"):
+            plan_calls([(0, array("Q", addrs))])
 
     class Seg:
         size = 0x4000
     with pytest.raises(StubError):
         sink.shmem_pages(Seg, array("Q", [0x1000, 0x9000]), memoryview(bytes(8192)))
+    sink.shmem_pages(Seg, array("Q", [0x2000, 0x1000]), memoryview(bytes(8192)))
+    segments = SharedSegments(sink)
+    try:
+        with pytest.raises(StubError, match="increasing order"):
+            segments.fd_for(Seg)
+    finally:
+        segments.close()
