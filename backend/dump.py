@@ -9,8 +9,9 @@ Supported now: task trees (pids, parents, process groups, sessions, threads, zom
 credentials, x86-64 registers and XSAVE state, signal handlers, masks, pending signals and
 altstacks, rlimits, cwd and root, private memory (pages from PAGEMAP_SCAN, read with
 process_vm_readv), file-backed and special mappings, regular files (an unlinked one by its
-contents), pipes and FIFOs with their buffered bytes. Anything else fails the checkpoint with
-a message naming the task and the object.
+contents), pipes and FIFOs with their buffered bytes, UNIX sockets, shared anonymous memory.
+Anything else fails the checkpoint with a message naming the task and the object (a thread
+with a file table or fs of its own, unshared from its leader's, too).
 """
 from __future__ import annotations
 

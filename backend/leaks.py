@@ -39,8 +39,8 @@ that a restart could not give it back its sharing):
 
 Scope and limits: "outside" is every other process of the machine, the checkpointer included
 (an fd it holds on the tree's pipe is a leak). Processes are compared by their thread-group
-leader: a thread that unshared its files or fs table from its leader is not looked at on its
-own. Regular files shared through the page cache (both sides opening or mapping the same path)
+leader: a thread that unshared its files or fs table from its leader is refused by the
+gathering (backend/snapshot.py), so it never needs a look of its own. Regular files shared through the page cache (both sides opening or mapping the same path)
 are not leaks: they are saved by path. Processes the checkpointer may not kcmp (EPERM) are
 skipped. Cost: one stat per fd of the machine, plus 4 kcmp calls per (tree process, outside
 process) pair - a few milliseconds on a machine with a few hundred processes.

@@ -221,6 +221,22 @@ def _pipe_contents(pid: int, fd: int, ino: int) -> tuple[int, bytes]:
             os.close(f)
 
 
+_UNSHARED = ((kabi.KCMP_FILES, "its own file table (unshare(CLONE_FILES))"),
+             (kabi.KCMP_FS, "its own cwd, root and umask (unshare(CLONE_FS))"))
+
+
+def _refuse_unshared_threads(pid: int, leader: int, tids: list[int]) -> None:
+    """The image holds one file table and one fs per process (as Linux-CR's did): a thread
+    that unshared its own would be saved with its leader's, silently wrong. kcmp says."""
+    for tid in tids:
+        if tid == leader:
+            continue
+        for kind, what in _UNSHARED:
+            if kabi.syscall(kabi.SYS_kcmp, leader, tid, kind, 0, 0, what="kcmp") != 0:
+                raise Unsupported(f"task {pid}: thread {tid} has {what}; an image holds one "
+                                  "per process: not supported")
+
+
 class Gatherer:
     """Builds LiveProcess objects for a seized tree, sharing what is shared."""
 
@@ -258,6 +274,7 @@ class Gatherer:
         p.signal.shared_pending = SigPending([_siginfo(r) for r in ptrace.peek_siginfo(leader, shared=True)])
         p.fs = LiveFs(proc.read_root(pid) or "/", proc.read_cwd(pid) or "/",
                       status.umask if status.umask is not None else 0o022)
+        _refuse_unshared_threads(pid, leader, tids)
         p.files = self._fdtable(pid)
         p.mm = self._mm(pid, p.stat)
         for tid in sorted(tids, key=lambda t: (t != pid, t)):

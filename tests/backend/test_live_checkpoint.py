@@ -143,3 +143,27 @@ def test_kill_ends_the_tree_once_the_image_is_written(tree, tmp_path):
         time.sleep(0.05)
     else:
         raise AssertionError(f"child {child} still alive after --kill")
+
+
+@pytest.mark.parametrize("unshared, named", [("files", "file table"), ("fs", "cwd, root")])
+def test_a_thread_with_its_own_files_or_fs_is_refused_by_name(c_target, start_target,
+                                                               unshared, named, check_untraced):
+    """The image has one file table and one fs (cwd, root, umask) per process: a thread that
+    unshared its own would be saved with its leader's, so the checkpoint refuses it."""
+    t = start_target(c_target("unshared_thread"), unshared)
+    tid = int(t.info["tid"])
+    with pytest.raises(CheckpointError) as e:
+        checkpoint(t.pid, io.BytesIO())
+    assert e.value.errno == errno.ENOSYS
+    assert f"thread {tid}" in e.value.message and named in e.value.message, e.value.message
+    check_untraced(t.pid)
+    t.write(b"after failure\n")
+    assert t.readline() == "ok after failure"
+
+
+def test_threads_sharing_everything_are_checkpointed(c_target, start_target, check_untraced):
+    t = start_target(c_target("unshared_thread"), "none")
+    buf = io.BytesIO()
+    checkpoint(t.pid, buf)
+    assert len(by_name(records(buf.getvalue()), "TASK")) == 2
+    check_untraced(t.pid)
