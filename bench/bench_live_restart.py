@@ -82,6 +82,10 @@ int main(int argc, char **argv) {
 """
 
 
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def vm_status() -> dict[str, int]:
     out = {}
     with open("/proc/self/status") as f:
@@ -316,7 +320,8 @@ def main(argv=None) -> int:
             f.write(TARGET_C)
         subprocess.run([gcc, "-O2", "-o", exe, src], check=True)
         sizes = [64 * MiB] if args.quick else [64 * MiB, 256 * MiB, 1024 * MiB]
-        print(f"images in {args.dir}, best of {args.repeat}; MB = 10^6 bytes of page data")
+        print(f"images in {args.dir}, best of {args.repeat}; MB = 10^6 bytes of page data; "
+              f"load average at the start {_load()}")
         print("image passed as: mmap = read_image_file's mmap, as the restart tool does; "
               "view = memoryview of that mmap")
         print("| target | pages | image MB | raw s | raw MB/s | image as | restart s | MB/s "
@@ -333,8 +338,11 @@ def main(argv=None) -> int:
                       f"| {m['VmHWM'] / MiB:.1f} MiB "
                       f"| {m['RssAnon'] / MiB:.1f} / {m['RssShmem'] / MiB:.1f} MiB |", flush=True)
                 steps.append((size, how, v["timings"], r["relocated"]))
+        print(f"load average at the end {_load()} (other processes share the 2 cores: compare "
+              "runs made at similar loads)")
         print("\nrestart_image's steps of the best runs (decode: s; then cumulative s from "
-              "the start of run()):")
+              "the start of run(); 'pages' is the writer thread's time, 'pages wait' and "
+              "'checksum wait' how long the restart waited for them):")
         for size, how, t, relocated in steps:
             print(f"  {size // MiB} MiB, {how}: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items())
                   + (f" (raw: {relocated} VMAs mapped elsewhere)" if relocated else ""))

@@ -56,15 +56,17 @@ class Transport:
                                          stub.scratch + base + 128)
         hdr = kabi.msghdr(msg_iov=iov_addr, msg_iovlen=1, msg_control=ctl_addr,
                           msg_controllen=_CMSG_SPACE_INT)
-        stub.put_scratch(bytes(hdr), base)
-        stub.put_scratch(struct.pack("<QQ", data_addr, 1), base + 64)
-        stub.put_scratch(bytes(_CMSG_SPACE_INT), base + 128)
+        block = bytearray(128 + _CMSG_SPACE_INT)             # one write for the three parts
+        block[:len(bytes(hdr))] = bytes(hdr)
+        block[64:80] = struct.pack("<QQ", data_addr, 1)
+        stub.put_scratch(bytes(block), base)
         n = stub.syscall(kabi.SYS_recvmsg, self.fd, stub.scratch + base, 0,
                          what=f"recvmsg of {what}")
-        level, ctype = struct.unpack_from("<ii", stub.read(ctl_addr + 8, 8))
+        cmsg = stub.read(ctl_addr, kabi.CMSG_HDR_SIZE + 4)  # one read: header and fd
+        level, ctype = struct.unpack_from("<ii", cmsg, 8)
         if n != 1 or level != kabi.SOL_SOCKET or ctype != kabi.SCM_RIGHTS:
             raise StubError(errno.EPROTO, f"pid {stub.pid}: {what} did not arrive")
-        return struct.unpack("<i", stub.read(ctl_addr + kabi.CMSG_HDR_SIZE, 4))[0]
+        return struct.unpack_from("<i", cmsg, kabi.CMSG_HDR_SIZE)[0]
 
     def install(self, stub: Stub, fd: int, target: int, cloexec: bool, what: str) -> None:
         """Install the restorer's ``fd`` in ``stub`` as fd number ``target``."""
