@@ -3,8 +3,8 @@ by the tracepoint programs of ``bpf/tracker.c`` (loaded with bcc, Debian's pytho
 
 Per tracked process (tgid) it keeps: the user pages written (``dirty_pages``), address-space
 changes (``mm_events``: mmap, munmap, mremap, mprotect, pkey_mprotect, brk, madvise, shmat,
-shmdt, remap_file_pages and the mlock family), fd-table changes and lseek (``fd_events``),
-the read/write family counted per fd
+shmdt, remap_file_pages and the mlock family), rt_sigaction calls (``sig_events``), fd-table
+changes and lseek (``fd_events``), the read/write family counted per fd
 (``io_counts``), and fork/exec/exit notices (``notices``). Children forked by a tracked
 process are tracked from their first instruction; a thread is no new process.
 
@@ -66,7 +66,7 @@ DIRTY_BATCH = 65536             # keys per BPF_MAP_LOOKUP_BATCH call
 
 # bpf/tracker.c's constants (the key layout of `dirty`, the kinds and event types)
 TGID_SHIFT = 40
-KIND_MM, KIND_FD = 1, 2
+KIND_MM, KIND_FD, KIND_SIG = 1, 2, 5
 EV_SYSCALL, EV_FORK, EV_EXEC, EV_EXIT = 1, 2, 3, 4
 PATH_LEN = 128
 
@@ -429,6 +429,11 @@ class Tracker:
     def mm_events(self, tgid: int) -> list[SyscallEvent]:
         """``tgid``'s address-space changes since its last reset, in order."""
         return self._events(tgid, KIND_MM)
+
+    def sig_events(self, tgid: int) -> list[SyscallEvent]:
+        """``tgid``'s rt_sigaction calls since its last reset, in order (reads included: the
+        tracker does not look at the new action)."""
+        return self._events(tgid, KIND_SIG)
 
     def fd_events(self, tgid: int) -> list[SyscallEvent]:
         """``tgid``'s fd-table changes and lseeks since its last reset, in order."""

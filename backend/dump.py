@@ -190,6 +190,7 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
             if tracking is not None:    # before gathering: its injected calls write stacks
                 tracking.seized(seized)
                 gatherer.known_vm_flags = tracking.known_vm_flags
+                gatherer.known_handlers = tracking.known_handlers
             if not flags & core.CHECKPOINT_SUBTREE:  # a container: nothing shared with outside
                 leaks.check(list(seized.threads),
                             lambda line: log.error(errno.EBUSY, ctx.writer.offset, line))

@@ -37,6 +37,7 @@ from ckptsim.errors import ImageError
 from ckptsim.image import core
 from ckptsim.image.codec import ImageReader
 from ckptsim.kinds.tasktree import TREE, TREE_NESTED
+from ckptsim.model.signals import NSIG, SA_RESETHAND, SigAction, SigHand
 
 from . import kabi, proc, track
 from .dirty import marker_runs, scan_regions
@@ -221,7 +222,8 @@ def forget_stale() -> None:
 class LastCheckpoint:
     """The image a session was last armed at, and per tgid (mm objref in it, the process's
     start time, its present private page runs then, its VMAs then: the /proc maps fields
-    and the VmFlags mnemonics, or None)."""
+    and the VmFlags mnemonics, and its 64 signal actions (handler, flags, mask, restorer);
+    either may be None)."""
     image_id: bytes
     crid: int
     checksum: int
@@ -251,7 +253,8 @@ class LastCheckpoint:
             return cls(bytes.fromhex(d["image_id"]), d["crid"], d["checksum"],
                        bytes.fromhex(d["tree"]), d["generation"], d["daemon"],
                        {int(t): (mm[0], mm[1], [tuple(r) for r in mm[2]],
-                                 mm[3] if len(mm) > 3 else None)
+                                 mm[3] if len(mm) > 3 else None,
+                                 mm[4] if len(mm) > 4 else None)
                         for t, mm in d["mms"].items()})
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -444,6 +447,23 @@ class Tracking:
                 for start, end, perms, offset, major, minor, inode, path, deleted, flags
                 in last[3]}
 
+    def known_handlers(self, pid: int, start_time: int) -> SigHand | None:
+        """For the gathering: ``pid``'s signal actions at the parent checkpoint, when the
+        session says no process of the tree set one since (ProcessDirty.handlers_kept) and
+        none of them resets itself when it fires (SA_RESETHAND: the kernel changes it with no
+        syscall); reading all 64 costs 128 ptrace stops. None when that is not known."""
+        if not self.incremental or self.report is None:
+            return None
+        d = self.report.processes.get(pid)
+        last = self.last.mms.get(pid)
+        if d is None or not d.handlers_kept or d.all_dirty or d.exec or last is None \
+                or last[1] != start_time or not last[4] or len(last[4]) != NSIG:
+            return None
+        actions = [SigAction(*a) for a in last[4]]
+        if any(a.flags & SA_RESETHAND for a in actions):
+            return None
+        return SigHand(actions)
+
     def base_of(self, obj) -> int:
         """kinds/memory.py: the objref of ``obj`` in the parent image (0: saved whole)."""
         delta = getattr(obj, "delta", None)
@@ -475,7 +495,9 @@ class Tracking:
             known = ctx.refs.get(id(p.mm)) if p.mm is not None else None
             if known is not None and p.pid in self.present:
                 mms[p.pid] = (known[0], p.stat.start_time, self.present[p.pid],
-                              _vma_record(p.mm.vmas))
+                              _vma_record(p.mm.vmas),
+                              [[a.handler, a.flags, a.mask, a.restorer]
+                               for a in p.sighand.actions] if p.sighand else None)
         try:
             daemon = self.session.status()["daemon"]
             LastCheckpoint(image_id, crid, checksum, tree_identity(ctx.tree_bytes),

@@ -251,6 +251,7 @@ class Gatherer:
         # (pid, start time) -> {Mapping: VmFlags} known to hold for unchanged maps lines
         # (an incremental checkpoint's Tracking.known_vm_flags), or None
         self.known_vm_flags = None
+        self.known_handlers = None                # likewise, (pid, start time) -> SigHand
         self.smaps_spared = 0                     # processes whose smaps was not read
 
     def close(self) -> None:
@@ -269,7 +270,8 @@ class Gatherer:
         leader = tids[0] if pid not in tids else pid
         securebits = ptrace.inject_syscall(leader, kabi.SYS_prctl, kabi.PR_GET_SECUREBITS, 0, 0, 0, 0)
         p.cred = _cred(status, securebits)
-        p.sighand = _handlers(leader)
+        known = self.known_handlers(pid, p.stat.start_time) if self.known_handlers else None
+        p.sighand = known or _handlers(leader)
         p.signal = SignalStruct(_rlimits(pid))
         p.signal.shared_pending = SigPending([_siginfo(r) for r in ptrace.peek_siginfo(leader, shared=True)])
         p.fs = LiveFs(proc.read_root(pid) or "/", proc.read_cwd(pid) or "/",

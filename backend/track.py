@@ -104,7 +104,9 @@ class ProcessDirty:
     protected VMAs), and ``present``, the runs of pages worth saving in them at the stop
     (present or swapped, no uffd-wp markers: what backend.memory's scan gives), and
     ``vm_flags_kept``: every VMA whose /proc maps line is unchanged since the last arm has the
-    VmFlags it had then (the eBPF tracker saw no mm syscall that can change them)."""
+    VmFlags it had then (the eBPF tracker saw no mm syscall that can change them);
+    ``handlers_kept``: its signal actions are those of the last arm (no process of the tree
+    set one since)."""
     tgid: int
     pages: array
     uffd_pages: array
@@ -119,6 +121,7 @@ class ProcessDirty:
     scanned: list[tuple[int, int]] = field(default_factory=list)
     present: list[tuple[int, int]] | None = None
     vm_flags_kept: bool = False
+    handlers_kept: bool = False
 
     def bpf_in_covered(self) -> array:
         """``bpf_pages`` inside the write-protected ranges: on a process that writes only its
@@ -209,7 +212,8 @@ def _report(reply: dict, blobs: list[bytes]) -> DirtyReport:
             p["tgid"], union, uffd, bpf, [tuple(r) for r in p["new_vmas"]],
             [tuple(r) for r in p["gone_vmas"]], [tuple(r) for r in p["covered"]],
             p["all_dirty"], p["bpf_complete"], p["exec"], tuple(p["reasons"]),
-            [tuple(r) for r in p.get("scanned", ())], present, p.get("vm_flags_kept", False))
+            [tuple(r) for r in p.get("scanned", ())], present, p.get("vm_flags_kept", False),
+            p.get("handlers_kept", False))
     return DirtyReport(reply["root"], reply["generation"], processes, reply["exited"])
 
 

@@ -318,6 +318,7 @@ class Daemon:
         # decided first: the eBPF map pass below holds the tracker's lock meanwhile
         kept = {t for t in tgids if self._layout_kept(t, self.procs.get(t))}
         flags_kept = {t for t in tgids if self._vm_flags_kept(t)}
+        handlers_kept = self._handlers_kept(tgids)
         spans: dict = {}
         taking = _InThread(self._timed, spans, "bpf_take", self.bpf.dirty_by_tgid, take=True)
         try:
@@ -329,6 +330,7 @@ class Daemon:
             p = self.procs.get(tgid)
             entry, pages = self._process_dirty(tgid, p, bpf_dirty, scans[tgid], True)
             entry["vm_flags_kept"] = tgid in flags_kept
+            entry["handlers_kept"] = tgid in handlers_kept
             out.append(entry)
             blobs.extend(pages)
             if entry.pop("fresh"):
@@ -367,6 +369,21 @@ class Daemon:
             return all(_keeps_vm_flags(e) for e in self.bpf.mm_events(tgid))
         except TrackerIncomplete:
             return False
+
+    def _handlers_kept(self, tgids) -> set[int]:
+        """The processes whose signal actions are as at the last arm: no process of the tree
+        set one since (a process may share its table with another: CLONE_SIGHAND), as the
+        eBPF tracker, which saw all their events, says. An rt_sigaction that only reads (no
+        new action: the checkpointer's own injected ones) or failed changes nothing."""
+        tracked = self.bpf.tracked()
+        try:
+            for t in tgids:
+                if t not in tracked or any(e.args[1] and e.ret == 0
+                                           for e in self.bpf.sig_events(t)):
+                    return set()
+        except TrackerIncomplete:
+            return set()
+        return set(tgids)
 
     def _layout(self, p: _Process, kept: bool) -> Layout:
         """The tracker's Layout: the one kept from the last smaps read or registration, if

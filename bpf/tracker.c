@@ -29,7 +29,7 @@
 #define ADDR_LIMIT (1ULL << 48)      /* addresses above need more than 40 key bits */
 #define PATH_LEN 128
 
-enum kind { K_NONE, K_MM, K_FD, K_IO, K_TASK };
+enum kind { K_NONE, K_MM, K_FD, K_IO, K_TASK, K_SIG };
 enum event_type { EV_SYSCALL = 1, EV_FORK, EV_EXEC, EV_EXIT };
 
 struct tracked_t {
@@ -97,6 +97,8 @@ static __always_inline int syscall_kind(s64 nr)
         return K_IO;
     case __NR_clone: case __NR_clone3: case __NR_fork: case __NR_vfork:
         return K_TASK;
+    case __NR_rt_sigaction:                       /* the only way a handler is set */
+        return K_SIG;
     }
     return K_NONE;
 }
@@ -200,7 +202,7 @@ TRACEPOINT_PROBE(raw_syscalls, sys_exit)
     e->type = EV_SYSCALL;
     e->tgid = tgid;
     e->tid = tid;
-    e->other = kind;                            /* K_MM or K_FD */
+    e->other = kind;                            /* K_MM, K_FD or K_SIG */
     e->nr = p->nr;
 #pragma unroll
     for (int i = 0; i < 6; i++)

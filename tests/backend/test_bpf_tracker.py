@@ -216,6 +216,19 @@ def test_address_space_changes_with_their_ranges(tracker, target):
     assert tracker.mm_events(t.pid) == []
 
 
+def test_sigaction_calls_are_recorded(tracker, target):
+    t = target()
+    tracker.start([t.pid])
+    tracker.reset(t.pid)
+    assert _cmd(t, "sig") == "done"
+    events = tracker.sig_events(t.pid)
+    assert [(e.name, e.args[0]) for e in events] == [("rt_sigaction", 23), ("rt_sigaction", 23)]
+    assert events[0].args[1] != 0 and events[1].args[1] == 0        # set, then only read
+    assert tracker.mm_events(t.pid) == [] and tracker.fd_events(t.pid) == []
+    tracker.reset(t.pid)
+    assert tracker.sig_events(t.pid) == []
+
+
 def test_fd_table_changes_and_positions(tracker, target):
     t = target()
     tracker.start([t.pid])

@@ -21,7 +21,7 @@ from backend.restore.job import restart_image
 from backend.snapshot_mm import _VM_FLAG_BITS
 from ckptsim.cr.context import RestartError
 from ckptsim.cr.incremental import ImageScan
-from ckptsim.image import core
+from ckptsim.image import core, decode_all
 from ckptsim.image.storage import read_image_file
 
 PAGE = 4096
@@ -225,6 +225,48 @@ def test_incremental_gathering_takes_known_vm_flags_instead_of_reading_smaps(
     runner.step()
     reads, flags = checkpoint("04.img", "03.img")
     assert reads == 0 and flags[runner.a] & random_bit
+    status, _ = runner.report()
+    assert status == "OK"
+
+
+def _sighand(path) -> list[tuple]:
+    """(handler, flags, restorer, mask) of the image's SIGHAND record, by signal."""
+    recs = [r for r in decode_all(read_image_file(str(path))) if r.layout.name == "SIGHAND"]
+    assert len(recs) == 1
+    return [tuple(item) for item in recs[0].var]
+
+
+def test_incremental_gathering_takes_the_known_signal_actions(runner, capsys, tmp_path,
+                                                              monkeypatch):
+    """While no process of the tree set a signal action since the parent (the eBPF tracker
+    sees rt_sigaction; the checkpointer's own reads do not count), an incremental stop takes
+    the parent's 64 actions instead of injecting 64 rt_sigaction calls; once the target sets
+    one (step 5: SIGURG to SIG_IGN), they are read again and the image has the new one."""
+    reads = []
+    handlers = snapshot._handlers
+    monkeypatch.setattr(snapshot, "_handlers", lambda tid: reads.append(tid) or handlers(tid))
+
+    def checkpoint(name, parent=None):
+        del reads[:]
+        args = [runner.pid, "-o", tmp_path / name] + (["--parent", tmp_path / parent]
+                                                      if parent else ["--track"])
+        rc, err = _checkpoint(capsys, *args)
+        assert rc == 0, err
+        return len(reads), _sighand(tmp_path / name)
+
+    urg = 23 - 1
+    reads_full, full = checkpoint("00.img")
+    assert reads_full == 1 and full[urg][0] == 0                   # SIGURG: SIG_DFL
+    assert any(action[0] > 1 for action in full)                   # its SIGUSR1/2 handlers
+    runner.step()
+    assert checkpoint("01.img", "00.img") == (0, full)
+    for _ in range(4):
+        runner.step()                                              # step 5: SIGURG ignored
+    n, after = checkpoint("02.img", "01.img")
+    assert n == 1 and after[urg][0] == 1                           # SIG_IGN
+    assert after[:urg] == full[:urg] and after[urg + 1:] == full[urg + 1:]
+    runner.step()
+    assert checkpoint("03.img", "02.img") == (0, after)
     status, _ = runner.report()
     assert status == "OK"
 

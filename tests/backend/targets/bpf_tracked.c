@@ -16,6 +16,7 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,6 +52,13 @@ int main(void) {
     while (fgets(line, sizeof line, stdin)) {
         if (strncmp(line, "w ", 2) == 0) {
             write_pages(line + 2);
+            puts("done");
+        } else if (strncmp(line, "sig", 3) == 0) {
+            struct sigaction sa, old;
+            memset(&sa, 0, sizeof sa);
+            sa.sa_handler = SIG_IGN;
+            sigaction(SIGURG, &sa, &old);             /* set */
+            sigaction(SIGURG, NULL, &old);            /* only read */
             puts("done");
         } else if (strncmp(line, "dontneed", 8) == 0) {
             madvise(region, PAGES * PAGE, MADV_DONTNEED);

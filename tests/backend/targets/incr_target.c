@@ -10,8 +10,8 @@
  *   SIGUSR1  the next step: step 1 writes pages 1, 5, 6; step 2 writes 5 and 9 and drops
  *            2..3 (MADV_DONTNEED: last[] = 0); step 3 writes 0 and NPAGES-1; step k > 3
  *            writes page (7 k) % NPAGES, and step 4 first marks region a MADV_RANDOM (a
- *            VmFlags change, "rr", that leaves its maps line as it was); then DIR/step-K
- *            holds "done"
+ *            VmFlags change, "rr", that leaves its maps line as it was) and step 5 sets
+ *            SIGURG to SIG_IGN; then DIR/step-K holds "done"
  *   SIGUSR2  check every page against last[] and write DIR/report-N (N counts reports):
  *            "OK" or "BAD I GOT WANT" on the first line, then "I V" for every page with V != 0
  * With RATE > 0 it also writes RATE pages per second (pseudo-random pages, 100 batches a
@@ -108,6 +108,8 @@ static void step(long k)
     } else {
         if (k == 4 && madvise(a, npages * PG, MADV_RANDOM))
             die("madvise");
+        if (k == 5 && signal(SIGURG, SIG_IGN) == SIG_ERR)
+            die("signal");
         put((7 * k) % npages);
     }
     write_file("step", k, "done\n");
