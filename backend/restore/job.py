@@ -42,7 +42,6 @@ from .tree import THREAD_FLAGS, become_reaper, clone_child, map_trampoline, set_
     spawn_seed
 
 
-CHECKSUM_NICE = 10          # the checksum thread's nice value (see _Checksum)
 
 
 class RestoreError(CkptsimError, OSError):
@@ -161,9 +160,8 @@ def load_job(data, log=None, *, background_checksum: bool, chain=None,
 
 class _Checksum:
     """The image's CRC-32, computed on a helper thread; ``result()`` raises its ImageError.
-    The thread runs at a lower priority (CHECKSUM_NICE): on two cores it would otherwise
-    take CPU from the page writes and the stubs, which are on the critical path while it
-    is not (it is only waited for before detaching). Then it serves as ``watchdog``."""
+    Then the thread serves as ``watchdog``. (Run at a lower priority, it was no faster on an
+    idle machine and was starved on a busy one: the restart then waited ~20 ms for it.)"""
 
     def __init__(self, reader: ImageReader, watchdog: Watchdog | None = None):
         self._error: BaseException | None = None
@@ -174,10 +172,6 @@ class _Checksum:
 
     def _run(self, reader: ImageReader, watchdog: Watchdog | None) -> None:
         try:
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHECKSUM_NICE)
-            except OSError:
-                pass                     # (a limit on nice values: the default priority)
             reader.verify_checksum()
         except BaseException as e:       # handed to the restoring thread
             self._error = e
