@@ -18,10 +18,8 @@ import errno
 import functools
 import hashlib
 import io
-import json
 import os
 import stat
-import tempfile
 from array import array
 
 from elftools.common.exceptions import ELFError
@@ -32,7 +30,7 @@ from elftools.elf.segments import NoteSegment
 from ckptsim.errors import CkptsimError
 from ckptsim.kinds.memory import ID_BUILD_ID, ID_SHA256, FileIdentity, VdsoLayout
 
-from . import memory, proc
+from . import memory, proc, runcache
 
 PAGE = 4096
 PROT_EXEC = 4
@@ -57,46 +55,18 @@ class ElfIdError(CkptsimError, OSError):
 _identities: dict[tuple, FileIdentity | None] = {}
 _vdso_layouts: dict[tuple, VdsoLayout] = {}   # (SHA-256 of the vdso, vvar, vvar_vclock sizes)
 _cache = {"loaded": False, "new": 0}          # the cache file's state in this process
-CACHE_ENV = "CKPTSIM_ELF_ID_CACHE"            # the cache file's path; "" keeps none
-MAX_CACHE_FILE = 4 << 20
-
-
-def cache_path() -> str | None:
-    """Where identities are kept between runs (a checkpoint is a fresh process, and reading
-    the notes of a dozen libraries with pyelftools costs it ~25 ms): $CKPTSIM_ELF_ID_CACHE,
-    else /run/ckptsim/elf-ids.json for root, else under $XDG_RUNTIME_DIR or ~/.cache."""
-    path = os.environ.get(CACHE_ENV)
-    if path is not None:
-        return path or None
-    if os.geteuid() == 0:
-        return "/run/ckptsim/elf-ids.json"
-    base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "ckptsim", "elf-ids.json")
-
-
-def _trusted(st: os.stat_result) -> bool:
-    """Ours and writable by nobody else: the cache decides what a restart accepts."""
-    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+CACHE_FILE = "elf-ids.json"                   # in backend.runcache.cache_dir()
 
 
 def _load_cache() -> None:
-    """Entries of the cache file join this process's cache; a missing, foreign, oversized or
-    malformed file is ignored (identities are then computed)."""
+    """Entries of the cache file join this process's cache (a checkpoint is a fresh process,
+    and reading the notes of a dozen libraries with pyelftools cost it ~25 ms); a missing,
+    foreign or malformed file is ignored (identities are then computed)."""
     _cache["loaded"] = True
-    path = cache_path()
-    if path is None:
+    kept = runcache.load(CACHE_FILE)
+    if kept is None:
         return
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode) or not _trusted(st) or st.st_size > MAX_CACHE_FILE \
-                    or not _trusted(os.stat(os.path.dirname(path) or ".")):
-                return
-            kept = json.loads(f.read())
         for key, ident in kept["files"]:
             _identities.setdefault(tuple(key), None if ident is None else FileIdentity(
                 ident[0], bytes.fromhex(ident[1]), ident[2], ident[3]))
@@ -104,38 +74,23 @@ def _load_cache() -> None:
             _vdso_layouts.setdefault((digest, vvar, vclock), VdsoLayout(
                 vvar, vclock, size, bytes.fromhex(build_id),
                 tuple((name, offset, length) for name, offset, length in symbols)))
-    except (OSError, ValueError, TypeError, IndexError, KeyError, AttributeError):
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError):
         return
 
 
 def save_cache() -> None:
-    """Write this process's identities to the cache file (atomically, mode 0600) if it found
-    new ones. Never raises: a cache that cannot be written is only slower."""
-    path = cache_path()
-    if not _cache["new"] or path is None:
+    """Write this process's identities to the cache file (backend.runcache) if it found new
+    ones. Never raises: a cache that cannot be written is only slower."""
+    if not _cache["new"]:
         return
-    directory = os.path.dirname(path) or "."
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if not _trusted(os.stat(directory)):
-            return
-        kept = {"files": [[list(key), None if ident is None else
-                           [ident.kind, ident.value.hex(), ident.size, ident.mtime_ns]]
-                          for key, ident in _identities.items()],
-                "vdso": [[digest, vvar, vclock, v.vdso_size, v.build_id.hex(),
-                          [list(sym) for sym in v.symbols]]
-                         for (digest, vvar, vclock), v in _vdso_layouts.items()]}
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".elf-ids.")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(kept, f)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        _cache["new"] = 0
-    except OSError:
-        return
+    runcache.save(CACHE_FILE, {
+        "files": [[list(key), None if ident is None else
+                   [ident.kind, ident.value.hex(), ident.size, ident.mtime_ns]]
+                  for key, ident in _identities.items()],
+        "vdso": [[digest, vvar, vclock, v.vdso_size, v.build_id.hex(),
+                  [list(sym) for sym in v.symbols]]
+                 for (digest, vvar, vclock), v in _vdso_layouts.items()]})
+    _cache["new"] = 0
 
 
 def build_id_of(f) -> bytes | None:

@@ -24,7 +24,7 @@ from typing import Callable
 
 from ckptsim.errors import CkptsimError
 
-from . import kabi
+from . import kabi, runcache
 
 __all__ = ["Feature", "MissingFeatures", "probe", "probed", "require_must_haves", "MUST_HAVE",
            "format_table"]
@@ -417,11 +417,35 @@ def probed(names=None) -> list[Feature]:
     return found
 
 
+MUST_HAVES_FILE = "must-haves.json"       # in backend.runcache.cache_dir()
+
+
+def _must_have_key() -> list:
+    """What the must-haves' presence depends on: the kernel (this boot), the caller and the
+    ptrace policy (Yama)."""
+    def read(path):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+    return [read("/proc/sys/kernel/random/boot_id"), os.uname().release, os.geteuid(),
+            read("/proc/sys/kernel/yama/ptrace_scope")]
+
+
 def require_must_haves(features: list[Feature] | None = None) -> None:
     """Raise MissingFeatures if a must-have feature is missing (the process's ``probed()``
-    result if not given)."""
+    result if not given). A checkpoint is a fresh process each time and the probe forks,
+    seizes and kills a child (~3-5 ms): a probe that found them all is remembered for the
+    boot, the caller and the ptrace policy (backend.runcache). Should one go missing even so,
+    the checkpoint's own seize or read fails with its errno, before the tree is touched."""
     if features is None:
+        key = _must_have_key()
+        if key[0] is not None and runcache.load(MUST_HAVES_FILE) == {"present": key}:
+            return
         features = probed(MUST_HAVE)
+        if all(f.present for f in features if f.must_have) and key[0] is not None:
+            runcache.save(MUST_HAVES_FILE, {"present": key})
     missing = [f for f in features if f.must_have and not f.present]
     if missing:
         raise MissingFeatures(missing)

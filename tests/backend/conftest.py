@@ -2,7 +2,7 @@
 target processes that the tests own (ended by pid at teardown, never left traced or stopped).
 
 Fixtures:
-    elf_id_cache -> path          (autouse) the ELF identity cache file of the session
+    run_cache -> path             (autouse) the session's backend/runcache.py directory
     c_target(name) -> path        compile tests/backend/targets/<name>.c (session cache)
     start_target(exe, *args)      start a process; returns a Target (pid, info, readline());
                                   teardown: untrace, SIGKILL, reap - on every path
@@ -23,17 +23,18 @@ TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets")
 
 
 @pytest.fixture(scope="session", autouse=True)
-def elf_id_cache(tmp_path_factory):
-    """The ELF identity cache (backend/elf_ids.py) of this session's checkpoints and restarts,
-    in and out of process, is a file of its own, not the machine's."""
-    path = str(tmp_path_factory.mktemp("elf-id-cache") / "elf-ids.json")
-    old = os.environ.get("CKPTSIM_ELF_ID_CACHE")
-    os.environ["CKPTSIM_ELF_ID_CACHE"] = path
+def run_cache(tmp_path_factory):
+    """The files the live tools keep between runs (backend/runcache.py: ELF identities, the
+    must-have probe) are, for this session's checkpoints and restarts in and out of process,
+    in a directory of its own, not the machine's."""
+    path = str(tmp_path_factory.mktemp("run-cache") / "ckptsim")
+    old = os.environ.get("CKPTSIM_CACHE_DIR")
+    os.environ["CKPTSIM_CACHE_DIR"] = path
     yield path
     if old is None:
-        os.environ.pop("CKPTSIM_ELF_ID_CACHE", None)
+        os.environ.pop("CKPTSIM_CACHE_DIR", None)
     else:
-        os.environ["CKPTSIM_ELF_ID_CACHE"] = old
+        os.environ["CKPTSIM_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """backend/elf_ids.py: build ids read from the PT_NOTE headers only, and the identity cache
-kept between runs (trusted only when it is the caller's and nobody else can write it)."""
+kept between runs (backend/runcache.py, whose trust rules tests/backend/test_runcache.py
+covers)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +9,7 @@ import os
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from backend import elf_ids
+from backend import elf_ids, runcache
 from ckptsim.kinds.memory import ID_BUILD_ID, ID_SHA256
 
 NOT_ELF = b"#!/bin/sh\necho not an ELF file\n" * 50
@@ -42,8 +43,8 @@ def test_build_id_from_the_note_headers_is_the_one_every_segment_gives():
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A cache file of the test's own and a process cache that starts empty."""
-    path = tmp_path / "cache" / "elf-ids.json"
-    monkeypatch.setenv(elf_ids.CACHE_ENV, str(path))
+    path = tmp_path / "cache" / elf_ids.CACHE_FILE
+    monkeypatch.setenv(runcache.CACHE_ENV, str(path.parent))
     monkeypatch.setattr(elf_ids, "_identities", {})
     monkeypatch.setattr(elf_ids, "_vdso_layouts", {})
     monkeypatch.setattr(elf_ids, "_cache", {"loaded": False, "new": 0})
@@ -78,36 +79,6 @@ def test_identities_are_kept_between_processes_in_a_private_file(cache, tmp_path
     lib.write_bytes(NOT_ELF[::-1])                   # changed: a new ctime, computed again
     changed = elf_ids.identity_of(str(lib))
     assert len(computed) == 1 and changed.value == hashlib.sha256(NOT_ELF[::-1]).digest()
-
-
-@pytest.mark.parametrize("spoil", ["writable by others", "malformed", "a symlink"])
-def test_a_cache_file_that_cannot_be_trusted_is_ignored(cache, tmp_path, monkeypatch, spoil):
-    lib = tmp_path / "lib.bin"
-    lib.write_bytes(NOT_ELF)
-    elf_ids.identity_of(str(lib))
-    elf_ids.save_cache()
-    if spoil == "writable by others":
-        os.chmod(cache, 0o666)
-    elif spoil == "malformed":
-        cache.write_text('[[1, 2], {"no": "list"}')
-    else:
-        real = tmp_path / "elsewhere.json"
-        os.replace(cache, real)
-        os.symlink(real, cache)
-    computed = _new_process(monkeypatch)
-    assert elf_ids.identity_of(str(lib)).value == hashlib.sha256(NOT_ELF).digest()
-    assert len(computed) == 1
-
-
-def test_no_cache_file_when_the_variable_is_empty(tmp_path, monkeypatch):
-    monkeypatch.setenv(elf_ids.CACHE_ENV, "")
-    monkeypatch.setattr(elf_ids, "_cache", {"loaded": False, "new": 0})
-    assert elf_ids.cache_path() is None
-    lib = tmp_path / "lib.bin"
-    lib.write_bytes(NOT_ELF)
-    elf_ids.identity_of(str(lib))
-    elf_ids.save_cache()                              # nothing to write to, no error
-    assert sorted(os.listdir(tmp_path)) == ["lib.bin"]
 
 
 def test_the_vdso_layout_is_kept_between_processes(cache, monkeypatch):

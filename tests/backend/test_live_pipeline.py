@@ -274,6 +274,7 @@ def _feats(missing: str = "", names=None) -> list[Feature]:
 
 
 def test_require_must_haves_probes_only_them_once_per_process(monkeypatch):
+    monkeypatch.setenv("CKPTSIM_CACHE_DIR", "")     # no remembered probe (test_runcache.py)
     calls = []
     monkeypatch.setattr(features, "probe", lambda names=None: calls.append(names) or
                         _feats(names=names))
@@ -294,6 +295,7 @@ def test_probe_of_the_must_haves_runs_only_their_probes(monkeypatch):
 
 
 def test_a_missing_must_have_is_probed_again(monkeypatch):
+    monkeypatch.setenv("CKPTSIM_CACHE_DIR", "")     # no remembered probe (test_runcache.py)
     calls = []
     monkeypatch.setattr(features, "probe", lambda names=None: calls.append(1) or
                         _feats("ptrace", names))
