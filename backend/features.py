@@ -438,7 +438,8 @@ def require_must_haves(features: list[Feature] | None = None) -> None:
     result if not given). A checkpoint is a fresh process each time and the probe forks,
     seizes and kills a child (~3-5 ms): a probe that found them all is remembered for the
     boot, the caller and the ptrace policy (backend.runcache). Should one go missing even so,
-    the checkpoint's own seize or read fails with its errno, before the tree is touched."""
+    the checkpoint fails with its errno at its own seize (nothing stopped yet) or read (the
+    tree is released, as on any error)."""
     if features is None:
         key = _must_have_key()
         if key[0] is not None and runcache.load(MUST_HAVES_FILE) == {"present": key}:
