@@ -435,7 +435,14 @@ class FsContext(Shared):
         return f"<FsContext cwd={self.cwd_path} root={self.root_path} umask={self.umask:o}>"
 
 
-from .vfs_ops import FileOps  # noqa: E402  (the syscalls live next door; re-exported)
+def __getattr__(name: str):
+    """``FileOps`` (the syscalls, next door in vfs_ops.py) is re-exported lazily: vfs_ops
+    imports this module, so importing it here at load time made vfs_ops unimportable first."""
+    if name == "FileOps":
+        from .vfs_ops import FileOps
+        return FileOps
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Inode", "FileSystem", "FileType", "File", "FdTable", "FsContext", "FileOps",
            "FILE_TYPES", "REGULAR", "DIRECTORY", "kernel_filesystem", "SETFL_MASK"]
