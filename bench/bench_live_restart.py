@@ -341,8 +341,9 @@ def main(argv=None) -> int:
         print(f"load average at the end {_load()} (other processes share the 2 cores: compare "
               "runs made at similar loads)")
         print("\nrestart_image's steps of the best runs (decode: s; then cumulative s from "
-              "the start of run(); 'pages' is the writer thread's time, 'pages wait' and "
-              "'checksum wait' how long the restart waited for them):")
+              "the start of run(); 'pages' is the page writer thread's time from the submission (planning, waiting "
+              "for the VMAs, writing); 'pages wait' and 'checksum wait' how long the restart "
+              "waited for the pages and the checksum):")
         for size, how, t, relocated in steps:
             print(f"  {size // MiB} MiB, {how}: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items())
                   + (f" (raw: {relocated} VMAs mapped elsewhere)" if relocated else ""))

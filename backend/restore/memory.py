@@ -163,8 +163,12 @@ def restore_mm(stub: Stub, mm, sink: PageSink, segments: SharedSegments, transpo
                                           f"{_size(have)}): saved code calls into it")
     # 3a. the files and segments to map, handed over first (each a recvmsg in the stub) so
     # that steps 1-3 then run as batches of syscalls (stub.syscalls: one stop per batch)
+    # 4. the pages: the writer plans its calls meanwhile, and writes once the VMAs exist
+    written = writer.submit(stub.pid, [chunk for vma in mm.vmas
+                                       if vma.name not in SPECIAL_MAPPINGS
+                                       for chunk in sink.private.get(id(vma), ())])
     fds: dict[int, int] = {}              # id(file or segment) -> fd number in the stub
-    to_protect, pages, maps = [], [], []
+    to_protect, maps = [], []
     for vma in mm.vmas:
         if vma.name in SPECIAL_MAPPINGS:
             continue
@@ -192,7 +196,6 @@ def restore_mm(stub: Stub, mm, sink: PageSink, segments: SharedSegments, transpo
             flags |= kabi.MAP_ANONYMOUS
         maps.append((vma, (kabi.SYS_mmap, (vma.start, vma.end - vma.start, prot, flags, fd,
                                            offset), f"mmap of {_describe(vma)}")))
-        pages.extend(chunks)
     calls = []
     # 1. unmap all but the trampoline and the specials
     keep = sorted([tramp] + list(specials_now.values()))
@@ -220,9 +223,9 @@ def restore_mm(stub: Stub, mm, sink: PageSink, segments: SharedSegments, transpo
     for (vma, _), at in zip(maps, got):
         if at != vma.start:
             raise StubError(errno.EFAULT, f"mmap of {_describe(vma)} landed at {at:#x}")
-    # 4. its pages, only once every VMA is mapped: a write under way holds the mm's lock
-    # that mmap and mprotect wait for; what follows (fds, cwd, limits, threads) runs meanwhile
-    writer.submit(stub.pid, pages)
+    # only now: a write under way holds the mm's lock that mmap and mprotect wait for; what
+    # follows (fds, cwd, limits, threads) runs meanwhile
+    written.mapped()
     # 5. the mm fields and the executable
     exe_fd = 0xFFFFFFFF
     if exe_path and exe_path != stub_exe:

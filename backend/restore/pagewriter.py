@@ -113,10 +113,11 @@ def _write(pid: int, call: _Call) -> None:
                              f"{call.remote[0][0]:#x} failed ({os.strerror(err)})")
 
 
-def write_chunks(pid: int, chunks: list[tuple[array, memoryview]]) -> None:
+def write_chunks(pid: int, chunks: list[tuple[array, memoryview]], mapped=None) -> None:
     """process_vm_writev the page chunks ((page addresses, their data), in order) into
     ``pid``, straight from the data's memory (a read-only mmap of the image is fine: the
-    buffer protocol gives its address without a copy)."""
+    buffer protocol gives its address without a copy). ``mapped()``: called once the calls
+    are planned, returns once the pages may be written (False: they may not, nothing is)."""
     views = []
     try:
         located = []
@@ -125,11 +126,35 @@ def write_chunks(pid: int, chunks: list[tuple[array, memoryview]]) -> None:
             _get_buffer(data, ctypes.byref(view), 0)      # PyBUF_SIMPLE: contiguous bytes
             views.append(view)
             located.append((view.buf, addrs))
-        for call in plan_calls(located):
+        calls = plan_calls(located)
+        if mapped is not None and not mapped():
+            return
+        for call in calls:
             _write(pid, call)
     finally:
         for view in views:
             _release_buffer(ctypes.byref(view))
+
+
+class Submitted:
+    """A submitted process's pages: planned at once, written once ``mapped()`` was called
+    (its VMAs exist), or never after ``cancel()``."""
+
+    def __init__(self, pid: int, chunks: list):
+        self.pid, self.chunks = pid, chunks
+        self._ready = threading.Event()
+        self._go = False
+
+    def mapped(self) -> None:
+        self._go = True
+        self._ready.set()
+
+    def cancel(self) -> None:
+        self._ready.set()
+
+    def _may_write(self) -> bool:
+        self._ready.wait()
+        return self._go
 
 
 class PageWriter:
@@ -143,26 +168,33 @@ class PageWriter:
         self._error: BaseException | None = None
         self._stopping = False
         self.busy_s = 0.0                  # time spent writing (for the job's step timings)
+        self._works: list[Submitted] = []
 
-    def submit(self, pid: int, chunks: list[tuple[array, memoryview]]) -> None:
+    def submit(self, pid: int, chunks: list[tuple[array, memoryview]]) -> Submitted:
+        """Plan the writes of ``chunks`` into ``pid`` now (on the thread, while the caller
+        maps the VMAs); they are made once the caller says ``.mapped()``."""
+        work = Submitted(pid, chunks)
         if not chunks:
-            return
+            return work
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, daemon=True, name="page-writer")
             self._thread.start()
         with self._done:
             self._pending += 1
-        self._jobs.put((pid, chunks))
+        self._works.append(work)
+        self._jobs.put(work)
+        return work
 
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
+            work = self._jobs.get()
+            if work is None:
                 return
             start = time.perf_counter()
             try:
                 if self._error is None and not self._stopping:
-                    write_chunks(*job)
+                    write_chunks(work.pid, work.chunks,
+                                 lambda: work._may_write() and not self._stopping)
             except BaseException as e:          # handed to the tracer thread by wait()
                 self._error = e
             finally:
@@ -172,18 +204,27 @@ class PageWriter:
                     self._done.notify_all()
 
     def wait(self) -> None:
-        """Until every submitted write is done; raises the first failure."""
+        """Until every submitted write is done; raises the first failure. A submission not
+        released by mapped() by now is a bug of the caller: cancelled and raised."""
+        unreleased = [work for work in self._works if not work._ready.is_set()]
+        for work in unreleased:
+            work.cancel()
         with self._done:
             self._done.wait_for(lambda: self._pending == 0)
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+        if unreleased:
+            raise StubError(errno.EINVAL, f"pid {unreleased[0].pid}: its pages were never "
+                                          "written (their VMAs were not said to be mapped)")
 
     def close(self) -> None:
         """Skip what is not written yet and end the thread (after a failure: the processes
         are killed first, so a write under way ends at once)."""
         if self._thread is not None:
             self._stopping = True
+            for work in self._works:       # a write waiting for its VMAs: never made
+                work.cancel()
             self._jobs.put(None)
             self._thread.join()
             self._thread = None

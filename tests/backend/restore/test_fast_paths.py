@@ -8,6 +8,7 @@ import errno
 import mmap
 import os
 import sys
+import time
 from array import array
 
 import pytest
@@ -74,13 +75,35 @@ def test_write_chunks_lands_every_page_where_its_address_says():
 def test_a_failed_write_is_raised_by_wait_naming_the_pid():
     writer = PageWriter()
     try:
-        writer.submit(os.getpid(), [(array("Q", [0x1000]), memoryview(bytes(PAGE)))])
+        writer.submit(os.getpid(), [(array("Q", [0x1000]), memoryview(bytes(PAGE)))]).mapped()
         with pytest.raises(StubError) as info:
             writer.wait()
         assert info.value.errno == errno.EFAULT and f"pid {os.getpid()}" in str(info.value)
         writer.wait()                                  # reported once
     finally:
         writer.close()
+
+
+def test_pages_are_written_only_once_their_vmas_are_said_to_be_mapped():
+    area, base = _own_pages(2)
+    writer = PageWriter()
+    try:
+        addrs = array("Q", [base])
+        submitted = writer.submit(os.getpid(), [(addrs, memoryview(bytes([7]) * PAGE))])
+        time.sleep(0.05)
+        assert area[0] == 0, "written before mapped()"
+        submitted.mapped()
+        writer.wait()
+        assert area[0] == 7
+        writer.submit(os.getpid(), [(array("Q", [base + PAGE]), memoryview(bytes([9]) * PAGE))])
+        with pytest.raises(StubError, match="never written"):
+            writer.wait()                              # (a caller's bug: not a hang)
+        assert area[PAGE] == 0
+        cancelled = writer.submit(os.getpid(), [(addrs, memoryview(bytes([8]) * PAGE))])
+    finally:
+        writer.close()                                 # a failed restart: never written
+    assert area[0] == 7 and cancelled is not None
+    area.close()
 
 
 # -- batches of injected syscalls -----------------------------------------------------------------
