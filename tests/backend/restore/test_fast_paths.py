@@ -13,8 +13,7 @@ from array import array
 
 import pytest
 
-from backend import elf_ids
-from backend.restore import elfcheck, pagewriter
+from backend.restore import pagewriter
 from backend.restore.pagewriter import IOV_MAX, PageWriter, plan_calls, write_chunks
 from backend import kabi
 from backend.restore.memory import free_spot, stub_maps
@@ -171,28 +170,3 @@ def test_the_sigtrap_state_survives_the_injected_syscalls(restore_runs, how):
         assert int(before["SigIgn"], 16) & bit
     restored = restore_runs.restart(prog, restore_runs.checkpoint_kill(prog))
     assert {k: status(restored.root)[k] for k in fields} == before
-
-
-# -- ELF checks ------------------------------------------------------------------------------------
-
-def test_own_vdso_layout_is_elf_ids_one():
-    assert elfcheck.own_vdso_layout() == elf_ids.own_vdso_layout()
-
-
-def test_build_ids_read_with_struct_are_pyelftools_ones(c_target):
-    libc = next(line.split()[-1] for line in open("/proc/self/maps")
-                if "/libc.so" in line or "/libc-" in line)
-    for path in (c_target("elf_target"), libc, os.path.realpath(sys.executable)):
-        quick = elfcheck._quick_identity(path)
-        with open(path, "rb") as f:
-            full = elf_ids.build_id_of(f)
-        assert full is not None, f"{path} has no build id: nothing to compare"
-        assert quick is not None and quick.value == full, path
-
-
-def test_a_file_without_a_build_id_note_goes_the_full_way(tmp_path):
-    path = tmp_path / "plain"
-    path.write_bytes(b"\x7fELF\x02\x01" + bytes(200))            # no program headers
-    assert elfcheck._quick_identity(str(path)) is None
-    path.write_bytes(b"#!/bin/sh\n")
-    assert elfcheck._quick_identity(str(path)) is None
