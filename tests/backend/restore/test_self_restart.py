@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))))
 
 
-def _wait_lines(path: str, n: int, timeout: float = 10.0) -> list[str]:
+def _wait_lines(path: str, n: int, timeout: float = 10.0, tool=None) -> list[str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with open(path) as f:
@@ -26,7 +26,25 @@ def _wait_lines(path: str, n: int, timeout: float = 10.0) -> list[str]:
         if len(lines) >= n:
             return lines
         time.sleep(0.01)
-    pytest.fail(f"fewer than {n} counts in {path}")
+    pytest.fail(f"fewer than {n} counts in {path} after {timeout:g} s" + _tool_state(tool))
+
+
+def _tool_state(tool) -> str:
+    """What became of the restart tool (for a failure message: it failed twice in ~25
+    parallel runs, never alone)."""
+    if tool is None:
+        return ""
+    if tool.poll() is not None:
+        return f"; the tool exited {tool.returncode}: {tool.stderr.read().decode()[-2000:]!r}"
+    try:
+        with open(f"/proc/{tool.pid}/status") as f:
+            fields = [x for x in f.read().splitlines()
+                      if x.startswith(("Name:", "State:", "TracerPid:", "SigPnd", "ShdPnd"))]
+        with open(f"/proc/{tool.pid}/wchan") as f:
+            fields.append(f"wchan: {f.read()}")
+    except OSError as e:
+        fields = [str(e)]
+    return f"; the tool (pid {tool.pid}) still runs: {fields}"
 
 
 @pytest.fixture
@@ -62,7 +80,7 @@ def test_the_caller_becomes_the_image_and_keeps_its_pid(procs, c_target, tmp_pat
                             cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     procs.append(tool)
-    after = _wait_lines(out, len(before) + 3)
+    after = _wait_lines(out, len(before) + 3, timeout=30.0, tool=tool)
     numbers = [int(x.split()[1]) for x in after]
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), numbers
     with open(f"/proc/{tool.pid}/comm") as f:
