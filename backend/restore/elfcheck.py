@@ -1,4 +1,6 @@
-"""Before a live restart creates anything: do the image's executables and vdso still fit here?
+"""Before a live restart lets anything run: do the image's executables and vdso still fit here?
+(backend/restore/job.py checks while the pages are written; a refusal kills and reaps every
+stub made so far, as any failed step does.)
 
 A restored process's saved memory holds return addresses and pointers into the code of its
 mapped executable files and into the vdso. The files are mapped again from their paths, and
