@@ -30,7 +30,7 @@ from ckptsim.kinds.tasktree import STATE_NUMBERS, TASK, TASK_OBJS, TREE
 
 from . import features, leaks, proc, ptrace
 from .memory import MemoryDumpError
-from .snapshot import Gatherer, LiveProcess, Unsupported
+from .snapshot import Gatherer, LiveProcess, Unsupported, refuse_shared_address_spaces
 from .sockets import live_kernel
 
 
@@ -183,6 +183,7 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
     processes: list[LiveProcess] = []
     stop_began = time.monotonic()
     try:
+        refuse_shared_address_spaces(_tree_order(pid))
         with _stopped(pid, freezer) as seized:
             for p in _tree_order(pid):  # re-read: the tree is stopped now
                 if p not in seized.threads:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import struct
 
@@ -235,6 +236,31 @@ def _refuse_unshared_threads(pid: int, leader: int, tids: list[int]) -> None:
             if kabi.syscall(kabi.SYS_kcmp, leader, tid, kind, 0, 0, what="kcmp") != 0:
                 raise Unsupported(f"task {pid}: thread {tid} has {what}; an image holds one "
                                   "per process: not supported")
+
+
+def refuse_shared_address_spaces(pids: list[int]) -> None:
+    """Processes of the tree that share one address space (a vfork child before its exec,
+    clone(CLONE_VM) without CLONE_THREAD) would be saved as copies of their own, and a vfork
+    parent cannot even be stopped (it waits in the kernel until the child lets go): refused
+    before the tree is touched. kcmp orders mms, so sorting finds equal ones in
+    O(n log n) calls. Zombies have no mm (kcmp finds every two equal): left out, as is a
+    process gone meanwhile (the seize notices)."""
+    def order(a: int, b: int) -> int:
+        try:
+            return (0, -1, 1)[kabi.syscall(kabi.SYS_kcmp, a, b, kabi.KCMP_VM, 0, 0, what="kcmp")]
+        except OSError:
+            return -1 if a < b else (a > b)
+    def has_mm(p: int) -> bool:
+        try:
+            return proc.read_stat(p).state not in ("Z", "X")
+        except proc.ProcessGone:
+            return False
+    ranked = sorted(filter(has_mm, pids), key=functools.cmp_to_key(order))
+    for a, b in zip(ranked, ranked[1:]):
+        if order(a, b) == 0 and has_mm(a) and has_mm(b):     # not turned zombies meanwhile
+            raise Unsupported(f"processes {min(a, b)} and {max(a, b)} share one address space "
+                              "(a vfork child that has not exec'd yet, or clone(CLONE_VM) "
+                              "without CLONE_THREAD): not supported")
 
 
 class Gatherer:

@@ -167,3 +167,24 @@ def test_threads_sharing_everything_are_checkpointed(c_target, start_target, che
     checkpoint(t.pid, buf)
     assert len(by_name(records(buf.getvalue()), "TASK")) == 2
     check_untraced(t.pid)
+
+
+def test_processes_sharing_an_address_space_are_refused_by_name(c_target, start_target,
+                                                                check_untraced):
+    """A vfork child that has not exec'd shares its parent's mm: saved as two, each would
+    restart with a copy of its own, so the checkpoint refuses the tree, naming both."""
+    t = start_target(c_target("vfork_child"))
+    child = int(t.info["child"])
+    try:
+        with pytest.raises(CheckpointError) as e:
+            checkpoint(t.pid, io.BytesIO())
+        assert e.value.errno == errno.ENOSYS
+        assert str(t.pid) in e.value.message and str(child) in e.value.message, e.value.message
+        assert "address space" in e.value.message
+        check_untraced(t.pid)
+        check_untraced(child)
+    finally:
+        try:
+            os.kill(child, 9)                # the child first: the parent then leaves vfork
+        except ProcessLookupError:
+            pass
