@@ -11,7 +11,8 @@ altstacks, rlimits, cwd and root, private memory (pages from PAGEMAP_SCAN, read 
 process_vm_readv), file-backed and special mappings, regular files (an unlinked one by its
 contents), pipes and FIFOs with their buffered bytes, UNIX sockets, shared anonymous memory.
 Anything else fails the checkpoint with a message naming the task and the object (a thread
-with a file table or fs of its own, unshared from its leader's, too).
+with a file table or fs of its own, unshared from its leader's, and processes sharing one
+address space, too: a vfork child before its exec is refused before the tree is touched).
 """
 from __future__ import annotations
 
