@@ -774,6 +774,7 @@ assert ctypes.sizeof(ptrace_rseq_configuration) == 24
 # (include/uapi/linux/capability.h, securebits.h, prctl.h)
 # --------------------------------------------------------------------------------------------
 SYS_umask = 95
+SYS_unshare = 272                          # with CLONE_FS: a thread's own cwd (sockets.py)
 CAP_SETGID, CAP_SETUID = 6, 7
 CAP_LAST_CAP = 40
 SECBIT_KEEP_CAPS = 1 << 4

@@ -37,9 +37,12 @@ import os
 import posixpath
 import socket
 import stat
+import threading
 
+from backend import kabi
 from ckptsim.model.unix import (RCV_SHUTDOWN, SEND_SHUTDOWN, SOCK_DGRAM, SOCK_STREAM,
                                 SockState)
+
 from .stub import StubError
 
 
@@ -322,17 +325,13 @@ class SocketFactory:
             if base is None:
                 raise self._fail(sock, errno.EOPNOTSUPP, f"the relative name {address!r} does "
                                  f"not lead to its saved path {path}")
-        here = os.open(".", os.O_PATH | os.O_CLOEXEC) if base is not None else -1
         try:
             if base is not None:
-                os.chdir(base)
-            s.bind(address)
+                bind_from(base, s, address)
+            else:
+                s.bind(address)
         except OSError as e:
             raise self._fail(sock, e.errno, f"bind to {path}: {e.strerror}") from None
-        finally:
-            if here >= 0:
-                os.fchdir(here)
-                os.close(here)
         if unlinked and sock.address is not None and not sock.bound_path and \
                 sock.state != SockState.CONNECTED and sock.inode is None:
             os.unlink(path)                          # the name only, as when checkpointed
@@ -437,6 +436,28 @@ class SocketFactory:
         except OSError as e:
             raise self._fail(sock, e.errno, f"connect to {_show(peer.address)}: "
                              f"{e.strerror}") from None
+
+
+def bind_from(base: str, s: socket.socket, address: str) -> None:
+    """bind(s, address) for a relative ``address``, resolved from the directory ``base``: in a
+    thread of its own that first unshares its fs struct (its cwd), so that no other thread of
+    the restorer, nor of a program calling restart_image, ever sees another working directory.
+    Raises what chdir or bind raised."""
+    failure: list[OSError] = []
+
+    def run() -> None:
+        try:
+            kabi.syscall(kabi.SYS_unshare, kabi.CLONE_FS, what="unshare(CLONE_FS)")
+            os.chdir(base)
+            s.bind(address)
+        except OSError as e:
+            failure.append(e)
+
+    worker = threading.Thread(target=run, name="bind-relative-name")
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
 
 
 def _base_dir(path: str, relative: str) -> str | None:

@@ -138,3 +138,36 @@ def test_file_in_flight_and_a_closed_peer(c_target, start_target, restarts, tmp_
     assert rep["survivor-2-err"] == str(errno.ECONNRESET)
     assert rep["survivor-3"] == "0"
     assert rep["survivor-send"] == "-1" and rep["survivor-errno"] == str(errno.EPIPE)
+
+
+def test_a_relative_name_is_bound_without_moving_the_restorers_cwd(tmp_path):
+    """bind_from resolves the name from its directory in a thread with its own cwd: the
+    restorer's working directory (every thread's) never changes, even for a moment."""
+    import threading
+    from backend.restore.sockets import bind_from
+    base = tmp_path / "dir"
+    base.mkdir()
+    cwd = os.getcwd()
+    seen, stop = set(), threading.Event()
+
+    def watch():                       # another thread of this process, looking all along
+        while not stop.is_set():
+            seen.add(os.getcwd())
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    socks = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(21)]
+    try:
+        for k, s in enumerate(socks[:20]):
+            bind_from(str(base), s, f"sock{k}")
+        assert all((base / f"sock{k}").is_socket() for k in range(20))
+        with pytest.raises(OSError) as e:                       # a name in use: bind's error
+            bind_from(str(base), socks[20], "sock0")
+        assert e.value.errno == errno.EADDRINUSE
+        with pytest.raises(FileNotFoundError):                  # chdir's error
+            bind_from(str(tmp_path / "missing"), socks[20], "sock")
+    finally:
+        stop.set()
+        watcher.join()
+        for s in socks:
+            s.close()
+    assert seen == {cwd} and os.getcwd() == cwd
