@@ -141,6 +141,28 @@ def unix_stream_accepted(p):
     p.check(got, "==", 0, "EOF once the client closes")
 
 
+@scenario("unix", "a listener bound by a relative name in its cwd: after restart a connect "
+          "by its absolute path and one by the relative name reach it")
+def unix_listen_relative(p):
+    buf = _buffer(p)
+    p.do("mkdir", "/tmp/rel", 0o755)
+    p.do("chdir", "/tmp/rel")
+    srv = p.socket(AF_UNIX, SOCK_STREAM, 0)
+    p.check(p.bind(srv, "srv.sock"), "==", 0, "bind by a relative name")
+    p.check(p.listen(srv, 2), "==", 0, "listen")
+    p.ckpt()
+    cli = p.socket(AF_UNIX, SOCK_STREAM, 0)
+    p.check(p.connect(cli, "/tmp/rel/srv.sock"), "==", 0, "connect by the absolute path")
+    conn = p.accept(srv)
+    p.write_text(cli, buf, "abs")
+    p.read_check(conn, buf, "abs", "bytes through the absolute path")
+    cli2 = p.socket(AF_UNIX, SOCK_STREAM, 0)
+    p.check(p.connect(cli2, "srv.sock"), "==", 0, "connect by the relative name")
+    conn2 = p.accept(srv)
+    p.write_text(cli2, buf, "rel")
+    p.read_check(conn2, buf, "rel", "bytes through the relative name")
+
+
 @scenario("unix", "a datagram socket bound to a path receives from an unbound sender")
 def unix_dgram_path(p):
     buf = _buffer(p)
