@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import bisect
 import errno
-import json
 import mmap
 import os
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ckptsim.cr.context import CheckpointError
 from ckptsim.cr.incremental import tree_identity
@@ -41,6 +40,8 @@ from ckptsim.model.signals import NSIG, SA_RESETHAND, SigAction, SigHand
 
 from . import kabi, proc, track
 from .dirty import marker_runs, scan_regions
+from .incremental_record import (LastCheckpoint, _vma_record, forget_stale,  # noqa: F401
+                                 record_path)      # (re-exported: the record lives there)
 
 PAGE = 4096
 
@@ -195,76 +196,6 @@ class ParentImage:
 
     def describe(self) -> str:
         return f"{self.name} (image {self.image_id.hex()}, crid {self.crid})"
-
-
-# -- what the session's last arm belongs to ---------------------------------------------------
-def record_path(root: int) -> str:
-    return os.path.join(track.RUN_DIR, f"track-{int(root)}.last")
-
-
-def forget_stale() -> None:
-    """Remove the records of sessions that have ended (no socket any more): the daemon
-    removes its socket, not this module's record."""
-    try:
-        names = os.listdir(track.RUN_DIR)
-    except OSError:
-        return
-    for name in names:
-        if name.startswith("track-") and name.endswith(".last") and \
-                name.removesuffix(".last") + ".sock" not in names:
-            try:
-                os.unlink(os.path.join(track.RUN_DIR, name))
-            except FileNotFoundError:
-                pass
-
-
-@dataclass
-class LastCheckpoint:
-    """The image a session was last armed at, and per tgid (mm objref in it, the process's
-    start time, its present private page runs then, its VMAs then: the /proc maps fields
-    and the VmFlags mnemonics, and its 64 signal actions (handler, flags, mask, restorer);
-    either may be None)."""
-    image_id: bytes
-    crid: int
-    checksum: int
-    tree: bytes
-    generation: int
-    daemon: int
-    mms: dict[int, tuple[int, int, list]] = field(default_factory=dict)
-
-    def save(self, root: int) -> None:
-        path = record_path(root)
-        data = json.dumps({"image_id": self.image_id.hex(), "crid": self.crid,
-                           "checksum": self.checksum, "tree": self.tree.hex(),
-                           "generation": self.generation, "daemon": self.daemon,
-                           "mms": {str(t): list(mm) for t, mm in self.mms.items()}})
-        tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        forget_stale()
-
-    @classmethod
-    def load(cls, root: int) -> "LastCheckpoint | None":
-        try:
-            with open(record_path(root)) as f:
-                d = json.load(f)
-            return cls(bytes.fromhex(d["image_id"]), d["crid"], d["checksum"],
-                       bytes.fromhex(d["tree"]), d["generation"], d["daemon"],
-                       {int(t): (mm[0], mm[1], [tuple(r) for r in mm[2]],
-                                 mm[3] if len(mm) > 3 else None,
-                                 mm[4] if len(mm) > 4 else None)
-                        for t, mm in d["mms"].items()})
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    @staticmethod
-    def forget(root: int) -> None:
-        try:
-            os.unlink(record_path(root))
-        except FileNotFoundError:
-            pass
 
 
 def _root_vpid(pid: int) -> int:
@@ -518,16 +449,6 @@ class Tracking:
     @property
     def delta_pages(self) -> int:
         return sum(len(d.pages) for d in self.deltas.values())
-
-
-def _vma_record(vmas) -> list:
-    """The VMAs as LastCheckpoint keeps them (see Tracking.known_vm_flags)."""
-    out = []
-    for v in vmas:
-        m = v.entry.mapping
-        out.append([m.start, m.end, m.perms, m.offset, m.dev[0], m.dev[1], m.inode, m.path,
-                    m.deleted, " ".join(sorted(v.entry.vm_flags))])
-    return out
 
 
 def _present_runs(p, d) -> list[tuple[int, int]]:
