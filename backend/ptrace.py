@@ -87,6 +87,11 @@ _U64 = (1 << 64) - 1
 _ALL_SIGNALS = _U64
 _SYSCALL_STOP = signal.SIGTRAP | 0x80
 _FIRST_RECHECK, _LAST_RECHECK = 0.0002, 0.005   # seconds between re-checks of a slow stop
+# A stop usually comes within tens of microseconds (an injected syscall's round trip): a
+# waiter that went to sleep meanwhile leaves its CPU idle, and waking it again costs as
+# much as the stop itself (64 injected calls: ~6 ms sleeping, ~3.2 ms when it first polls
+# WNOHANG for up to this long)
+SPIN_S = 50e-6
 # Signals that would kill the tracer mid-way; blocked while we restore tracees.
 _SHIELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
 
@@ -222,7 +227,7 @@ def _waitpid(tid: int, timeout: float) -> int:
     caller that collects it with sigwait/signalfd keeps it). A SIGCHLD taken by another
     thread, or not sent (SIGCHLD ignored), costs at most the current re-check interval:
     0.2 ms doubling to 5 ms, as the plain sleeping poll used otherwise."""
-    status = _try_wait(tid)
+    status = spin_wait(lambda: _try_wait(tid))
     if status is not None:
         return status
     deadline = time.monotonic() + timeout
@@ -234,6 +239,16 @@ def _waitpid(tid: int, timeout: float) -> int:
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
     return _wait_polling(tid, deadline, timeout)
+
+
+def spin_wait(try_wait, limit: float = SPIN_S):
+    """``try_wait()`` until it gives something other than None, for ``limit`` seconds at
+    most (see SPIN_S); its last answer."""
+    end = time.perf_counter() + limit
+    while True:
+        got = try_wait()
+        if got is not None or time.perf_counter() > end:
+            return got
 
 
 def _wait_woken_by_sigchld(tid: int, deadline: float, timeout: float) -> int:
