@@ -243,21 +243,35 @@ def refuse_shared_address_spaces(pids: list[int]) -> None:
     clone(CLONE_VM) without CLONE_THREAD) would be saved as copies of their own, and a vfork
     parent cannot even be stopped (it waits in the kernel until the child lets go): refused
     before the tree is touched. kcmp orders mms, so sorting finds equal ones in
-    O(n log n) calls. Zombies have no mm (kcmp finds every two equal): left out, as is a
-    process gone meanwhile (the seize notices)."""
-    def order(a: int, b: int) -> int:
+    O(n log n) calls; a kernel that gives no order (kcmp answers 3) is compared pair by pair.
+    Zombies have no mm (kcmp finds every two equal): left out, as is a process gone
+    meanwhile or one this caller may not compare (the seize notices)."""
+    unordered = []
+
+    def kcmp_vm(a: int, b: int) -> int | None:
         try:
-            return (0, -1, 1)[kabi.syscall(kabi.SYS_kcmp, a, b, kabi.KCMP_VM, 0, 0, what="kcmp")]
+            return kabi.syscall(kabi.SYS_kcmp, a, b, kabi.KCMP_VM, 0, 0, what="kcmp")
         except OSError:
-            return -1 if a < b else (a > b)
+            return None
+
+    def order(a: int, b: int) -> int:
+        got = kcmp_vm(a, b)
+        if got in (0, 1, 2):
+            return (0, -1, 1)[got]
+        if got == 3:
+            unordered.append(True)
+        return -1 if a < b else int(a > b)
+
     def has_mm(p: int) -> bool:
         try:
             return proc.read_stat(p).state not in ("Z", "X")
         except proc.ProcessGone:
             return False
     ranked = sorted(filter(has_mm, pids), key=functools.cmp_to_key(order))
-    for a, b in zip(ranked, ranked[1:]):
-        if order(a, b) == 0 and has_mm(a) and has_mm(b):     # not turned zombies meanwhile
+    pairs = (zip(ranked, ranked[1:]) if not unordered else
+             ((a, b) for i, a in enumerate(ranked) for b in ranked[i + 1:]))
+    for a, b in pairs:
+        if kcmp_vm(a, b) == 0 and has_mm(a) and has_mm(b):     # not turned zombies meanwhile
             raise Unsupported(f"processes {min(a, b)} and {max(a, b)} share one address space "
                               "(a vfork child that has not exec'd yet, or clone(CLONE_VM) "
                               "without CLONE_THREAD): not supported")

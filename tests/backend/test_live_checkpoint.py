@@ -188,3 +188,29 @@ def test_processes_sharing_an_address_space_are_refused_by_name(c_target, start_
             os.kill(child, 9)                # the child first: the parent then leaves vfork
         except ProcessLookupError:
             pass
+
+
+def test_shared_address_spaces_are_found_pair_by_pair_without_an_order(c_target,
+                                                                       start_target,
+                                                                       monkeypatch):
+    """A kernel whose kcmp gives no order (3: different, order unknown) is compared pair by
+    pair: the shared mm is still found, and processes of their own are not refused."""
+    from backend import kabi, snapshot
+    real = kabi.syscall
+
+    def unordered(nr, *args, **kw):
+        got = real(nr, *args, **kw)
+        return 3 if nr == kabi.SYS_kcmp and args[2] == kabi.KCMP_VM and got else got
+    t = start_target(c_target("vfork_child"))
+    child = int(t.info["child"])
+    other = start_target(c_target("unshared_thread"), "none")
+    monkeypatch.setattr(snapshot.kabi, "syscall", unordered)
+    try:
+        with pytest.raises(snapshot.Unsupported, match=f"{t.pid} and {child}"):
+            snapshot.refuse_shared_address_spaces([other.pid, t.pid, child])
+        snapshot.refuse_shared_address_spaces([other.pid, t.pid])      # no error
+    finally:
+        try:
+            os.kill(child, 9)
+        except ProcessLookupError:
+            pass
