@@ -292,7 +292,6 @@ class Gatherer:
         # (an incremental checkpoint's Tracking.known_vm_flags), or None
         self.known_vm_flags = None
         self.known_handlers = None                # likewise, (pid, start time) -> SigHand
-        self.smaps_spared = 0                     # processes whose smaps was not read
 
     def close(self) -> None:
         """Close the fds of the files in flight (kept for kcmp while the tree is gathered)."""
@@ -457,7 +456,6 @@ class Gatherer:
             maps = proc.read_maps(pid)
             flags = [known.get(m) for m in maps]
             if None not in flags:
-                self.smaps_spared += 1
                 return [proc.SmapsEntry(m, vm_flags=f) for m, f in zip(maps, flags)]
         return proc.read_smaps(pid)
 
