@@ -337,6 +337,7 @@ class Interp(SignalOps, TaskOps):
 
 
 RLIMIT_SIGPENDING = 11
+OWN_UID_ENV = "CKPTSIM_INTERP_UID"
 UNSUPPORTED_ALWAYS = {"checkpoint": "a self-checkpoint is the model's op; a live process has no checkpoint(2)"}
 
 
@@ -349,12 +350,28 @@ def unsupported_op(op) -> str | None:
         return f"unsupported op {name}: the live interpreter does not run it"
     if name == "fork" and args:
         return clone_refusal(args[0], args[1:])
-    if name == "setrlimit" and args and args[0] == RLIMIT_SIGPENDING:
-        return ("unsupported op setrlimit(RLIMIT_SIGPENDING): Linux counts the queued signals of "
-                "the real uid in its whole user namespace (SigQ in /proc/PID/status: every root "
-                "process of the machine, outside the container too), the model those of the "
-                "thread group; the scenario's count cannot be the container's own")
     return None
+
+
+def needs_own_uid(ops) -> bool:
+    """Whether the program must run under a uid no other process has.
+
+    Linux counts queued signals per real uid of a user namespace (SigQ in /proc/PID/status:
+    every root process of the machine), the model per thread group: under a uid of its own
+    the two counts are the same, and RLIMIT_SIGPENDING means what the scenario expects.
+    """
+    return any(op[1] == "setrlimit" and len(op) > 2 and op[2] == RLIMIT_SIGPENDING for op in ops)
+
+
+def _take_own_uid() -> None:
+    uid = os.environ.get(OWN_UID_ENV)
+    if uid is None:
+        return
+    uid = int(uid)
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    libc_call("prctl", 4, 1, 0, 0, 0)   # PR_SET_DUMPABLE: a uid change cleared it
 
 
 def _reset_process() -> None:
@@ -364,6 +381,7 @@ def _reset_process() -> None:
     PROCESS.learn_restorer()
     BREAK.start()
     os.closerange(0, 1 << 16)
+    _take_own_uid()
 
 
 def run_program(ops: list, control_dir: str):

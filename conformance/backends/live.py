@@ -42,6 +42,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 START_TIMEOUT = 20.0
 QUIET_POLLS = 3          # the tree must look the same this many polls in a row
 POLL = 0.02
+OWN_UID_BASE, OWN_UID_SPAN = 0x40000000, 0x3fff0000   # uids far above any in /etc/passwd
 END_TIMEOUT = 20.0
 
 
@@ -100,6 +101,14 @@ def _merge_anonymous(vmas: list[list]) -> list[list]:
         else:
             out.append(list(vma))
     return out
+
+
+_uids_given = iter(range(1 << 20))
+
+
+def _fresh_uid() -> int:
+    """A uid no other process has: this process's pid and a count, above the ranges in use."""
+    return OWN_UID_BASE + ((os.getpid() << 10) + next(_uids_given)) % OWN_UID_SPAN
 
 
 class LiveBackend(IncrementalSteps, Backend):
@@ -163,6 +172,9 @@ class LiveBackend(IncrementalSteps, Backend):
                 json.dump(rewrite_program(scenario.ops, tmp, os.path.basename(tmp)), f)
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": REPO,
                    "PYTHONDONTWRITEBYTECODE": "1"}
+            from backend.interp import OWN_UID_ENV, needs_own_uid
+            if needs_own_uid(scenario.ops):
+                env[OWN_UID_ENV] = str(_fresh_uid())
             run.proc = subprocess.Popen(
                 ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-m", "backend.interp",
                  prog, run.ctl], cwd="/", env=env, stdin=subprocess.DEVNULL,

@@ -177,3 +177,38 @@ def test_blocked_read_restarts_only_with_sa_restart(run, tmp_path, flags, want):
         os.close(fd)
     assert r.wait_report("emit", 2)[1]["values"] == [want]
     assert [x["sig"] for x in r.reports() if x["kind"] == "signal"] == [SIGUSR1]
+
+
+def test_a_uid_of_its_own_makes_the_queued_count_the_programs():
+    """Linux charges queued signals to the real uid: under OWN_UID_ENV the program's uid is
+    one no other process has, so RLIMIT_SIGPENDING=2 lets exactly two signals queue."""
+    from backend.interp import OWN_UID_ENV, RLIMIT_SIGPENDING, needs_own_uid
+    from .interp_harness import InterpRun, program
+    uid = 0x40000000 + os.getpid()
+
+    def build(p):
+        p.do("setrlimit", RLIMIT_SIGPENDING, 2, 2)
+        p.do("sigprocmask", 0, bit(SIGRT))
+        me = p.getpid()
+        p.check(p.sigqueue(me, SIGRT, 1), "==", 0, "first")
+        p.check(p.sigqueue(me, SIGRT, 2), "==", 0, "second")
+        p.check(p.sigqueue(me, SIGRT, 3), "==", (-errno.EAGAIN) & U64, "third: over the limit")
+        p.emit(p.call("getuid"))
+    ops = program(build)
+    assert needs_own_uid(ops) and not needs_own_uid(program(lambda p: p.getpid()))
+    import pathlib
+    import tempfile
+    ctl = pathlib.Path(tempfile.mkdtemp(prefix="ckpt-own-uid-"))   # pytest's tmp_path is 0700
+    os.chmod(ctl, 0o777)
+    old_mask = os.umask(0)     # the report and the release FIFO: 0666, for the program's uid
+    try:
+        r = InterpRun(ops, ctl, env_extra={OWN_UID_ENV: str(uid)})
+    finally:
+        os.umask(old_mask)
+    try:
+        assert r.finish() == 0
+        assert r.wait_report("emit")[0]["values"] == [uid]
+        assert not [x for x in r.reports() if x["kind"] in ("FAIL", "error", "unsupported")]
+    finally:
+        r.close()
+        shutil.rmtree(ctl)
