@@ -155,6 +155,15 @@ class Interp(SignalOps, TaskOps):
     def op_store(self, out, addr, text):
         mem_write(addr, text.encode())
 
+    def op_stack_vma(self, out, end_reg):
+        with open("/proc/self/maps") as f:
+            for line in f:
+                if line.rstrip().endswith("[stack]"):
+                    start, end = (int(x, 16) for x in line.split(None, 1)[0].split("-"))
+                    self.regs[end_reg] = end
+                    return start
+        return -14   # EFAULT, as the model: no [stack]
+
     def op_set(self, out, reg, value):
         self.regs[reg] = value & U64
 

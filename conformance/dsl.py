@@ -157,6 +157,12 @@ class Program:
         self.raw(r, "pipe", w.n)
         return r, w
 
+    def stack_vma(self) -> tuple[Reg, Reg]:
+        """Start and end of the main stack's VMA ([stack] in maps): where the kernel put it."""
+        start, end = self.reg(), self.reg()
+        self.raw(start, "stack_vma", end.n)
+        return start, end
+
     def socketpair(self, sock_type: int) -> tuple[Reg, Reg]:
         a, b = self.reg(), self.reg()
         self.raw(a, "socketpair", sock_type, b.n)

@@ -13,6 +13,8 @@ Pseudo-operations (not syscalls):
 - ``["emit_mem", addr, n]``: output n bytes of memory;
 - ``["store", addr, "text"]``: write UTF-8 text to memory; ``["set", reg, value]``, ``["add",
   reg, value]``; ``["jnz", reg, pc]`` jumps to operation ``pc`` when the register is non-zero;
+- ``["stack_vma", reg2]``: the start of the VMA holding the main stack (mm.start_stack) in
+  ``out``, its end in ``reg2`` (what a real program reads as ``[stack]`` in /proc/self/maps);
 - buffer syscalls take memory addresses, as the real ones do: ``["read", fd, addr, n]``,
   ``["write", fd, addr, n]``, ``["recv", fd, addr, n]``, ``["send", fd, addr, n]``,
   ``["pread", fd, addr, n, off]``, ``["pwrite", fd, addr, n, off]``,
@@ -36,6 +38,7 @@ Anything else is a Kernel syscall method called as ``kernel.name(task, *args)``.
 """
 from __future__ import annotations
 
+import errno
 import json
 
 from ..errors import ModelError
@@ -146,6 +149,12 @@ class Interpreter:
             return None
         if name == "jnz":
             return args[1] if t.cpu.regs[args[0]] else None
+        if name == "stack_vma":     # not a syscall: what a program reads in /proc/self/maps
+            vma = t.mm.find_vma(t.mm.start_stack)
+            if vma is None:
+                raise ModelError(errno.EFAULT, "no VMA holds the start of the stack")
+            t.cpu.regs[args[0]] = vma.end
+            return vma.start
         if name in _BUFFER_READS:
             fd, addr, n = args
             data = getattr(self, _BUFFER_READS[name])(t, fd, n)

@@ -139,7 +139,7 @@ class LiveBackend(IncrementalSteps, Backend):
             return (f"restart flags {scenario.restart_flags:#x}: the live restart supports "
                     "RESTART_FROZEN only")
         if scenario.needs:
-            return f"needs {', '.join(sorted(scenario.needs))}: the interpreter's stack and layout are Python's"
+            return f"needs {', '.join(sorted(scenario.needs))}: the live backend has none of them"
         if shutil.which("unshare") is None:
             return "no unshare(1): the live backend runs each scenario in a new pid namespace"
         for op in scenario.program:

@@ -248,21 +248,31 @@ def memory_brk(p):
     m.writable(base, "heap page 0")
 
 
-@scenario("memory", "the stack: data near its top and at the bottom of the initial stack "
-          "survive, and it stays writable", files=PROBE_FILE, needs={"fixed_stack_layout"})
+@scenario("memory", "the stack: data near its top, at its bottom and across a page boundary "
+          "survive, an untouched stack page stays zero, and it stays writable", files=PROBE_FILE)
 def memory_stack(p):
-    from ckptsim.model.mm_pages import STACK_INIT_SIZE, STACK_TOP  # the model's fixed layout
+    # Addresses from the [stack] VMA itself, not a fixed layout: the kernel randomizes it. Its
+    # bottom pages are below anything the program's calls have used (132 KiB at exec).
     m = Mem(p)
-    top, bottom = STACK_TOP - 64, STACK_TOP - STACK_INIT_SIZE + 8
-    p.store(top, "top-of-the-stack")
+    start, top = p.stack_vma()
+    near_top, bottom, crossing, untouched = p.reg(), p.reg(), p.reg(), p.reg()
+    for reg, base, offset in ((near_top, top, -64), (bottom, start, 8),
+                              (crossing, start, 2 * PAGE - 4), (untouched, start, 4 * PAGE)):
+        p.set(reg, base)
+        p.add(reg, offset)
+    p.store(near_top, "top-of-the-stack")
     p.store(bottom, "bottom-of-the-stack")
-    p.store(STACK_TOP - PAGE - 4, "crosses-a-page")
+    p.store(crossing, "crosses-a-page")
     p.ckpt()
-    p.check_mem(top, "top-of-the-stack", "near the top")
-    p.check_mem(bottom, "bottom-of-the-stack", "bottom of the initial stack")
-    p.check_mem(STACK_TOP - PAGE - 4, "crosses-a-page", "across a page boundary")
-    p.check_mem(STACK_TOP - 8 * PAGE, zeros(), "an untouched stack page")
-    m.writable(bottom + 100, "the stack")
+    again_start, again_top = p.stack_vma()
+    p.check(again_start, "==", start, "the stack starts where it did")
+    p.check(again_top, "==", top, "the stack ends where it did")
+    p.check_mem(near_top, "top-of-the-stack", "near the top")
+    p.check_mem(bottom, "bottom-of-the-stack", "bottom of the stack")
+    p.check_mem(crossing, "crosses-a-page", "across a page boundary")
+    p.check_mem(untouched, zeros(), "an untouched stack page")
+    p.add(bottom, 100)
+    m.writable(bottom, "the stack")
 
 
 # ---- several restarts in a row ------------------------------------------------------------------

@@ -37,3 +37,13 @@ def test_sendmsg_and_sendto_take_a_buffer_and_pass_fds():
                 [9, "socket", 1, 2], [10, "sendto", "$r9", "$r1", 3, "\u0000dg"],
                 [None, "emit", "$r10"], [11, "recv", "$r8", "$r1", 9], [None, "emit", "$r11"]])
     assert [o[2] for o in out if o[0] == "emit"] == [2, b"data", 3, 3]
+
+
+def test_stack_vma_gives_the_bounds_of_the_vma_holding_the_stack():
+    from ckptsim.model.mm_pages import STACK_INIT_SIZE, STACK_TOP
+    out = _run([[1, "stack_vma", 2], [None, "emit", "$r1", "$r2"],
+                [None, "munmap", "$r1", STACK_INIT_SIZE],
+                [3, "stack_vma", 4], [None, "emit", "$r3"]])
+    emits = [o[2:] for o in out if o[0] == "emit"]
+    assert emits[0] == (STACK_TOP - STACK_INIT_SIZE, STACK_TOP)
+    assert emits[1] == ((-14) & ((1 << 64) - 1),)   # no VMA holds the stack any more: EFAULT
