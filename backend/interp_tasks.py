@@ -9,8 +9,13 @@
   masks and private pending signals are its own (rt_sigprocmask and tgkill are per thread).
   Other clone flags are refused by ``clone_refusal``: CLONE_VM without CLONE_THREAD would be
   a second process running this Python interpreter in the same address space (one heap, one
-  GIL, one thread-local block shared by two processes): no faithful way; CLONE_NEWPID would
-  change where every later child goes.
+  GIL, one thread-local block shared by two processes): no faithful way; CLONE_NEWPID with
+  anything but an exit signal, and the other namespace flags, are not run.
+- ``fork`` with CLONE_NEWPID (and optionally SIGCHLD) is a fork into a new pid namespace, whose
+  pid 1 the child is: unshare(CLONE_NEWPID), os.fork(), then the parent goes back to its own
+  pid namespace for its later children (setns to /proc/thread-self/ns/pid, its active one).
+  The child is that namespace's init as on Linux: signals without a handler sent from inside
+  the namespace do not reach it, and its children die when it exits.
 - ``exit`` is exit(2) (SYS_exit): only the calling thread ends, and the process ends with its
   last thread, as in the model; ``exit_group`` (and the end of the program) ends them all.
 - ``brk`` is the raw brk syscall. The program owns the break because the interpreter runs
@@ -36,6 +41,7 @@ from .interp_libc import STATUS_REG, Unsupported, libc_call
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
 THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD
+NEWPID_FORKS = (kabi.CLONE_NEWPID, kabi.CLONE_NEWPID | signal.SIGCHLD)
 MALLOC_TUNABLE = "glibc.malloc.mmap_threshold=0"
 
 
@@ -47,13 +53,15 @@ def clone_refusal(flags: int, rest=()) -> str | None:
         return None
     if flags & ~CLONE_SYSVSEM == THREAD_FLAGS:
         return None
+    if flags in NEWPID_FORKS:
+        return None
     if flags & CLONE_VM and not flags & CLONE_THREAD:
         return (f"unsupported op fork: clone flags {flags:#x} (CLONE_VM without CLONE_THREAD: a "
                 f"second process sharing this address space would run the same Python interpreter "
                 f"- one heap, one GIL, one thread-local block - with no thread of its own)")
     return (f"unsupported op fork: clone flags {flags:#x} (the interpreter runs plain forks and "
-            f"threads with CLONE_VM|FS|FILES|SIGHAND|THREAD; new pid namespaces and partial "
-            f"sharing are not run)")
+            f"threads with CLONE_VM|FS|FILES|SIGHAND|THREAD and forks into a new pid namespace "
+            f"with CLONE_NEWPID alone; other namespaces and partial sharing are not run)")
 
 
 def _start_brk() -> int:
@@ -111,12 +119,40 @@ class TaskOps:
         if flags & CLONE_THREAD:
             return self._spawn_thread(out)
         from .interp_signals import PROCESS
+        if flags in NEWPID_FORKS:
+            return self._fork_newpid(out)
         pid = os.fork()
         if pid == 0:
             PROCESS.lock = threading.Lock()   # another thread may have held it at the fork
             if out is not None:
                 self.regs[out] = 0
         return pid if pid else None
+
+    def _fork_newpid(self, out) -> int | None:
+        """fork(2) into a new pid namespace (the child is its pid 1); this thread's later
+        children stay in its own namespace. A failure is the fork's -errno."""
+        from .interp_signals import PROCESS
+        own = os.open("/proc/thread-self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        err = libc_call("syscall", kabi.SYS_unshare, kabi.CLONE_NEWPID)
+        if err < 0:
+            os.close(own)
+            return err                        # e.g. -EPERM without CAP_SYS_ADMIN
+        try:
+            pid = os.fork()
+        except OSError as e:
+            pid = -e.errno
+        if pid == 0:
+            os.close(own)                     # the child holds nothing of the parent's
+            PROCESS.lock = threading.Lock()
+            if out is not None:
+                self.regs[out] = 0
+            return None
+        back = libc_call("syscall", kabi.SYS_setns, own, kabi.CLONE_NEWPID)
+        os.close(own)
+        if back < 0:   # every later child would land in the new namespace: say so
+            self.report("error", message=f"op {self.pc} fork: setns back to this task's own "
+                                         f"pid namespace failed: {os.strerror(-back)}")
+        return pid
 
     def _spawn_thread(self, out) -> int:
         child = self.thread_copy(out)

@@ -775,6 +775,7 @@ assert ctypes.sizeof(ptrace_rseq_configuration) == 24
 # --------------------------------------------------------------------------------------------
 SYS_umask = 95
 SYS_unshare = 272                          # with CLONE_FS: a thread's own cwd (sockets.py)
+SYS_setns = 308                            # back to its own pid namespace after a CLONE_NEWPID fork (interp_tasks.py)
 CAP_SETGID, CAP_SETUID = 6, 7
 CAP_LAST_CAP = 40
 SECBIT_KEEP_CAPS = 1 << 4

@@ -13,6 +13,7 @@ from conformance.dsl import MAP_PRIVATE_ANON, O_RDWR, PAGE, PROT_RW
 from .interp_harness import bit, run  # noqa: F401,F811 (run: a fixture)
 
 THREAD = 0x10f00
+CLONE_NEWPID = 0x20000000
 SIGUSR1, SIGUSR2 = 10, 12
 HANDLER = 0x401000
 
@@ -89,10 +90,65 @@ def test_exit_ends_only_its_thread(run):
 def test_clone_vm_without_thread_is_refused():
     why = unsupported_op([1, "fork", 0x100])
     assert "CLONE_VM without CLONE_THREAD" in why
-    assert "clone flags 0x20000000" in unsupported_op([1, "fork", 0x20000000])
+    assert unsupported_op([1, "fork", CLONE_NEWPID]) is None
+    assert unsupported_op([1, "fork", CLONE_NEWPID | 17]) is None          # SIGCHLD
+    assert "clone flags 0x20000100" in unsupported_op([1, "fork", CLONE_NEWPID | 0x100])
+    assert "other namespaces" in unsupported_op([1, "fork", 0x20000])     # CLONE_NEWNS
     assert unsupported_op([1, "fork", THREAD]) is None
     assert unsupported_op([1, "fork", THREAD | 0x40000]) is None   # CLONE_SYSVSEM too
     assert unsupported_op([1, "fork"]) is None
+
+
+def _nspid(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return [int(n) for n in line.split()[1:]]
+
+
+def test_fork_with_clone_newpid_makes_a_nested_init(run):
+    """The child is pid 1 of a new pid namespace (getppid 0), its child pid 2 there; the
+    parent's later fork stays in the parent's own namespace."""
+    def build(p):
+        me, kid = p.reg(), p.reg()
+        inner = p.call("fork", CLONE_NEWPID)
+        with p.child(inner):
+            p.raw(me, "getpid")
+            p.raw(kid, "getppid")
+            p.emit("init", me, kid)
+            grandchild = p.fork()
+            with p.child(grandchild):
+                p.raw(me, "getpid")
+                p.raw(kid, "getppid")
+                p.emit("grandchild", me, kid)
+                p.ckpt()
+                p.exit(6)
+            p.ckpt()
+            p.wait_child(grandchild, 6, "the nested child")
+            p.exit(8)
+        plain = p.fork()
+        with p.child(plain):
+            p.raw(me, "getpid")
+            p.emit("plain", me)
+            p.ckpt()
+            p.exit(0)
+        p.emit("parent", inner, plain)
+        p.ckpt()
+        p.wait_child(inner, 8, "the nested init")
+        p.wait_child(plain, 0, "the plain child")
+    r = run(build)
+    r.wait_report("point", 4)
+    emits = {e["values"][0]: e["values"][1:] for e in r.reports() if e["kind"] == "emit"}
+    assert emits["init"] == [1, 0]
+    assert emits["grandchild"] == [2, 1]
+    inner, plain = emits["parent"]
+    assert emits["plain"] == [plain]          # the same number seen from both sides
+    outer = _nspid(r.pid)
+    nested = _nspid(inner)
+    assert len(nested) == len(outer) + 1 and nested[-2:] == [inner, 1]
+    assert len(_nspid(plain)) == len(outer)
+    assert r.finish() == 0
+    assert _fails(r) == []
 
 
 def test_the_program_owns_the_break(run, tmp_path):
