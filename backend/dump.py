@@ -5,7 +5,8 @@ meanwhile included), gathered (backend/snapshot.py) and written through the imag
 the same resource kinds as the model, then released: it runs on exactly as before, also on
 an error or Ctrl-C (or is killed with ``kill=True`` once the image is complete).
 
-Supported now: task trees (pids, parents, process groups, sessions, threads, zombies),
+Supported now: task trees (pids, parents, process groups, sessions, threads, zombies, pid
+namespaces nested below the root's whose inits their parents made with CLONE_NEWPID),
 credentials, x86-64 registers and XSAVE state, signal handlers, masks, pending signals and
 altstacks, rlimits, cwd and root, private memory (pages from PAGEMAP_SCAN, read with
 process_vm_readv), file-backed and special mappings, regular files (an unlinked one by its
@@ -27,7 +28,7 @@ from ckptsim.image import core
 from ckptsim.image.types import FORMAT_VERSION, MAGIC_HEAD, PAGE_SIZE
 from ckptsim.kinds import load_all
 from ckptsim.kinds.registry import task_kinds
-from ckptsim.kinds.tasktree import STATE_NUMBERS, TASK, TASK_OBJS, TREE
+from ckptsim.kinds.tasktree import STATE_NUMBERS, TASK, TASK_OBJS, TREE, TREE_NESTED
 
 from . import features, leaks, proc, ptrace
 from .memory import MemoryDumpError
@@ -70,25 +71,33 @@ def _tree_order(root: int) -> list[int]:
 
 
 def _write_tree(ctx, processes: list[LiveProcess]) -> list:
-    """TREE, with pids as the root's pid namespace sees them (what the tasks themselves see
-    when the root is a namespace init, as a container's is); 0 for a group or session, or
-    the root's parent, outside the tree."""
-    vpid = _vpids(processes)
+    """TREE (and TREE_NESTED), with pids as the root's pid namespace sees them (what the tasks
+    themselves see when the root is a namespace init, as a container's is); 0 for a group or
+    session, or the root's parent, outside the tree. A task in a pid namespace nested below
+    the root's has ``depth`` > 0 and its numbers there, outermost first, in TREE_NESTED."""
+    level, numbers = _pid_numbers(processes)
+    vpid = {tid: nums[level] for tid, nums in numbers.items()}
     container = vpid.get(processes[0].pid) == 1
-    tasks, entries = [], []
+    tasks, entries, nested = [], [], []
     for p in processes:
         st = p.stat
         ppid = vpid.get(st.ppid, 0) if p is not processes[0] else 0
         pgid, sid = vpid.get(st.pgrp, 0), vpid.get(st.session, 0)
         if container:   # a group or session whose leader is gone still lives in the container
             _, nspgid, nssid = _ns_numbers(p.pid)
-            pgid = pgid or (nspgid[-1] if nspgid else 0)
-            sid = sid or (nssid[-1] if nssid else 0)
+            pgid = pgid or (nspgid[level] if len(nspgid) > level else 0)
+            sid = sid or (nssid[level] if len(nssid) > level else 0)
         for t in p.threads:
-            entries.append((vpid[t.tid], ppid, vpid[p.pid], pgid, sid, 0))
+            inner = numbers[t.tid][level + 1:]
+            entries.append((vpid[t.tid], ppid, vpid[p.pid], pgid, sid, len(inner)))
+            nested.extend(inner)
             tasks.append(t)
     ctx.write(TREE, nr_tasks=len(entries), var=entries)
-    ctx.tree_bytes = b"".join(TREE.item_struct.pack(*e) for e in entries)  # the tree's identity
+    tree_bytes = b"".join(TREE.item_struct.pack(*e) for e in entries)
+    if nested:
+        ctx.write(TREE_NESTED, var=[(n,) for n in nested])
+        tree_bytes += b"".join(TREE_NESTED.item_struct.pack(n) for n in nested)
+    ctx.tree_bytes = tree_bytes    # the tree's identity (a child image's PARENT names it)
     return tasks
 
 
@@ -101,20 +110,35 @@ def _ns_numbers(pid: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, 
     return st.nspid, st.nspgid, st.nssid
 
 
-def _vpids(processes: list[LiveProcess]) -> dict[int, int]:
-    """Global pid (and tid) -> the number in the root's pid namespace. A task in a pid
-    namespace nested below the root's is refused (its inner pids are not saved yet)."""
+def _pid_numbers(processes: list[LiveProcess]) -> tuple[int, dict[int, tuple[int, ...]]]:
+    """The root's pid namespace level, and for every tid of the tree its NSpid numbers
+    (outermost first). A process is in its parent's pid namespace or is the init of one its
+    parent made (one level deeper): the shapes a restart can rebuild with clone3; any other
+    (a child a setns'd parent put into a deeper namespace with an init of its own) is
+    refused."""
     root = processes[0]
     level = max(len(_ns_numbers(root.pid)[0]) - 1, 0)
-    out = {}
+    numbers: dict[int, tuple[int, ...]] = {}
     for p in processes:
         for t in p.threads:
-            numbers = _ns_numbers(t.tid)[0] or (t.tid,) * (level + 1)
-            if len(numbers) != level + 1:
+            nums = _ns_numbers(t.tid)[0] or (t.tid,) * (level + 1)
+            if len(nums) <= level:
                 raise CheckpointError(errno.EOPNOTSUPP, f"task {t.tid} is in a pid namespace "
-                                                        f"nested below the root's: not supported")
-            out[t.tid] = numbers[level]
-    return out
+                                                        f"above the root's: not supported")
+            numbers[t.tid] = nums
+    for p in processes[1:]:
+        nums, parent = numbers.get(p.pid), numbers.get(p.stat.ppid)
+        if nums is None or parent is None:
+            continue                    # (a zombie's or an orphan's parent: see _write_tree)
+        if len(nums) == len(parent) or (len(nums) == len(parent) + 1 and nums[-1] == 1):
+            continue
+        raise CheckpointError(errno.EOPNOTSUPP,
+                              f"task {p.pid} is {len(nums) - len(parent)} pid namespace levels "
+                              f"below its parent {p.stat.ppid}"
+                              + ("" if nums[-1] == 1 else " and not the init there")
+                              + ": not supported (only a namespace init a parent made with "
+                                "CLONE_NEWPID, one level down)")
+    return level, numbers
 
 
 def _write_tasks(ctx, tasks) -> None:

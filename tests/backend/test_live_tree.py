@@ -307,3 +307,115 @@ def test_cpython_process(start_target, tmp_path, check_untraced):
     check_untraced(t.pid)
     t.write(b"ping\n")
     assert t.readline() == "pong ping 100000 1"
+
+
+# -- (e) a nested pid namespace ----------------------------------------------------------------
+NESTED_TARGET = r"""
+import ctypes, os, signal, sys, threading
+libc = ctypes.CDLL(None, use_errno=True)
+SYS_unshare, SYS_setns, SYS_prctl = 272, 308, 157
+CLONE_NEWPID, PR_SET_PDEATHSIG = 0x20000000, 1
+mode = sys.argv[1]                  # "init": a nested init; "setns": a child put into it
+own = os.open("/proc/self/ns/pid", os.O_RDONLY)
+assert libc.syscall(SYS_unshare, CLONE_NEWPID) == 0, ctypes.get_errno()
+r, w = os.pipe()
+init = os.fork()
+if init == 0:                       # pid 1 of the new namespace
+    os.close(own)
+    libc.syscall(SYS_prctl, PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.fork() == 0:              # pid 2, with a thread (pid 3 there)
+        libc.syscall(SYS_prctl, PR_SET_PDEATHSIG, signal.SIGKILL)
+        ev = threading.Event()
+        threading.Thread(target=ev.wait, daemon=True).start()
+        os.write(w, b"%d %d\n" % (os.getpid(), os.getppid()))
+        ev.wait()
+    while True:
+        signal.pause()
+assert libc.syscall(SYS_setns, own, CLONE_NEWPID) == 0, ctypes.get_errno()
+line = os.read(r, 100).split()
+os.close(r), os.close(w)
+if mode == "setns":                 # a child of ours, in the nested namespace but not its init
+    ns = os.open("/proc/%d/ns/pid" % init, os.O_RDONLY)
+    assert libc.syscall(SYS_setns, ns, CLONE_NEWPID) == 0, ctypes.get_errno()
+    if os.fork() == 0:
+        os.close(own), os.close(ns)
+        libc.syscall(SYS_prctl, PR_SET_PDEATHSIG, signal.SIGKILL)
+        signal.pause()
+    libc.syscall(SYS_setns, own, CLONE_NEWPID)
+    os.close(ns)
+os.close(own)
+plain = os.fork()
+if plain == 0:
+    signal.pause()
+print("READY init=%d plain=%d inner=%s inner_ppid=%s" % (init, plain, line[0].decode(),
+                                                         line[1].decode()), flush=True)
+for line in sys.stdin:
+    print("ok", flush=True)
+"""
+
+
+def _nspid(tid: int) -> list[int]:
+    with open(f"/proc/{tid}/status") as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return [int(n) for n in line.split()[1:]]
+    raise AssertionError(f"no NSpid for {tid}")
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(n) for n in f.read().split()]
+
+
+def test_nested_pid_namespace(start_target, request, check_untraced):
+    """A nested init (pid 1 there, made with CLONE_NEWPID) and its child with a thread: TREE
+    has their depth 1 and numbers in the root's namespace, TREE_NESTED their numbers in the
+    nested one (1, 2, 3), the model replays the image to the same bytes; all run on."""
+    from ckptsim.cr.replay import replay
+    t = start_target(sys.executable, "-c", NESTED_TARGET, "init")
+    init, plain = t.info["init"], t.info["plain"]
+    (inner,) = _children(init)
+    kill_by_pid([init, inner, plain], request)
+    assert (t.info["inner"], t.info["inner_ppid"]) == (2, 1)
+    wait_for(lambda: len(os.listdir(f"/proc/{inner}/task")) == 2, "the nested thread")
+    (thread,) = [int(x) for x in os.listdir(f"/proc/{inner}/task") if int(x) != inner]
+    level = len(_nspid(t.pid)) - 1
+
+    buf = io.BytesIO()
+    checkpoint(t.pid, buf)
+    recs = decode_all(buf.getvalue())
+
+    (tree,) = [r for r in recs if r.layout.name == "TREE"]
+    (nested,) = [r for r in recs if r.layout.name == "TREE_NESTED"]
+    v = {pid: _nspid(pid)[level] for pid in (t.pid, init, inner, thread, plain)}
+    root = v[t.pid]
+    assert [(e[0], e[1], e[2], e[5]) for e in tree.var] == [   # vpid, vppid, vtgid, depth
+        (root, 0, root, 0), (v[init], root, v[init], 1), (v[inner], v[init], v[inner], 1),
+        (v[thread], v[init], v[inner], 1), (v[plain], root, v[plain], 0)]
+    assert [n for (n,) in nested.var] == [1, 2, _nspid(thread)[-1]] == [1, 2, 3]
+    report = replay(buf.getvalue(), roundtrip=True)
+    assert report.problems == [] and report.roundtrip == "identical"
+
+    for pid in (t.pid, init, inner, plain):
+        check_untraced(pid)
+    t.write(b"go\n")
+    assert t.readline() == "ok"
+    assert stat_fields(inner)[0] == "S" and stat_fields(init)[0] == "S"
+
+
+def test_a_child_setns_into_a_nested_namespace_is_refused(start_target, request,
+                                                          check_untraced):
+    """A child that its parent put into a nested namespace it did not make (setns) is not the
+    namespace's init: a restart could not rebuild it, so the checkpoint says so."""
+    t = start_target(sys.executable, "-c", NESTED_TARGET, "setns")
+    init, plain = t.info["init"], t.info["plain"]
+    stray = [c for c in _children(t.pid) if c not in (init, plain)]
+    kill_by_pid([init, plain, *stray, *_children(init)], request)
+    assert len(stray) == 1 and _nspid(stray[0])[-1] not in (0, 1)
+    with pytest.raises(CheckpointError) as e:
+        checkpoint(t.pid, io.BytesIO())
+    assert e.value.errno == errno.EOPNOTSUPP
+    assert f"task {stray[0]} is 1 pid namespace levels below its parent {t.pid} and not the " \
+           f"init there" in e.value.message, e.value.message
+    for pid in (t.pid, init, plain, stray[0]):
+        check_untraced(pid)
