@@ -10,6 +10,7 @@ Readers:
     read_status(pid) -> Status              /proc/PID/status
     read_maps(pid) -> list[Mapping]         /proc/PID/maps
     read_smaps(pid) -> list[SmapsEntry]     /proc/PID/smaps
+    read_smaps_flags(pid)                   the same with only the maps lines and VmFlags parsed
     list_threads(pid) -> list[int]          /proc/PID/task
     children(pid) -> list[int]              /proc/PID/task/*/children, sorted
     subtree(pid) -> list[int]               pid and every descendant, depth-first, sorted children
@@ -37,12 +38,12 @@ from backend.proc_fds import (  # noqa: F401 - re-exported
 )
 from backend.proc_maps import (  # noqa: F401 - re-exported
     _MAPS_LINE, _SMAPS_KB, SPECIAL_MAPPINGS, Mapping, SmapsEntry, parse_maps, parse_maps_line,
-    parse_smaps, read_maps, read_smaps,
+    parse_smaps, parse_smaps_flags, read_maps, read_smaps, read_smaps_flags,
 )
 
 __all__ = [
     "ProcessGone", "Stat", "Status", "Mapping", "SmapsEntry", "FdKind", "FdInfo", "Limit",
-    "read_stat", "read_status", "read_maps", "read_smaps", "list_threads", "children",
+    "read_stat", "read_status", "read_maps", "read_smaps", "read_smaps_flags", "list_threads", "children",
     "subtree", "read_fds", "read_limits", "read_exe", "read_cwd", "read_root", "read_comm",
     "sigset_to_signals", "process_exists",
 ]

@@ -457,7 +457,7 @@ class Gatherer:
             flags = [known.get(m) for m in maps]
             if None not in flags:
                 return [proc.SmapsEntry(m, vm_flags=f) for m, f in zip(maps, flags)]
-        return proc.read_smaps(pid)
+        return proc.read_smaps_flags(pid)
 
     def _mm(self, pid: int, stat: proc.Stat) -> LiveMM:
         vmas = []

@@ -183,3 +183,22 @@ def test_parse_smaps_of_this_process_agrees_with_maps():
     headers = [line for line in text.splitlines() if line[:1] in "0123456789abcdef" and line]
     assert [e.mapping for e in entries] == [proc.parse_maps_line(h) for h in headers]
     assert all(dataclasses.asdict(e)["size"] == e.mapping.size for e in entries)
+
+
+def test_parse_smaps_flags_gives_parse_smaps_maps_lines_and_flags():
+    """The checkpoint's fast parse: same VMAs and VmFlags as parse_smaps, on this process and
+    on texts it must hand to parse_smaps (no VmFlags at all, a VMA missing its VmFlags)."""
+    def key(entries):
+        return [(e.mapping, e.vm_flags) for e in entries]
+    text = open(f"/proc/{os.getpid()}/smaps").read()
+    fast = proc.parse_smaps_flags(text)
+    assert len(fast) > 10 and key(fast) == key(proc_maps.parse_smaps(text))
+    assert all(e.size == 0 and e.rss == 0 for e in fast)            # sizes are not parsed
+    one = ("7ffd1000-7ffd3000 rw-p 00000000 00:00 0          [stack]\nSize:  8 kB\n"
+           "VmFlags: rd wr mr mw me gd ac\n")
+    no_flags = "00400000-00452000 r-xp 00000000 08:02 173521    /usr/bin/x\nSize:  8 kB\n"
+    for odd in (no_flags, no_flags + one, one + no_flags, one + one.replace("7ffd", "7ffe")):
+        assert key(proc.parse_smaps_flags(odd)) == key(proc_maps.parse_smaps(odd))
+    assert proc.parse_smaps_flags(no_flags + one)[0].vm_flags == frozenset()
+    with pytest.raises(ValueError, match="malformed /proc"):
+        proc.parse_smaps_flags("garbage\nVmFlags: rd\n")
