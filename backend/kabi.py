@@ -783,3 +783,23 @@ PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
 PR_SET_SECUREBITS = 28
 UNBLOCKABLE_SIGNALS = {9, 19}              # SIGKILL, SIGSTOP: never caught, blocked or ignored
+
+# --------------------------------------------------------------------------------------------
+# BTF (include/uapi/linux/btf.h), read by backend/unix_embryo_btf.py for struct offsets
+# --------------------------------------------------------------------------------------------
+import struct as _struct  # noqa: E402 - this section's own import
+
+BTF_MAGIC = 0xEB9F
+BTF_HEADER = _struct.Struct("<HBBIIIII")   # magic, version, flags, hdr_len, type/str off+len
+BTF_KIND_INT, BTF_KIND_PTR, BTF_KIND_ARRAY, BTF_KIND_STRUCT, BTF_KIND_UNION = 1, 2, 3, 4, 5
+BTF_KIND_ENUM, BTF_KIND_FWD, BTF_KIND_TYPEDEF, BTF_KIND_VOLATILE, BTF_KIND_CONST = 6, 7, 8, 9, 10
+BTF_KIND_RESTRICT, BTF_KIND_FUNC, BTF_KIND_FUNC_PROTO, BTF_KIND_VAR = 11, 12, 13, 14
+BTF_KIND_DATASEC, BTF_KIND_FLOAT, BTF_KIND_DECL_TAG, BTF_KIND_TYPE_TAG = 15, 16, 17, 18
+BTF_KIND_ENUM64 = 19
+BTF_KIND_MODIFIERS = frozenset({BTF_KIND_TYPEDEF, BTF_KIND_VOLATILE, BTF_KIND_CONST,
+                                BTF_KIND_RESTRICT, BTF_KIND_TYPE_TAG})
+# bytes after struct btf_type (12 bytes): (fixed, per vlen entry)
+BTF_TRAILER = {BTF_KIND_INT: (4, 0), BTF_KIND_ARRAY: (12, 0), BTF_KIND_STRUCT: (0, 12),
+               BTF_KIND_UNION: (0, 12), BTF_KIND_ENUM: (0, 8), BTF_KIND_FUNC_PROTO: (0, 8),
+               BTF_KIND_VAR: (4, 0), BTF_KIND_DATASEC: (0, 12), BTF_KIND_DECL_TAG: (4, 0),
+               BTF_KIND_ENUM64: (0, 12)}

@@ -32,9 +32,11 @@ Choices (documented limits):
 - A peer that is already closed (the survivor of a connection) is saved as a CLOSED socket.
 - A connection not yet accepted: the server-side socket ("embryo") has no inode and no fd;
   it is saved in its listener's pending list with the listener's name. Data the client wrote
-  into it cannot be read before accept (it has no fd and no inode; accepting it, even inside
-  the target, would change what the tree sees): such a listener is refused, as is one whose
-  pending client already closed (its data, if any, is invisible).
+  into it cannot be peeked (no fd; accepting it, even inside the target, would change what
+  the tree sees): it is read in the kernel by a BPF iterator (backend/unix_embryo.py, loaded
+  only when such data exists: bcc and ~0.5-1 s). Where that reader cannot run or copy the
+  queue (no bcc, page-fragment buffers, files in flight, MSG_OOB) the listener is refused
+  saying why, as is one whose pending client already closed (it cannot be restored).
 - Name ownership: a listening, unconnected or datagram socket owns its name; a connected
   stream or seqpacket socket never does (an accepted socket carries a copy of its listener's
   name; a client bound before connect() therefore restores with the name, not the binding).
@@ -311,6 +313,7 @@ class UnixSockets:
         self.embryos: dict[int, LiveUnixSocket] = {}   # client inode -> not yet accepted socket
         self._diag: dict[int, UnixDiag] | None = None
         self._listener_of: dict[int, int] = {}         # client inode -> listener inode
+        self._embryo_data = None                       # unix_embryo's answer, when needed
         self._rmem = _sysctl("rmem_default", SOCK_BUF_DEFAULT)
         self._wmem = _sysctl("wmem_default", SOCK_BUF_DEFAULT)
 
@@ -509,13 +512,9 @@ class UnixSockets:
         emb = self.embryos.get(client.ino)
         if emb is None:
             listener = self._get(listener_ino, client)
-            cd = self.diag()[client.ino]
-            if cd.wqueue:
-                raise _unsupported(
-                    f"{self._where(listener)}: the pending connection from {client.what} has data "
-                    f"queued ({cd.wqueue} bytes of buffer, sock_diag): Linux gives no way to read "
-                    "the queue of a connection not yet accepted (no fd, no inode, no peek) "
-                    "without accepting it, which the tree would see: not supported")
+            queue: list[Segment] = []
+            if self.diag()[client.ino].wqueue:      # the client's bytes are in its queue
+                queue = self._embryo_queue(listener, client)
             emb = self.embryos[client.ino] = LiveUnixSocket(self, 0, client.type)
             emb.what = f"not yet accepted connection of {listener.what}"
             emb.state = SockState.CONNECTED
@@ -523,7 +522,31 @@ class UnixSockets:
             emb.rcvbuf, emb.sndbuf = self._rmem, self._wmem
             emb._peer, emb._pending = client, []
             emb.held_by, emb.external = listener.held_by, listener.external   # in its queue
+            emb.set_queue(queue)
         return emb
+
+    def _embryo_queue(self, listener: LiveUnixSocket, client: LiveUnixSocket) -> list[Segment]:
+        """The data ``client`` wrote into its not yet accepted connection, read by the BPF
+        embryo reader (backend/unix_embryo.py, imported here only), or Unsupported saying
+        why it cannot be."""
+        from . import unix_embryo
+        if listener.external:
+            got = "its listener is outside the tree"
+        else:
+            if self._embryo_data is None:
+                self._embryo_data = unix_embryo.try_read(
+                    [s.ino for s in self.socks.values() if s.state == SockState.LISTENING
+                     and not s.external and self.diag()[s.ino].icons])
+                self._debug(f"BPF embryo reader: {_summary(self._embryo_data)}")
+            got = unix_embryo.segments(self._embryo_data, listener.ino, client.ino,
+                                       client.type, client.address)
+        if isinstance(got, str):
+            raise _unsupported(
+                f"{self._where(listener)}: the pending connection from {client.what} has data "
+                f"queued ({self.diag()[client.ino].wqueue} bytes of buffer, sock_diag), which "
+                "cannot be peeked (no fd, no inode) and accepting it would change what the "
+                f"tree sees; reading it in the kernel failed: {got}: not supported")
+        return got
 
     def resolve_pending(self, sock: LiveUnixSocket) -> list[LiveUnixSocket]:
         if sock.state != SockState.LISTENING or sock.external:
@@ -533,8 +556,8 @@ class UnixSockets:
         for client_ino in d.icons:
             if not client_ino:
                 raise _unsupported(f"{self._where(sock)}: a pending connection whose client "
-                                   "already closed (its queued data cannot be seen): not "
-                                   "supported yet")
+                                   "already closed: not supported yet (a restart "
+                                   "rebuilds a pending connection by its client's connect)")
             out.append(self.embryo(sock.ino, self._get(client_ino, sock)))
         return out
 
@@ -544,6 +567,10 @@ class UnixSockets:
         self._debug(f"{sock.what} ({SOCK_TYPE_NAMES.get(sock.type)} {sock.state.name}, name "
                     f"{sock.address!r}) is held by no task of the tree: saved as an external "
                     f"socket without its queue{queued}")
+
+
+def _summary(answer) -> str:
+    return answer if isinstance(answer, str) else f"{len(answer)} pending connection(s) read"
 
 
 def for_gatherer(gatherer) -> UnixSockets:
