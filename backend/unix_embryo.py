@@ -21,6 +21,7 @@ and compiling takes ~0.4 s). What it cannot copy is refused by the caller with a
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import struct
 from dataclasses import dataclass, field
@@ -28,11 +29,12 @@ from dataclasses import dataclass, field
 from ckptsim.errors import CkptsimError
 from ckptsim.model.unix import SOCK_STREAM, UNNAMED, Segment
 
-from . import bpf_tracker
+from . import bpf_tracker, runcache
 from .unix_embryo_btf import BTF_PATH, Btf, BtfError
 
 PROGRAM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf",
                        "unix_embryo.c")
+CACHE_NAME = "unix-embryo-offsets.json"
 MAX_PASSES = 4096                     # 32 buffers per embryo and pass: ~130k buffers
 
 # bpf/unix_embryo.c's records
@@ -114,6 +116,23 @@ def cflags(btf: Btf) -> list[str]:
             from None
 
 
+def cached_cflags() -> list[str]:
+    """``cflags`` of this kernel, kept between runs (backend/runcache.py; parsing the BTF
+    takes ~0.2 s), keyed by the kernel's build and its BTF's size."""
+    uname = os.uname()
+    try:
+        key = [uname.release, uname.version, os.stat(BTF_PATH).st_size, sorted(OFFSETS.items())]
+    except OSError as e:
+        raise EmbryoUnavailable(f"no kernel BTF: {e.strerror}") from None
+    key = json.loads(json.dumps(key))      # as runcache gives it back (lists, not tuples)
+    doc = runcache.load(CACHE_NAME)
+    if isinstance(doc, dict) and doc.get("key") == key and isinstance(doc.get("cflags"), list):
+        return doc["cflags"]
+    flags = cflags(Btf.load())
+    runcache.save(CACHE_NAME, {"key": key, "cflags": flags})
+    return flags
+
+
 def parse(out: bytes, embryos: dict[int, Embryo]) -> dict[int, int]:
     """Add one pass's records to ``embryos`` (by embryo id); returns id -> next buffer for the
     embryos the pass did not finish."""
@@ -176,7 +195,7 @@ def read_embryos(listener_inos) -> dict[int, Embryo]:
     if why:
         raise EmbryoUnavailable(f"the BPF embryo reader is unavailable: {why}")
     bcc = bpf_tracker._import_bcc()
-    flags = cflags(Btf.load())
+    flags = cached_cflags()
     try:
         bpf = bcc.BPF(src_file=PROGRAM.encode(), cflags=flags)
     except Exception as e:  # noqa: BLE001 - bcc raises plain Exception
