@@ -6,6 +6,8 @@ it from):
     inject_syscall(tid, nr, *args, check=True) -> int      one syscall inside a stopped thread
     inject_syscalls(tid, calls, check=True) -> list[int]   several, registers and mask saved
                                                            and restored once for the batch
+    run_code(tid, addr, args) -> regs                      machine code ending in int3, run
+                                                           inside the thread in one stop
     find_syscall_insn(tid) -> int                          a `syscall` instruction to point at
     stack_scratch(tid, size)                               context manager: scratch memory below
                                                            the thread's red zone, bytes restored
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 from typing import Iterable, Iterator, Sequence
 
 from backend import kabi
@@ -28,8 +31,8 @@ from backend.ptrace import (
     wait_stop,
 )
 
-__all__ = ["inject_syscall", "inject_syscalls", "find_syscall_insn", "stack_scratch",
-           "read_memory"]
+__all__ = ["inject_syscall", "inject_syscalls", "run_code", "find_syscall_insn",
+           "stack_scratch", "read_memory", "write_memory"]
 
 _ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 _insn_cache: dict[int, int] = {}
@@ -47,6 +50,11 @@ def _read_mem(tid: int, addr: int, size: int) -> bytes:
         return os.pread(fd, size, addr)
     finally:
         os.close(fd)
+
+
+def write_memory(tid: int, addr: int, data: bytes) -> None:
+    """Write ``data`` at ``addr`` through /proc/TID/mem (which may write read-only pages)."""
+    _write_mem(tid, addr, data)
 
 
 def _write_mem(tid: int, addr: int, data: bytes) -> None:
@@ -224,6 +232,89 @@ def inject_syscalls(tid: int, calls: Iterable[Sequence[int]], *, check: bool = T
         raise PtraceError(-result, f"tid {tid}: injected syscall {nr} failed: "
                                    f"{os.strerror(-result)}")
     return results
+
+
+_SIGTRAP_BIT = 1 << (5 - 1)
+
+
+class CodeRefused(PtraceError):
+    """run_code did not run the code (the thread's state does not allow it) and left the
+    thread exactly as it was: the caller takes another way."""
+
+
+def run_code(tid: int, addr: int, args: Sequence[int] = (), *,
+             timeout: float = DEFAULT_TIMEOUT) -> kabi.user_regs_struct:
+    """Run the machine code at ``addr`` (in an executable mapping of the tracee; it must end
+    with int3) inside the stopped thread ``tid``, with ``args`` in rdi, rsi, rdx, r10, r8,
+    r9, and return the registers at the int3. One resume instead of two stops per syscall:
+    a loop of syscalls in the code costs one ptrace stop.
+
+    Every signal is blocked meanwhile except SIGTRAP: int3 raises a forced SIGTRAP, and a
+    forced signal that is blocked has its action reset to SIG_DFL by the kernel
+    (force_sig_info_to_task); unblocked, the tracer sees it in a signal-delivery-stop and
+    discards it. The kernel still resets a SIGTRAP action of SIG_IGN: the caller, who knows
+    the action, puts it back. Raises CodeRefused, the thread untouched, when it sits in a
+    mask-swapping syscall (its mask cannot be set) or has a SIGTRAP pending (it would be
+    taken for the int3); a signal that arrives anyway is handed back to the kernel as
+    inject_syscalls does, and CodeRefused raised."""
+    si = kabi.siginfo_t.from_buffer_copy(get_siginfo(tid))
+    if (si.si_code >> 8) != kabi.PTRACE_EVENT_STOP:
+        raise PtraceError(errno.EINVAL, f"tid {tid}: can run code only in an interrupt or "
+                                        f"group stop (si_code {si.si_code:#x})")
+    with _shielded():
+        saved = get_regs(tid)
+        state = syscall_state(saved)
+        if state is not None and state.nr in kabi.MASK_SWAPPING_SYSCALLS:
+            raise CodeRefused(errno.EAGAIN, f"tid {tid} is in syscall {state.nr}, which swaps "
+                                            f"its signal mask")
+        if _pending_signals(tid) & _SIGTRAP_BIT:
+            raise CodeRefused(errno.EAGAIN, f"tid {tid} has a SIGTRAP pending")
+        saved_mask = get_sigmask(tid)
+        regs = saved.copy()
+        regs.rip = addr
+        regs.orig_rax = _U64                     # not in a syscall: nothing to restart
+        for name, value in zip(_ARG_REGS, args):
+            setattr(regs, name, value & _U64)
+        set_sigmask(tid, _ALL_SIGNALS & ~_SIGTRAP_BIT)
+        set_regs(tid, regs)
+        resumed = False
+        try:
+            _ptrace(kabi.PTRACE_CONT, tid, 0, 0)
+            resumed = True
+            stop = wait_stop(tid, timeout, deliver=False)
+            resumed = False
+            ours = stop.kind == "signal" and stop.signal == signal.SIGTRAP and \
+                kabi.siginfo_t.from_buffer_copy(get_siginfo(tid)).si_code == kabi.SI_KERNEL
+            after = get_regs(tid) if ours else None
+        finally:
+            if resumed:        # not collected (timeout, exit): best effort, as _abort_injection
+                with contextlib.suppress(PtraceError):
+                    _ptrace(kabi.PTRACE_INTERRUPT, tid)
+                    stop = wait_stop(tid, timeout, deliver=False)
+            with contextlib.suppress(PtraceError):
+                set_regs(tid, saved)
+                set_sigmask(tid, saved_mask)
+        if ours:
+            _resume_to_event_stop(tid, timeout)      # the SIGTRAP is discarded
+            return after
+        if stop.kind == "signal":                    # somebody else's: delivered as it would be
+            _ptrace(kabi.PTRACE_INTERRUPT, tid)
+            _ptrace(kabi.PTRACE_CONT, tid, 0, stop.signal)
+            wait_stop(tid, timeout)
+        elif stop.kind == "syscall" or stop.kind == "event":
+            _resume_to_event_stop(tid, timeout)
+        raise CodeRefused(errno.EAGAIN, f"tid {tid}: {stop.kind} stop (signal {stop.signal}) "
+                                        f"instead of the int3 of the code at {addr:#x}")
+
+
+def _pending_signals(tid: int) -> int:
+    """SigPnd | ShdPnd of the thread, from /proc/TID/status."""
+    pending = 0
+    with open(f"/proc/{tid}/status", "rb") as f:
+        for line in f:
+            if line.startswith((b"SigPnd:", b"ShdPnd:")):
+                pending |= int(line.split()[1], 16)
+    return pending
 
 
 def _abort_injection(tid: int, phase: str, saved, saved_mask, timeout: float) -> None:

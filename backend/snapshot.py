@@ -20,11 +20,12 @@ import struct
 
 from ckptsim.kinds.cpu_x86 import X86State
 from ckptsim.model.creds import Cred
-from ckptsim.model.signals import AltStack, SigAction, SigHand, SigInfo, SignalStruct, SigPending, ThreadSignals
+from ckptsim.model.signals import AltStack, SigInfo, SignalStruct, SigPending, ThreadSignals
 
 from . import elf_ids, kabi, proc, ptrace
 from .memory import VmaKind, classify, describe
 from .snapshot_mm import LiveMM, LiveShmem, LiveVMA, Unsupported  # noqa: F401 (re-exported)
+from .snapshot_signals import read_handlers as _handlers
 
 RLIM_INFINITY_U64 = (1 << 64) - 1
 MAX_UNLINKED_CONTENTS = 1 << 30
@@ -135,30 +136,6 @@ def _cred(status: proc.Status, securebits: int) -> Cred:
                 fsgid=fsgid, groups=tuple(sorted(status.groups)), cap_inheritable=status.cap_inh,
                 cap_permitted=status.cap_prm, cap_effective=status.cap_eff,
                 cap_bounding=status.cap_bnd, securebits=securebits)
-
-
-def _handlers(tid: int) -> SigHand:
-    """Every signal's action, read inside the task: 64 rt_sigaction calls injected as one
-    batch, each writing its own slot of one scratch area that is read back at once. All 64
-    are read: a SIG_DFL action, which /proc's SigCgt/SigIgn do not show, may still hold
-    flags, a mask and a restorer (sigaction(SIG_DFL) with flags; SA_RESETHAND after it
-    fired), and the image keeps them."""
-    size = kabi.KERNEL_SIGACTION_SIZE
-    try:
-        with ptrace.stack_scratch(tid, size * 64) as addr:
-            ptrace.inject_syscalls(tid, [(kabi.SYS_rt_sigaction, sig, 0, addr + (sig - 1) * size, 8)
-                                         for sig in range(1, 65)])
-            raw = ptrace.read_memory(tid, addr, size * 64)
-    except ptrace.PtraceError as e:
-        if e.errno != errno.EFAULT:
-            raise
-        raw = b""           # not 2 KiB of stack below rsp (a small altstack): one slot
-        with ptrace.stack_scratch(tid, size) as addr:
-            for sig in range(1, 65):
-                ptrace.inject_syscall(tid, kabi.SYS_rt_sigaction, sig, 0, addr, 8)
-                raw += ptrace.read_memory(tid, addr, size)
-    return SigHand([SigAction(handler, flags, mask, restorer)
-                    for handler, flags, restorer, mask in struct.iter_unpack("<QQQQ", raw)])
 
 
 def _rseq(tid: int) -> tuple[int, int, int] | None:

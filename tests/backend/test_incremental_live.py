@@ -189,8 +189,9 @@ def test_incremental_gathering_takes_known_vm_flags_instead_of_reading_smaps(
     the gathering read smaps and see "rr"; the next stop spares smaps again, "rr" kept."""
     smaps_reads, gathered = [], []
     read_smaps, gather_mm = snapshot.proc.read_smaps, snapshot.Gatherer._mm
-    monkeypatch.setattr(snapshot.proc, "read_smaps",
-                        lambda pid: smaps_reads.append(pid) or read_smaps(pid))
+    read_smaps_flags = snapshot.proc.read_smaps_flags
+    monkeypatch.setattr(snapshot.proc, "read_smaps_flags",
+                        lambda pid: smaps_reads.append(pid) or read_smaps_flags(pid))
 
     def recording_mm(self, pid, stat):
         mm = gather_mm(self, pid, stat)

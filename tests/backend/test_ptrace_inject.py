@@ -5,6 +5,7 @@ Every test ends by checking that no thread of its target is traced or in a ptrac
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import struct
 import threading
@@ -175,3 +176,79 @@ def test_a_sigchld_taken_by_another_thread_only_slows_the_wait(ptt, start_target
         stop.set()
         th.join()
     check_untraced(t.pid)
+
+
+# -- backend/snapshot_signals.py: the 64 actions read by machine code in one stop ------------
+from backend import snapshot_signals  # noqa: E402
+
+
+def _set_action(tid: int, sig: int, handler: int, flags: int = 0) -> None:
+    with ptrace.stack_scratch(tid, kabi.KERNEL_SIGACTION_SIZE) as addr:
+        ptrace_inject.write_memory(tid, addr, struct.pack("<QQQQ", handler, flags, 0, 0))
+        ptrace.inject_syscall(tid, kabi.SYS_rt_sigaction, sig, addr, 0, 8)
+
+
+def _maps(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as f:
+        return f.read()
+
+
+def test_the_code_reads_what_the_injection_reads_and_leaves_no_trace(sigactions, start_target,
+                                                                     check_untraced, monkeypatch):
+    t = start_target(sigactions)
+    with ptrace.seized(t.pid):
+        regs, mask, maps = ptrace.get_regs(t.pid).as_dict(), ptrace.get_sigmask(t.pid), _maps(t.pid)
+        reference = handlers_one_call_each(t.pid)
+        monkeypatch.setattr(snapshot_signals, "_read_by_injection", None)   # the code, or fail
+        assert snapshot_signals.read_handlers(t.pid).actions == reference.actions
+        monkeypatch.undo()
+        assert ptrace.get_regs(t.pid).as_dict() == regs and ptrace.get_sigmask(t.pid) == mask
+        assert _maps(t.pid) == maps                     # its two pages are gone again
+        assert handlers_one_call_each(t.pid).actions == reference.actions
+    check_untraced(t.pid)
+    assert not read_status(t.pid).sigpnd & kabi.sigbit(signal.SIGTRAP)
+
+
+def test_an_ignored_sigtrap_stays_ignored(ptt, start_target, check_untraced, monkeypatch):
+    """The int3's forced SIGTRAP resets a SIG_IGN action to SIG_DFL: it is put back."""
+    t = start_target(ptt, "tick")
+    with ptrace.seized(t.pid):
+        _set_action(t.pid, signal.SIGTRAP, kabi.SIG_IGN, kabi.SA_RESTART)
+        monkeypatch.setattr(snapshot_signals, "_read_by_injection", None)
+        got = snapshot_signals.read_handlers(t.pid).actions[signal.SIGTRAP - 1]
+        monkeypatch.undo()
+        after = handlers_one_call_each(t.pid).actions[signal.SIGTRAP - 1]
+    check_untraced(t.pid)
+    assert got.handler == kabi.SIG_IGN and got.flags & kabi.SA_RESTART
+    assert after == got
+    assert read_status(t.pid).sigign & kabi.sigbit(signal.SIGTRAP)
+
+
+def test_a_pending_sigtrap_or_no_room_for_pages_means_injected_calls(ptt, start_target,
+                                                                    check_untraced, monkeypatch):
+    import resource
+    t = start_target(ptt, "tick")
+    used = []
+    real = snapshot_signals._read_by_injection
+    monkeypatch.setattr(snapshot_signals, "_read_by_injection",
+                        lambda tid: used.append(tid) or real(tid))
+    with ptrace.seized(t.pid):
+        reference = handlers_one_call_each(t.pid)
+        maps = _maps(t.pid)
+        # no address space left for the two pages: mmap fails, nothing is left mapped
+        soft, hard = resource.prlimit(t.pid, resource.RLIMIT_AS)
+        vm_size = int(next(ln for ln in open(f"/proc/{t.pid}/status") if ln.startswith("VmSize:")).split()[1])
+        resource.prlimit(t.pid, resource.RLIMIT_AS, (vm_size * 1024, hard))
+        try:
+            assert snapshot_signals.read_handlers(t.pid).actions == reference.actions
+        finally:
+            resource.prlimit(t.pid, resource.RLIMIT_AS, (soft, hard))
+        assert used == [t.pid] and _maps(t.pid) == maps
+        # a SIGTRAP pending (blocked by the thread): the code would take it for its int3
+        mask = ptrace.get_sigmask(t.pid)
+        ptrace.set_sigmask(t.pid, mask | kabi.sigbit(signal.SIGTRAP))
+        os.kill(t.pid, signal.SIGTRAP)
+        assert snapshot_signals.read_handlers(t.pid).actions == reference.actions
+        assert used == [t.pid, t.pid]
+        assert read_status(t.pid).shdpnd & kabi.sigbit(signal.SIGTRAP)   # still pending
+        # (left blocked: the target is SIGKILLed by pid at teardown, not killed by SIGTRAP)
