@@ -145,6 +145,11 @@ def load_job(data, log=None, *, background_checksum: bool, chain=None,
                 checksum.result()          # a corrupted image is reported as such first
             raise
         job = _Job(kernel, rctx, sink, log)
+        if job.entries[0][5]:
+            raise RestoreError(errno.EOPNOTSUPP, f"the image's root {job.entries[0][0]} is in a "
+                                                 "pid namespace nested below the checkpoint's: "
+                                                 "not restorable live (a live checkpoint "
+                                                 "never writes one)")
         job.checksum = checksum or _Checksum.done()
         job.watchdog = watchdog
         try:
@@ -200,6 +205,10 @@ class _Job:
         self.kernel, self.rctx, self.sink, self.log = kernel, rctx, sink, log
         self.entries = list(rctx.tree_entries)
         self.by_vpid = rctx.tasks_by_vpid
+        # image tid -> its numbers in the pid namespaces nested below the image root's,
+        # outermost first (TREE_NESTED, as the model placed them)
+        self.inner = {e[0]: tuple(nr for _, nr in self.by_vpid[e[0]].pid.numbers[-e[5]:])
+                      if e[5] else () for e in self.entries}
         self.stubs: dict[int, Stub] = {}
         self.created: list[int] = []         # pids/tids this restart made, to kill on failure
         self.factory = FileFactory(kernel)
@@ -217,9 +226,15 @@ class _Job:
     # -- the steps -------------------------------------------------------------------------
     def run(self, pidns: bool, frozen: bool, timeout: float) -> Restored:
         t0 = time.perf_counter()
-        if any(e[5] for e in self.entries):
-            raise RestoreError(errno.EOPNOTSUPP, "the image holds nested pid namespaces: not "
-                                                 "restorable live yet")
+        for vpid, *_ in self.entries:
+            code = self.by_vpid[vpid].exit_code
+            if self.by_vpid[vpid].state == "zombie" and self.inner[vpid][-1:] == (1,) \
+                    and code & 0x7F:
+                # a zombie is made by its own kill(): the kernel drops a fatal signal a
+                # namespace init sends itself
+                raise RestoreError(errno.EOPNOTSUPP, f"task {vpid}: the init of a nested pid "
+                                                     f"namespace killed by signal {code & 0x7F}"
+                                                     " (a zombie): not restorable live")
         root_vpid = self.entries[0][0]
         root = self.by_vpid[root_vpid]
         if root.state == "zombie" or root.mm is None:
@@ -266,14 +281,23 @@ class _Job:
                                                          "restorable live yet")
             if vpgid and vpgid not in members and vpgid != pgid_of[vppid] and \
                     not any(h[2] == vpgid for h in helpers):
+                if self.inner[vpid]:
+                    raise RestoreError(errno.EOPNOTSUPP, f"task {vpid}: its process group "
+                                                         f"{vpgid} has no leader in the image "
+                                                         "and it is in a nested pid "
+                                                         "namespace: not restorable live yet")
                 # a process group whose leader is gone: a helper with its pid leads it
                 # until every member has joined, then exits and is reaped by its parent
                 helper = clone_child(parent, vpgid, what=f"clone3 of a leader for group {vpgid}")
                 self._created(helper.pid)
                 helper.syscall(kabi.SYS_setpgid, 0, 0, what=f"setpgid of group {vpgid}")
                 helpers.append((helper, parent, vpgid))
-            stub = clone_child(parent, vpid, exit_signal=max(task.exit_signal, 0),
-                               what=f"clone3 of {vpid} in {vppid}")
+            # one level deeper than its parent: the init of a namespace the parent made (the
+            # model accepts no other shape)
+            newpid = len(self.inner[vpid]) > len(self.inner[vppid])
+            stub = clone_child(parent, vpid, kabi.CLONE_NEWPID if newpid else 0,
+                               exit_signal=max(task.exit_signal, 0),
+                               what=f"clone3 of {vpid} in {vppid}", inner=self.inner[vpid])
             self._created(stub.pid)
             self.stubs[vpid] = stub
             pgid_of[vpid] = self._join_groups(stub, (vpid, vppid, vtgid, vpgid, vsid, 0),
@@ -283,8 +307,9 @@ class _Job:
             parent.syscall(kabi.SYS_wait4, gid, 0, 0, 0, what=f"wait4 for the group {gid} helper")
         for vpid, stub in list(self.stubs.items()):
             if self.by_vpid[vpid].state == "zombie":
+                code = self.by_vpid[vpid].exit_code
                 restore_thread_basics(stub, self.by_vpid[vpid])
-                _make_zombie(stub, self.by_vpid[vpid].exit_code, vpid)
+                _make_zombie(stub, code, self.own(vpid))
                 del self.stubs[vpid]
         self.timings["tree"] = time.perf_counter() - t0
         # 4. each process
@@ -339,7 +364,8 @@ class _Job:
         group = [(vpid, stub)]
         for tid, _, vtgid, *_ in self.entries:
             if vtgid == vpid and tid != vpid:
-                t_stub = clone_child(stub, tid, THREAD_FLAGS, 0, what=f"clone3 of thread {tid}")
+                t_stub = clone_child(stub, tid, THREAD_FLAGS, 0, what=f"clone3 of thread {tid}",
+                                     inner=self.inner[tid])
                 self._created(t_stub.tid)
                 group.append((tid, t_stub))
         stub.syscall(kabi.SYS_close, self.transport.fd, what="close of the transport")
@@ -369,13 +395,19 @@ class _Job:
             restore_thread_basics(stub, task)
             if not caller_cred_matches(task.cred):
                 restore_creds(stub, task.cred)
-            ids = own_ids if own_ids is not None and tid == vpid else (vpid, tid)
+            ids = own_ids if own_ids is not None and tid == vpid else \
+                (self.own(vpid), self.own(tid))
             restore_rseq(stub, task)
             queue_pending(stub, task, tid == vpid, *ids)
         leader.syscall(kabi.SYS_munmap, leader.tramp, PAGE, what="munmap of the trampoline",
                        exit_stop=True)
         for tid, stub in group:
             set_cpu(stub, self.by_vpid[tid])
+
+    def own(self, vpid: int) -> int:
+        """The image task's pid (or tid) in its own pid namespace."""
+        inner = self.inner.get(vpid)
+        return inner[-1] if inner else vpid
 
     def _join_groups(self, stub: Stub, entry, inherited: int | None) -> int | None:
         """setsid/setpgid as the image says; returns the stub's pgid (image numbers; None:
@@ -389,9 +421,24 @@ class _Job:
             stub.syscall(kabi.SYS_setpgid, 0, 0, what=f"setpgid(0, 0) in {vpid}")
             pgid = vpid
         elif vpgid not in (0, pgid) and vpgid != vpid:
-            stub.syscall(kabi.SYS_setpgid, 0, vpgid, what=f"setpgid(0, {vpgid}) in {vpid}")
+            # (a nested task names the group by its leader's number in its own namespace)
+            stub.syscall(kabi.SYS_setpgid, 0, self._group_nr(vpid, vpgid),
+                         what=f"setpgid(0, {vpgid}) in {vpid}")
             pgid = vpgid
         return pgid
+
+    def _group_nr(self, vpid: int, vpgid: int) -> int:
+        """The number ``vpid`` names the group ``vpgid`` by: the leader's number in the
+        namespace of ``vpid`` (the same depth: a group lives in one session)."""
+        depth = len(self.inner.get(vpid, ()))
+        if not depth:
+            return vpgid
+        leader = self.inner.get(vpgid)
+        if leader is None or len(leader) != depth:
+            raise RestoreError(errno.EOPNOTSUPP, f"task {vpid} (in a nested pid namespace) "
+                                                 f"joined the group {vpgid}, whose leader is "
+                                                 "not in its namespace: not restorable live")
+        return leader[-1]
 
     def _session_of(self, vpid: int) -> int:
         for e in self.entries:

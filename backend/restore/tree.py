@@ -15,6 +15,9 @@ Pid namespaces (``pidns``):
     its own pid;
   * current (``pidns=False``): the seed is the root, with its pid in this namespace; a pid in
     use is a clear EBUSY naming it.
+A process in a pid namespace nested below the image root's (TREE's ``depth`` > 0) is cloned
+with its numbers in every level (``set_tid`` of depth + 1 entries, the innermost first); the
+init of a nested namespace (inner pid 1, one level below its parent) with CLONE_NEWPID too.
 """
 from __future__ import annotations
 
@@ -168,20 +171,24 @@ def set_options(tid: int) -> None:
 
 
 def clone_child(parent: Stub, pid: int, flags: int = 0, exit_signal: int = signal.SIGCHLD,
-                what: str = "") -> Stub:
+                what: str = "", inner: tuple[int, ...] | list[int] = ()) -> Stub:
     """Inject clone3 into ``parent``: a child (or, with THREAD_FLAGS, a thread) with ``pid``
-    in the innermost pid namespace; returns its stub, stopped at its first stop."""
+    in the restart's pid namespace and ``inner`` (outermost first) in the namespaces nested
+    below it, if any (with CLONE_NEWPID, the last one is 1: the child is the init of a new
+    one); returns its stub, stopped at its first stop."""
     args, tids = _clone_args(flags, exit_signal, 0)
+    set_tid = [*reversed(inner), pid]            # clone3 wants the innermost first
     tid_addr = parent.scratch + 256
-    args.set_tid, args.set_tid_size = tid_addr, 1
-    parent.put_scratch(struct.pack("<i", pid), 256)
+    args.set_tid, args.set_tid_size = tid_addr, len(set_tid)
+    parent.put_scratch(struct.pack(f"<{len(set_tid)}i", *set_tid), 256)
     args_addr = parent.put_scratch(bytes(args), 0)
     try:
         parent.syscall(kabi.SYS_clone3, args_addr, ctypes.sizeof(args),
                        what=what or f"clone3 of {pid}")
     except StubError as e:
         if e.errno == errno.EEXIST:
-            raise StubError(errno.EBUSY, f"pid {pid} is in use (restart with a new pid "
+            where = f" (and {'/'.join(map(str, inner))} below)" if inner else ""
+            raise StubError(errno.EBUSY, f"pid {pid}{where} is in use (restart with a new pid "
                                          "namespace: --pidns)") from None
         raise
     child = parent.last_event
