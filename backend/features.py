@@ -43,6 +43,9 @@ DISABLES = {
     "btf": "CO-RE eBPF programs (vmlinux BTF)",
     "tracefs": "attaching eBPF programs to tracepoints by name",
     "bpf_tracker": "the eBPF tracker (bcc): incremental dumps fall back to full ones",
+    "unix_embryo": "checkpoint of a listener whose not yet accepted connection holds data "
+                   "(the BPF iterator over unix sockets reads it; without it such a listener "
+                   "is refused)",
     "kcmp": "finding files, mm, fs and sighand shared by several tasks",
     "pidfd_getfd": "taking a target's fds (uffd, pipe and socket queues) into the checkpointer",
     "clone3_set_tid": "restart with the original pids",
@@ -264,6 +267,13 @@ def _probe_bpf_tracker() -> tuple[bool, str]:
     return present, (detail + " (not compiled by this check)") if present else detail
 
 
+def _probe_unix_embryo() -> tuple[bool, str]:
+    # its prerequisites only (root, bcc, headers, BTF): compiling takes ~0.4 s
+    from . import unix_embryo
+    present, detail = unix_embryo.available()
+    return present, (detail + " (not compiled by this check)") if present else detail
+
+
 def _probe_kcmp(child: _Child) -> tuple[bool, str]:
     me = os.getpid()
     a = os.dup(child.r)
@@ -389,6 +399,7 @@ def probe(names=None) -> list[Feature]:
               ("pagemap", from_pagemap(0)), ("pagemap_scan", from_pagemap(1)),
               ("uffd_wp_async", _probe_uffd_wp), ("bpf", _probe_bpf), ("btf", _probe_btf),
               ("tracefs", _probe_tracefs), ("bpf_tracker", _probe_bpf_tracker),
+              ("unix_embryo", _probe_unix_embryo),
               ("kcmp", with_child(_probe_kcmp)), ("pidfd_getfd", with_child(_probe_pidfd_getfd)),
               ("clone3_set_tid", _probe_clone3_set_tid), ("freezer_v1", _probe_freezer_v1),
               ("freezer_v2", _probe_freezer_v2)]

@@ -13,7 +13,7 @@ from backend.features import Feature, MissingFeatures
 from ckptsim.tools import cli
 
 NAMES = ["ptrace", "process_vm_readv", "pagemap", "pagemap_scan", "uffd_wp_async", "bpf", "btf",
-         "tracefs", "bpf_tracker", "kcmp", "pidfd_getfd", "clone3_set_tid", "freezer_v1", "freezer_v2"]
+         "tracefs", "bpf_tracker", "unix_embryo", "kcmp", "pidfd_getfd", "clone3_set_tid", "freezer_v1", "freezer_v2"]
 
 
 def _config() -> dict[str, str]:
