@@ -31,7 +31,8 @@ Signal handlers (real dispositions running a few instructions of machine code, r
 program owns the break: glibc's malloc is kept off it) in backend/interp_tasks.py.
 
 Not done (the task reports "unsupported op NAME: reason" and exits 125): ``fork`` with clone
-flags other than a plain fork or a thread (see interp_tasks.clone_refusal), the model's
+flags other than a plain fork, a thread or a new pid namespace's init (CLONE_NEWPID; see
+interp_tasks.clone_refusal), the model's
 ``checkpoint`` op (self-checkpoint), cgroup operations, and any op with no ``op_`` method.
 """
 from __future__ import annotations

@@ -282,13 +282,19 @@ class LiveBackend(IncrementalSteps, Backend):
                 status[pid] = proc.read_status(pid)
             except proc.ProcessGone:
                 pass
-        vpid = {pid: st.nspid[-1] for pid, st in status.items()}
+        # numbers in the container's namespace (the root's level; a task in a nested
+        # namespace also shows its inner pids, which the restart must give back too)
+        level = len(status[run.root].nspid) - 1 if run.root in status else 0
+
+        def at_level(numbers) -> int:
+            return numbers[level] if len(numbers) > level else 0
+        vpid = {pid: at_level(st.nspid) for pid, st in status.items()}
         tasks, fds, maps, signals = {}, {}, {}, {}
         for pid, st in status.items():
             v = vpid[pid]
-            tasks[v] = {"tgid": st.nstgid[-1], "ppid": vpid.get(st.ppid, 0),
-                        "pgid": st.nspgid[-1] if st.nspgid else 0,
-                        "sid": st.nssid[-1] if st.nssid else 0,
+            tasks[v] = {"tgid": at_level(st.nstgid), "ppid": vpid.get(st.ppid, 0),
+                        "pgid": at_level(st.nspgid), "sid": at_level(st.nssid),
+                        "inner_pids": list(st.nspid[level + 1:]),
                         "state": "zombie" if st.state == "Z" else "running", "comm": st.name,
                         "threads": st.threads, "uid": list(st.uid), "gid": list(st.gid)}
             if st.state == "Z":
