@@ -7,10 +7,13 @@
   list from the op after the fork with a copy of the registers (the fork's output register 0),
   and the parent gets its tid. Its signal mask is the creator's (pthread_create keeps it), its
   masks and private pending signals are its own (rt_sigprocmask and tgkill are per thread).
-  Other clone flags are refused by ``clone_refusal``: CLONE_VM without CLONE_THREAD would be
-  a second process running this Python interpreter in the same address space (one heap, one
-  GIL, one thread-local block shared by two processes): no faithful way; CLONE_NEWPID with
-  anything but an exit signal, and the other namespace flags, are not run.
+- ``fork`` with CLONE_VM alone (or | SIGCHLD) is a second process sharing the whole address
+  space: Python cannot run in it (one heap, one GIL, one thread-local block shared by two
+  processes), so the child runs a C mini-interpreter of the op list (backend/interp_clonevm.py,
+  which refuses the fork before cloning when the child could reach an op it does not run).
+  Other clone flags are refused by ``clone_refusal``: CLONE_VM with some other sharing but
+  not CLONE_THREAD, CLONE_NEWPID with anything but an exit signal, and the other namespace
+  flags, are not run.
 - ``fork`` with CLONE_NEWPID (and optionally SIGCHLD) is a fork into a new pid namespace, whose
   pid 1 the child is: unshare(CLONE_NEWPID), os.fork(), then the parent goes back to its own
   pid namespace for its later children (setns to /proc/thread-self/ns/pid, its active one).
@@ -36,6 +39,7 @@ import signal
 import threading
 
 from . import kabi
+from .interp_clonevm import clone_vm, gcc_missing, is_clone_vm
 from .interp_libc import STATUS_REG, Unsupported, libc_call
 
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
@@ -55,10 +59,13 @@ def clone_refusal(flags: int, rest=()) -> str | None:
         return None
     if flags in NEWPID_FORKS:
         return None
+    if is_clone_vm(flags):
+        return gcc_missing()
     if flags & CLONE_VM and not flags & CLONE_THREAD:
-        return (f"unsupported op fork: clone flags {flags:#x} (CLONE_VM without CLONE_THREAD: a "
-                f"second process sharing this address space would run the same Python interpreter "
-                f"- one heap, one GIL, one thread-local block - with no thread of its own)")
+        return (f"unsupported op fork: clone flags {flags:#x} (CLONE_VM without CLONE_THREAD runs "
+                f"with CLONE_VM alone or | SIGCHLD: a child of a C mini-interpreter sharing only "
+                f"the address space; sharing files, fs or signal handlers too, or another exit "
+                f"signal, is not run)")
     return (f"unsupported op fork: clone flags {flags:#x} (the interpreter runs plain forks and "
             f"threads with CLONE_VM|FS|FILES|SIGHAND|THREAD and forks into a new pid namespace "
             f"with CLONE_NEWPID alone; other namespaces and partial sharing are not run)")
@@ -121,6 +128,8 @@ class TaskOps:
         from .interp_signals import PROCESS
         if flags in NEWPID_FORKS:
             return self._fork_newpid(out)
+        if is_clone_vm(flags):   # the child runs C, never this Python (interp_clonevm.py)
+            return clone_vm(self.ops, self.pc, self.regs, out, self.control_dir)
         pid = os.fork()
         if pid == 0:
             PROCESS.lock = threading.Lock()   # another thread may have held it at the fork
