@@ -32,7 +32,8 @@ from ckptsim.kinds.tasktree import STATE_NUMBERS, TASK, TASK_OBJS, TREE, TREE_NE
 
 from . import features, leaks, proc, ptrace
 from .memory import MemoryDumpError
-from .snapshot import Gatherer, LiveProcess, Unsupported, refuse_shared_address_spaces
+from .snapshot import (Gatherer, LiveProcess, Unsupported, address_space_owners,
+                       refuse_vfork_sharing)
 from .sockets import live_kernel
 
 
@@ -208,11 +209,17 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
     processes: list[LiveProcess] = []
     stop_began = time.monotonic()
     try:
-        refuse_shared_address_spaces(_tree_order(pid))
+        refuse_vfork_sharing(_tree_order(pid))
         with _stopped(pid, freezer) as seized:
             for p in _tree_order(pid):  # re-read: the tree is stopped now
                 if p not in seized.threads:
                     seized.add(p)
+            gatherer.mm_owner = address_space_owners(_tree_order(pid))
+            if gatherer.mm_owner and tracking is not None:
+                later, first = next(iter(gatherer.mm_owner.items()))
+                raise Unsupported(f"processes {first} and {later} share one address space: "
+                                  "tracking and incremental images follow each process's "
+                                  "own writes, not a shared mm's; not supported")
             if tracking is not None:    # before gathering: its injected calls write stacks
                 tracking.seized(seized)
                 gatherer.known_vm_flags = tracking.known_vm_flags

@@ -17,6 +17,7 @@ import fcntl
 import functools
 import os
 import struct
+import time
 
 from ckptsim.kinds.cpu_x86 import X86State
 from ckptsim.model.creds import Cred
@@ -215,15 +216,15 @@ def _refuse_unshared_threads(pid: int, leader: int, tids: list[int]) -> None:
                                   "per process: not supported")
 
 
-def refuse_shared_address_spaces(pids: list[int]) -> None:
-    """Processes of the tree that share one address space (a vfork child before its exec,
-    clone(CLONE_VM) without CLONE_THREAD) would be saved as copies of their own, and a vfork
-    parent cannot even be stopped (it waits in the kernel until the child lets go): refused
-    before the tree is touched. kcmp orders mms, so sorting finds equal ones in
-    O(n log n) calls; a kernel that gives no order (kcmp answers 3) is compared pair by pair.
-    Zombies have no mm (kcmp finds every two equal): left out, as is a process gone
+def address_space_owners(pids: list[int]) -> dict[int, int]:
+    """{pid: the first process of ``pids`` (in their order) with the same address space} for
+    each process that shares its mm with an earlier one (clone(CLONE_VM) without
+    CLONE_THREAD, a vfork child before its exec). kcmp orders mms, so sorting finds equal ones
+    in O(n log n) calls; a kernel that gives no order (kcmp answers 3) is compared pair by
+    pair. Zombies have no mm (kcmp finds every two equal): left out, as is a process gone
     meanwhile or one this caller may not compare (the seize notices)."""
     unordered = []
+    position = {p: i for i, p in enumerate(pids)}
 
     def kcmp_vm(a: int, b: int) -> int | None:
         try:
@@ -234,7 +235,7 @@ def refuse_shared_address_spaces(pids: list[int]) -> None:
     def order(a: int, b: int) -> int:
         got = kcmp_vm(a, b)
         if got in (0, 1, 2):
-            return (0, -1, 1)[got]
+            return (0, -1, 1)[got] or (position[a] > position[b]) - (position[a] < position[b])
         if got == 3:
             unordered.append(True)
         return -1 if a < b else int(a > b)
@@ -247,11 +248,59 @@ def refuse_shared_address_spaces(pids: list[int]) -> None:
     ranked = sorted(filter(has_mm, pids), key=functools.cmp_to_key(order))
     pairs = (zip(ranked, ranked[1:]) if not unordered else
              ((a, b) for i, a in enumerate(ranked) for b in ranked[i + 1:]))
+    root: dict[int, int] = {}                # union-find over the equal pairs
+
+    def find(p: int) -> int:
+        while root.get(p, p) != p:
+            p = root[p]
+        return p
     for a, b in pairs:
         if kcmp_vm(a, b) == 0 and has_mm(a) and has_mm(b):     # not turned zombies meanwhile
-            raise Unsupported(f"processes {min(a, b)} and {max(a, b)} share one address space "
-                              "(a vfork child that has not exec'd yet, or clone(CLONE_VM) "
-                              "without CLONE_THREAD): not supported")
+            ra, rb = find(a), find(b)
+            if ra != rb:        # the group's root: its first process in ``pids``' order
+                first, other = sorted((ra, rb), key=position.__getitem__)
+                root[other] = first
+    return {p: find(p) for p in list(root) if find(p) != p}
+
+
+_VFORK_WCHAN = ("kernel_clone", "wait_for_vfork_done", "do_fork")
+
+
+def _in_vfork(pid: int) -> bool:
+    """Whether ``pid`` (the parent of a child sharing its mm) waits in vfork for that child:
+    state D in kernel_clone's wait_for_vfork_done, where no ptrace stop reaches it until the
+    child execs or exits. wchan may read 0 for a moment and a parent on its way into the
+    wait still runs: looked at again for up to 50 ms; one that stays in D all along counts
+    as waiting (the seize could not stop it either)."""
+    state = ""
+    for _ in range(50):
+        try:
+            state = proc.read_stat(pid).state
+            if state == "D":
+                with open(f"/proc/{pid}/wchan") as f:
+                    if f.read().strip() in _VFORK_WCHAN:
+                        return True
+        except (OSError, proc.ProcessGone):
+            return False
+        if state not in ("R", "D"):
+            return False
+        time.sleep(0.001)
+    return state == "D"
+
+
+def refuse_vfork_sharing(pids: list[int]) -> None:
+    """Before the tree is touched: a vfork parent (sharing its mm with a child that has not
+    exec'd yet) waits in the kernel, where no ptrace stop reaches it: refused, naming both."""
+    for later, first in address_space_owners(pids).items():
+        for parent, child in ((first, later), (later, first)):
+            try:
+                is_parent = proc.read_stat(child).ppid == parent
+            except proc.ProcessGone:
+                continue
+            if is_parent and _in_vfork(parent):
+                raise Unsupported(f"process {parent} waits in vfork for process {child}, which "
+                                  "shares its address space and has not exec'd yet: a vfork "
+                                  "parent cannot be stopped; not supported")
 
 
 class Gatherer:
@@ -269,6 +318,8 @@ class Gatherer:
         # (an incremental checkpoint's Tracking.known_vm_flags), or None
         self.known_vm_flags = None
         self.known_handlers = None                # likewise, (pid, start time) -> SigHand
+        self.mm_owner: dict[int, int] = {}        # address_space_owners of the seized tree
+        self.mms: dict[int, LiveMM] = {}          # pid -> its LiveMM, as gathered
 
     def close(self) -> None:
         """Close the fds of the files in flight (kept for kcmp while the tree is gathered)."""
@@ -280,6 +331,8 @@ class Gatherer:
         self.close()
 
     def process(self, pid: int, tids: list[int]) -> LiveProcess:
+        """``mm_owner`` (address_space_owners of the seized tree): a process sharing the mm
+        of one gathered before gets that LiveMM (the image holds it once, one objref)."""
         p = LiveProcess(pid)
         p.stat = proc.read_stat(pid)
         status = proc.read_status(pid)
@@ -294,7 +347,9 @@ class Gatherer:
                       status.umask if status.umask is not None else 0o022)
         _refuse_unshared_threads(pid, leader, tids)
         p.files = self._fdtable(pid)
-        p.mm = self._mm(pid, p.stat)
+        owner = self.mm_owner.get(pid)
+        p.mm = self.mms[owner] if owner in self.mms else self._mm(pid, p.stat)
+        self.mms.setdefault(pid, p.mm)
         for tid in sorted(tids, key=lambda t: (t != pid, t)):
             p.threads.append(self._thread(p, tid))
         return p

@@ -218,6 +218,8 @@ class _Job:
         self.timings: dict[str, float] = {}
         self.writer = PageWriter()
         self.to_protect: dict[int, list] = {}  # pid -> VMAs to mprotect once written
+        self.mm_built: set[int] = set()        # id() of the image mms restored so far
+        self.mm_groups_left: dict[int, int] = {}   # id(mm) -> its processes not finished
 
     def _log(self, message: str) -> None:
         if self.log is not None:
@@ -295,7 +297,8 @@ class _Job:
             # one level deeper than its parent: the init of a namespace the parent made (the
             # model accepts no other shape)
             newpid = len(self.inner[vpid]) > len(self.inner[vppid])
-            stub = clone_child(parent, vpid, kabi.CLONE_NEWPID if newpid else 0,
+            stub = clone_child(parent, vpid, (kabi.CLONE_NEWPID if newpid else 0)
+                               | (kabi.CLONE_VM if self._shares_parent_mm(vpid, vppid) else 0),
                                exit_signal=max(task.exit_signal, 0),
                                what=f"clone3 of {vpid} in {vppid}", inner=self.inner[vpid])
             self._created(stub.pid)
@@ -351,10 +354,12 @@ class _Job:
         is ``stub_exe``): memory, fds, cwd/root, limits, handlers, then its other threads.
         Returns [(image tid, stub)] for the thread group, the leader first."""
         task = self.by_vpid[vpid]
-        self.to_protect[stub.pid] = restore_mm(
-            stub, task.mm, self.sink, self.segments, self.transport, self.factory.open_path,
-            task.mm.exe_file.path if task.mm.exe_file is not None else None, stub_exe,
-            self.writer)
+        if id(task.mm) not in self.mm_built:     # else cloned with CLONE_VM: built already
+            self.mm_built.add(id(task.mm))
+            self.to_protect[stub.pid] = restore_mm(
+                stub, task.mm, self.sink, self.segments, self.transport, self.factory.open_path,
+                task.mm.exe_file.path if task.mm.exe_file is not None else None, stub_exe,
+                self.writer)
         restore_fdtable(stub, task.files, self.factory, self.transport)
         restore_fs_context(stub, task.fs, self.factory, self.transport)
         restore_rlimits(stub.pid, task.signal.rlimits)
@@ -399,10 +404,34 @@ class _Job:
                 (self.own(vpid), self.own(tid))
             restore_rseq(stub, task)
             queue_pending(stub, task, tid == vpid, *ids)
-        leader.syscall(kabi.SYS_munmap, leader.tramp, PAGE, what="munmap of the trampoline",
-                       exit_stop=True)
+        mm = id(self.by_vpid[vpid].mm)
+        self.mm_groups_left[mm] = self.mm_groups_left.get(mm, 1) - 1
+        if not self.mm_groups_left[mm]:    # the last process of this address space
+            leader.syscall(kabi.SYS_munmap, leader.tramp, PAGE, what="munmap of the trampoline",
+                           exit_stop=True)
         for tid, stub in group:
             set_cpu(stub, self.by_vpid[tid])
+
+    def _shares_parent_mm(self, vpid: int, vppid: int) -> bool:
+        """Whether process ``vpid`` shares its parent's address space (clone(CLONE_VM)
+        without CLONE_THREAD): it is then cloned with CLONE_VM, and its mm built once. An
+        mm shared with a process other than the parent (the child of a CLONE_VM child
+        reparented, say) cannot be made so: refused."""
+        mm = self.by_vpid[vpid].mm
+        if mm is None:
+            return False
+        sharers = [e[0] for e in self.entries if e[0] == e[2] and self.by_vpid[e[0]].mm is mm]
+        self.mm_groups_left[id(mm)] = len(sharers)
+        if len(sharers) == 1:
+            return False
+        if self.by_vpid[vppid].mm is mm:
+            return True
+        if sharers[0] != vpid:
+            raise RestoreError(errno.EOPNOTSUPP, f"task {vpid} shares its address space with "
+                                                 f"{sharers[0]}, which is not its parent: not "
+                                                 "restorable live (only clone(CLONE_VM) "
+                                                 "children of the sharer are)")
+        return False
 
     def own(self, vpid: int) -> int:
         """The image task's pid (or tid) in its own pid namespace."""
