@@ -472,3 +472,21 @@ def test_cli_track_parent_kill_then_restart_the_chain(c_target, tmp_path):
             deadline = time.monotonic() + 10
             while os.path.exists(f"/proc/{root}") and time.monotonic() < deadline:
                 time.sleep(0.01)
+
+
+def test_a_tree_sharing_an_address_space_is_not_tracked(c_target, start_target, capsys,
+                                                        tmp_path, sessions):
+    """Tracking follows each process's writes, not a shared mm's: --track on a tree with a
+    clone(CLONE_VM) child is refused by name, and the tree runs on untraced."""
+    _require_tracking()
+    t = start_target(c_target("restore_prog_clone_vm"))
+    sessions.append(t.pid)
+    child = int(t.info["child"])
+    out = str(tmp_path / "shared.img")
+    rc, err = _checkpoint(capsys, t.pid, "-o", out, "--track")
+    assert rc != 0 and f"processes {t.pid} and {child} share one address space" in err, err
+    assert "error record" in err       # the image ends in Linux-CR's ERROR record, saying why
+    for pid in (t.pid, child):
+        with open(f"/proc/{pid}/status") as f:
+            st = dict(line.split(":", 1) for line in f)
+        assert st["TracerPid"].strip() == "0" and st["State"].split()[0] in ("S", "R")
