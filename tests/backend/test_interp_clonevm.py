@@ -238,3 +238,15 @@ def test_without_gcc_the_fork_is_refused(run, tmp_path):
     r = run(lambda p: p.call("fork", CLONE_VM), env_extra={"PATH": str(empty)})
     assert r.proc.wait(timeout=20) == 125
     assert "gcc is not installed" in r.wait_report("unsupported")[0]["reason"]
+
+
+def test_a_process_catching_signals_is_refused(run):
+    def build(p):
+        p.do("sigaction", 10, 0x401000, 0, 0)         # SIGUSR1: a real handler (the ring's)
+        child = p.call("fork", CLONE_VM)
+        with p.child(child):
+            p.emit("child")
+    r = run(build)
+    assert r.proc.wait(timeout=20) == 125
+    (why,) = r.reports()
+    assert why["kind"] == "unsupported" and "catching signal 10" in why["reason"]
