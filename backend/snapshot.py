@@ -204,6 +204,24 @@ _UNSHARED = ((kabi.KCMP_FILES, "its own file table (unshare(CLONE_FILES))"),
              (kabi.KCMP_FS, "its own cwd, root and umask (unshare(CLONE_FS))"))
 
 
+_SECCOMP_MODES = {1: "strict mode", 2: "a filter"}
+
+
+def _refuse_seccomp(pid: int, tids: list[int]) -> None:
+    """A thread under seccomp: the image holds no seccomp state (a restart would run it
+    unconfined), and a syscall the checkpoint injects could kill it. Refused, by thread."""
+    for tid in tids:
+        try:
+            mode = proc.read_status(tid).seccomp
+        except proc.ProcessGone:
+            continue
+        if mode:
+            raise Unsupported(f"task {pid}: thread {tid} runs under seccomp "
+                              f"({_SECCOMP_MODES.get(mode, f'mode {mode}')}): the image does not "
+                              "hold seccomp filters, a restart would run it unconfined; not "
+                              "supported")
+
+
 def _refuse_unshared_threads(pid: int, leader: int, tids: list[int]) -> None:
     """The image holds one file table and one fs per process (as Linux-CR's did): a thread
     that unshared its own would be saved with its leader's, silently wrong. kcmp says."""
@@ -336,6 +354,7 @@ class Gatherer:
         p = LiveProcess(pid)
         p.stat = proc.read_stat(pid)
         status = proc.read_status(pid)
+        _refuse_seccomp(pid, tids)          # before any syscall is injected into it
         leader = tids[0] if pid not in tids else pid
         securebits = ptrace.inject_syscall(leader, kabi.SYS_prctl, kabi.PR_GET_SECUREBITS, 0, 0, 0, 0)
         p.cred = _cred(status, securebits)

@@ -240,3 +240,18 @@ def test_processes_sharing_an_address_space_save_it_once(c_target, start_target,
     assert "page ok" in lines and not [ln for ln in lines if ln and ln.startswith("STALLED")]
     ticks = [int(ln.split("ticks=")[1]) for ln in lines if ln and ln.startswith("n ")]
     assert len(ticks) >= 10 and ticks[-1] > ticks[0], lines    # the two count on
+
+
+def test_a_process_under_seccomp_is_refused_and_survives(c_target, start_target,
+                                                         check_untraced):
+    """The image holds no seccomp filter: a process under seccomp is refused by name before
+    any syscall is injected into it (strict mode would kill it on the first one)."""
+    t = start_target(c_target("seccomp_strict"))
+    time.sleep(0.05)                         # past its prctl: in read(), under strict mode
+    with pytest.raises(CheckpointError) as e:
+        checkpoint(t.pid, io.BytesIO())
+    assert e.value.errno == errno.ENOSYS and "seccomp (strict mode)" in e.value.message
+    assert f"task {t.pid}" in e.value.message
+    check_untraced(t.pid)
+    t.write(b"still here\n")
+    assert t.readline(5.0) == "still here"
