@@ -483,10 +483,16 @@ def test_a_tree_sharing_an_address_space_is_not_tracked(c_target, start_target, 
     sessions.append(t.pid)
     child = int(t.info["child"])
     out = str(tmp_path / "shared.img")
-    rc, err = _checkpoint(capsys, t.pid, "-o", out, "--track")
-    assert rc != 0 and f"processes {t.pid} and {child} share one address space" in err, err
-    assert "error record" in err       # the image ends in Linux-CR's ERROR record, saying why
-    for pid in (t.pid, child):
-        with open(f"/proc/{pid}/status") as f:
-            st = dict(line.split(":", 1) for line in f)
-        assert st["TracerPid"].strip() == "0" and st["State"].split()[0] in ("S", "R")
+    try:
+        rc, err = _checkpoint(capsys, t.pid, "-o", out, "--track")
+        assert rc != 0 and f"processes {t.pid} and {child} share one address space" in err, err
+        assert "error record" in err   # the image ends in Linux-CR's ERROR record, saying why
+        for pid in (t.pid, child):
+            with open(f"/proc/{pid}/status") as f:
+                st = dict(line.split(":", 1) for line in f)
+            assert st["TracerPid"].strip() == "0" and st["State"].split()[0] in ("S", "R")
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)    # start_target ends the parent, by pid
+        except ProcessLookupError:
+            pass

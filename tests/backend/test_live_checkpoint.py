@@ -225,21 +225,27 @@ def test_processes_sharing_an_address_space_save_it_once(c_target, start_target,
     from ckptsim.cr.replay import replay
     t = start_target(c_target("restore_prog_clone_vm"))
     child = int(t.info["child"])
-    buf = io.BytesIO()
-    checkpoint(t.pid, buf)
-    recs = records(buf.getvalue())
-    objs = by_name(recs, "TASK_OBJS")
-    assert len(objs) == 2 and objs[0]["mm_objref"] == objs[1]["mm_objref"]
-    assert objs[0]["files_objref"] != objs[1]["files_objref"]          # its own fd table
-    assert len(by_name(recs, "MM")) == 1
-    report = replay(buf.getvalue(), roundtrip=True)
-    assert report.problems == [] and report.roundtrip == "identical"
-    check_untraced(t.pid)
-    check_untraced(child)
-    lines = [t.readline(2.0) for _ in range(20)]
-    assert "page ok" in lines and not [ln for ln in lines if ln and ln.startswith("STALLED")]
-    ticks = [int(ln.split("ticks=")[1]) for ln in lines if ln and ln.startswith("n ")]
-    assert len(ticks) >= 10 and ticks[-1] > ticks[0], lines    # the two count on
+    try:
+        buf = io.BytesIO()
+        checkpoint(t.pid, buf)
+        recs = records(buf.getvalue())
+        objs = by_name(recs, "TASK_OBJS")
+        assert len(objs) == 2 and objs[0]["mm_objref"] == objs[1]["mm_objref"]
+        assert objs[0]["files_objref"] != objs[1]["files_objref"]          # its own fd table
+        assert len(by_name(recs, "MM")) == 1
+        report = replay(buf.getvalue(), roundtrip=True)
+        assert report.problems == [] and report.roundtrip == "identical"
+        check_untraced(t.pid)
+        check_untraced(child)
+        lines = [t.readline(2.0) for _ in range(20)]
+        assert "page ok" in lines and not [ln for ln in lines if ln and ln.startswith("STALLED")]
+        ticks = [int(ln.split("ticks=")[1]) for ln in lines if ln and ln.startswith("n ")]
+        assert len(ticks) >= 10 and ticks[-1] > ticks[0], lines    # the two count on
+    finally:
+        try:
+            os.kill(child, 9)                 # start_target ends the parent, by pid
+        except ProcessLookupError:
+            pass
 
 
 def test_a_process_under_seccomp_is_refused_and_survives(c_target, start_target,
