@@ -277,3 +277,38 @@ def test_classify(mapping, flags, kind):
     got = classify(SmapsEntry(mapping=mapping, vm_flags=frozenset(flags)) if flags else mapping)
     assert got.kind == kind
     assert bool(got.reason) == (kind == VmaKind.UNSUPPORTED)
+
+
+def test_drop_zero_pages_keeps_exactly_the_pages_with_a_non_zero_byte():
+    """The zero-page filter looks at each page's first word before scanning it: pages whose
+    first word (or a word straddling two pages) is zero but which hold data are kept."""
+    from array import array
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from backend.memory import PAGE_SIZE, drop_zero_pages
+    kinds = st.sampled_from(["data", "zero", "zero-first-word", "zero-straddling", "last-byte"])
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(kinds, min_size=1, max_size=40))
+    def check(layout):
+        buf = bytearray()
+        for kind in layout:
+            page = bytearray(b"\x5a" * PAGE_SIZE)
+            if kind == "zero":
+                page = bytearray(PAGE_SIZE)
+            elif kind == "zero-first-word":
+                page[:8] = bytes(8)
+            elif kind == "zero-straddling":
+                page[4:12] = bytes(8)
+            elif kind == "last-byte":
+                page = bytearray(PAGE_SIZE - 1) + b"\x01"
+            buf += page
+        addrs = array("Q", [(i + 1) * PAGE_SIZE for i in range(len(layout))])
+        expect = [a for a, kind in zip(addrs, layout) if kind != "zero"]
+        pages = {a: bytes(buf[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i, a in enumerate(addrs)}
+        keep, view = drop_zero_pages(addrs, buf, len(buf))
+        assert list(keep) == expect
+        assert bytes(view) == b"".join(pages[a] for a in expect)
+    check()
