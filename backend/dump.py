@@ -34,6 +34,7 @@ from . import features, leaks, proc, ptrace
 from .memory import MemoryDumpError
 from .snapshot import (Gatherer, LiveProcess, Unsupported, address_space_owners,
                        refuse_vfork_sharing)
+from .snapshot_mm import prefetch_chunk_buffers
 from .sockets import live_kernel
 
 
@@ -199,6 +200,7 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
         tracking = Tracking.prepare(pid, parent)
         for line in tracking.notices:
             log.debug(0, f"notice: {line}")
+    prefetch_chunk_buffers(core.MAX_PAGES_PER_CHUNK)   # populated while the tree is seized
     crid = (time.time_ns() // 1000) & 0x7FFFFFFFFFFFFFFF or 1
     # an incremental image is kept in memory while the tree is stopped, written after
     spool = tracking.spool(sink) if tracking is not None and not running_copy else None

@@ -71,15 +71,42 @@ class _ChunkBuffers:
 
     _lock = threading.Lock()
     _kept: list = []          # mmap buffers
+    _filling: threading.Thread | None = None
+
+    @staticmethod
+    def _new(size: int) -> mmap.mmap:
+        # populated in one call: bytearray(size) zeroes 4 MiB through 1,024 page faults
+        return mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                         | getattr(mmap, "MAP_POPULATE", 0))
+
+    @classmethod
+    def prefetch(cls, size: int) -> None:
+        """Populate the two buffers on a helper thread (4-6 ms here), while the caller does
+        other work (seizing and gathering the tree); take() waits for it."""
+        with cls._lock:
+            if cls._kept or cls._filling is not None:
+                return
+            cls._filling = threading.Thread(target=cls._fill, args=(size,), daemon=True,
+                                            name="ckptsim-buffers")
+            cls._filling.start()
+
+    @classmethod
+    def _fill(cls, size: int) -> None:
+        bufs = [cls._new(size), cls._new(size)]
+        with cls._lock:
+            if not cls._kept:
+                cls._kept = bufs
+            cls._filling = None
 
     @classmethod
     def take(cls, size: int) -> list:
+        filling = cls._filling
+        if filling is not None:
+            filling.join()
         with cls._lock:
             bufs, cls._kept = [b for b in cls._kept if len(b) == size], []
         while len(bufs) < 2:
-            # populated in one call: bytearray(size) zeroes 4 MiB through 1,024 page faults
-            bufs.append(mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                                  | getattr(mmap, "MAP_POPULATE", 0)))
+            bufs.append(cls._new(size))
         return bufs
 
     @classmethod
@@ -139,6 +166,11 @@ class _ReadAhead:
         finally:
             self.jobs.put(None)
             self.thread.join()
+
+
+def prefetch_chunk_buffers(max_pages: int = 1024) -> None:
+    """Start populating present_chunks' page buffers now (see _ChunkBuffers.prefetch)."""
+    _ChunkBuffers.prefetch(max_pages * PAGE)
 
 
 class LiveMM:
