@@ -28,6 +28,7 @@ import ctypes
 import hashlib
 import json
 import os
+import stat
 import shutil
 import subprocess
 import tempfile
@@ -105,15 +106,34 @@ def gcc_missing() -> str | None:
 _LIB: ctypes.CDLL | None = None
 
 
+def _private_dir(control_dir: str) -> str:
+    """A directory only this uid can write, for the library it will load: CONTROL_DIR is
+    writable by everybody (tasks of other uids report there), so the library goes into a
+    subdirectory made 0700 here (or a fresh temp dir when CONTROL_DIR is not writable),
+    checked to be a real directory of ours that nobody else may write."""
+    if not os.access(control_dir, os.W_OK):
+        return tempfile.mkdtemp(prefix="ckptsim-clonevm-")
+    d = os.path.join(os.path.abspath(control_dir), f"clonevm-lib-{os.getuid()}")
+    try:
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise Unsupported(f"unsupported op fork: {d} is not a private directory of uid "
+                          f"{os.getuid()}: the CLONE_VM mini-interpreter is not built there")
+    return d
+
+
 def compile_library(control_dir: str) -> str:
-    """The path of the mini-interpreter's library, compiled into CONTROL_DIR (else the temp
-    dir) unless already there (its name holds a hash of the source and the flags)."""
+    """The path of the mini-interpreter's library, compiled into a private directory of
+    CONTROL_DIR (_private_dir) unless already there (its name holds a hash of the source and
+    the flags)."""
     with open(SOURCE, "rb") as f:
         source = f.read()
     flags = _cflags()
     tag = hashlib.sha256(source + "\0".join(flags).encode()).hexdigest()[:16]
-    d = control_dir if os.access(control_dir, os.W_OK) else tempfile.gettempdir()
-    path = os.path.join(os.path.abspath(d), f"clonevm-{tag}-{os.getuid()}.so")
+    path = os.path.join(_private_dir(control_dir), f"clonevm-{tag}.so")
     if os.path.exists(path):
         return path
     why = gcc_missing()
