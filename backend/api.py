@@ -9,7 +9,11 @@ own pid) is a *self-checkpoint*: the caller is checkpointed while it waits insid
 and the call returns the crid; in a process restarted from that image the same call returns
 0, as fork() does in a child. ``restart`` reads an image from ``fd`` (mmap'd when ``fd`` is a
 regular file, read to its end otherwise) and builds the tree (``pid`` must be 0: the seed's
-other form, restoring into processes the caller made, is not supported).
+other form, restoring into processes the caller made, is not supported). With RESTART_GHOST
+the caller is only the restart's placeholder: once the tree is restored (and running, or
+stopped with RESTART_FROZEN) it exits with status 0 and the call never returns; the tree runs
+on, orphaned to the caller's nearest child subreaper (PR_SET_CHILD_SUBREAPER), else to the
+init of the caller's pid namespace, which must wait for it.
 
 How a self-checkpoint works with a checkpointer that cannot stop itself: the caller makes a
 pipe, forks a helper twice over (so the helper is no descendant of the caller and stays out
@@ -37,7 +41,7 @@ from ckptsim.image import core
 
 from . import kabi
 
-_SUPPORTED_RESTART_FLAGS = core.RESTART_FROZEN
+_SUPPORTED_RESTART_FLAGS = core.RESTART_FROZEN | core.RESTART_GHOST
 _RESTART_FLAG_NAMES = {core.RESTART_TASKSELF: "RESTART_TASKSELF", core.RESTART_GHOST: "RESTART_GHOST",
                        core.RESTART_KEEP_LSM: "RESTART_KEEP_LSM",
                        core.RESTART_CONN_RESET: "RESTART_CONN_RESET"}
@@ -107,7 +111,8 @@ def read_image_fd(fd: int):
 # -- restart ------------------------------------------------------------------------------
 def restart_from_fd(fd: int, flags: int = 0, logfd: int = -1, *, pidns: bool = True):
     """``restart(0, fd, flags, logfd)`` returning the whole Restored (root, pids, the
-    namespace's reaper; ``Restored.child`` is this process's child, to wait for)."""
+    namespace's reaper; ``Restored.child`` is this process's child, to wait for).
+    RESTART_GHOST is restart()'s (the caller's exit): here it changes nothing."""
     if flags & ~core.RESTART_USER_FLAGS:
         raise RestartError(errno.EINVAL, f"unknown restart flags {flags & ~core.RESTART_USER_FLAGS:#x}")
     for bit, name in _RESTART_FLAG_NAMES.items():
@@ -134,7 +139,8 @@ def restart(pid: int, fd: int, flags: int = 0, logfd: int = -1, *, pidns: bool =
     """Restart the image read from ``fd``; returns the restored root's pid (as this process
     sees it). ``flags``: RESTART_FROZEN leaves every restored process stopped (SIGSTOP).
     With ``pidns`` (the default) the tree gets a new pid namespace with its image pids and a
-    reaper as its init, this process's child."""
+    reaper as its init, this process's child. RESTART_GHOST: this process exits (status 0)
+    once the tree is restored; the call returns only by raising."""
     if flags & core.RESTART_TASKSELF:
         # the seed's self_restart: the caller becomes the image's one task (never returns)
         if pid not in (0, os.getpid()) or flags & ~(core.RESTART_TASKSELF):
@@ -146,7 +152,22 @@ def restart(pid: int, fd: int, flags: int = 0, logfd: int = -1, *, pidns: bool =
     if pid != 0:
         raise RestartError(errno.EINVAL, f"restart(pid={pid}): restoring into processes the "
                                          "caller made is not supported; pass 0 to build the tree")
-    return restart_from_fd(fd, flags, logfd, pidns=pidns).root
+    restored = restart_from_fd(fd, flags, logfd, pidns=pidns)
+    if flags & core.RESTART_GHOST:
+        # the seed's ghost does do_exit(0) once every task is active: so does this process
+        # (its exit hands the tree to the nearest subreaper, as an orphan)
+        _ghost_exit()
+    return restored.root
+
+
+def _ghost_exit() -> None:
+    import sys
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass                     # closed or absent: nothing to flush
+    os._exit(0)
 
 
 # -- checkpoint ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """``restart``: the seed's restart(1) for live images.
 
-    restart [-i FILE] [--frozen] [--pidns | --no-pidns] [--log FILE] [--wait | --detach] [-v]
+    restart [-i FILE] [--frozen] [--pidns | --no-pidns] [--log FILE] [--wait | --detach | --ghost] [-v]
     restart --self [-i FILE] [--log FILE]
 
 ``--self`` (the seed's RESTART_TASKSELF) restarts a one-task image in place of this process:
@@ -11,6 +11,9 @@ Reads an image written by ``checkpoint`` (from FILE, or standard input) and rebu
 as real processes. By default the tree gets a new pid namespace (its pids as in the image) and
 the tool waits for it: its exit status is the restored root's (128 + signal if a signal ended
 it). ``--detach`` prints the root's pid and returns at once: the tree runs on by itself.
+``--ghost`` is the seed's RESTART_GHOST (backend.api.restart): the tool exits with status 0 once
+the tree is restored, printing nothing; the tree runs on, orphaned to the tool's nearest child
+subreaper (else its pid namespace's init), which waits for it.
 ``--frozen`` leaves every restored process stopped (SIGSTOP; continue it with SIGCONT).
 On failure nothing the restart made is left behind, the reason is one line on standard error,
 and the exit status is 1 (2 for bad usage or an unreadable image).
@@ -18,6 +21,7 @@ and the exit status is 1 (2 for bad usage or an unreadable image).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -40,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="wait for the restored tree and exit with its root's status (default)")
     how.add_argument("--detach", action="store_true",
                      help="print the root's pid and return; the tree runs on")
+    how.add_argument("--ghost", action="store_true",
+                     help="RESTART_GHOST: exit (status 0) once the tree is restored; the tree "
+                          "runs on, orphaned to the nearest subreaper")
     p.add_argument("--self", action="store_true",
                    help="restart a one-task image in place of this process (RESTART_TASKSELF)")
     p.add_argument("--chain", metavar="DIR",
@@ -60,19 +67,39 @@ def _read_input(path: str | None):
     return read_image_file(path)
 
 
+def _ghost(args, log_file) -> None:
+    """restart(0, fd, RESTART_GHOST) on the input file (or standard input): this process
+    exits once the tree is restored."""
+    from ckptsim.image import core
+    from .api import restart
+    if args.input is None and sys.stdin.isatty():
+        raise CkptsimError("refusing to read an image from a terminal: use -i FILE or a "
+                           "redirection")
+    fd = os.open(args.input, os.O_RDONLY | os.O_CLOEXEC) if args.input else 0
+    flags = core.RESTART_GHOST | (core.RESTART_FROZEN if args.frozen else 0)
+    try:
+        restart(0, fd, flags, log_file.fileno() if log_file else -1, pidns=args.pidns)
+    finally:
+        if fd:
+            os.close(fd)
+
+
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
-    if args.self and (args.frozen or args.detach or not args.pidns):
-        print("restart: error: --self takes no --frozen, --detach or --no-pidns (the image "
-              "becomes this process)", file=sys.stderr)
+    if args.self and (args.frozen or args.detach or args.ghost or not args.pidns):
+        print("restart: error: --self takes no --frozen, --detach, --ghost or --no-pidns (the "
+              "image becomes this process)", file=sys.stderr)
         return 2
     log_file = None
     try:
-        data = _read_input(args.input)
         log_file = open(args.log, "w") if args.log else None
+        if args.ghost:
+            _ghost(args, log_file)           # returns only on failure, raising
+            raise RestartError(errno.EIO, "RESTART_GHOST: the restart returned")
+        data = _read_input(args.input)
         if args.self:
             from .restore.self_restart import restart_self
             restart_self(data)               # returns only on failure, raising

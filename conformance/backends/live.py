@@ -19,7 +19,10 @@ collect the program's own checks (they run the program to its end without a rest
 ``restart`` is backend.restore.job.restart_image in a new pid namespace: the container init
 (pid 1 in the image) is restored as pid 1 of a new namespace, a child of this process; from
 then on ``run.root`` is the restored init and ``run.restored`` what the restart made, and
-``kill``/``resume`` wait for that child instead of `unshare`.
+``kill``/``resume`` wait for that child instead of `unshare`. With RESTART_GHOST the restart
+is made by a restarter process (``restart --ghost``, backend.api's RESTART_GHOST) that exits
+once the tree is restored; this process is a child subreaper meanwhile, so the orphaned
+restored init comes back to it as its child and is waited for the same way.
 """
 from __future__ import annotations
 
@@ -103,6 +106,11 @@ def _merge_anonymous(vmas: list[list]) -> list[list]:
     return out
 
 
+def _env() -> dict:
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": REPO,
+            "PYTHONDONTWRITEBYTECODE": "1"}
+
+
 _uids_given = iter(range(1 << 20))
 
 
@@ -135,9 +143,9 @@ class LiveBackend(IncrementalSteps, Backend):
             return ("the live checkpoint stops the tree itself (ptrace): an unfrozen tree is "
                     "not refused with EBUSY")
         from ckptsim.image import core
-        if scenario.restart_flags & ~core.RESTART_FROZEN:
+        if scenario.restart_flags & ~(core.RESTART_FROZEN | core.RESTART_GHOST):
             return (f"restart flags {scenario.restart_flags:#x}: the live restart supports "
-                    "RESTART_FROZEN only")
+                    "RESTART_FROZEN and RESTART_GHOST only")
         if scenario.needs:
             return f"needs {', '.join(sorted(scenario.needs))}: the live backend has none of them"
         if shutil.which("unshare") is None:
@@ -170,8 +178,7 @@ class LiveBackend(IncrementalSteps, Backend):
             prog = os.path.join(run.ctl, "program.json")
             with open(prog, "w") as f:
                 json.dump(rewrite_program(scenario.ops, tmp, os.path.basename(tmp)), f)
-            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": REPO,
-                   "PYTHONDONTWRITEBYTECODE": "1"}
+            env = _env()
             from backend.interp import OWN_UID_ENV, needs_own_uid
             if needs_own_uid(scenario.ops):
                 env[OWN_UID_ENV] = str(_fresh_uid())
@@ -441,8 +448,11 @@ class LiveBackend(IncrementalSteps, Backend):
         from ckptsim.image import core
         frozen = bool(run.scenario.restart_flags & core.RESTART_FROZEN)
         try:
-            restored = restart_image(image, pidns=True, frozen=frozen,
-                                     chain=list(ancestors) or None)
+            if run.scenario.restart_flags & core.RESTART_GHOST:
+                restored = self._restart_ghost(run, image, frozen)
+            else:
+                restored = restart_image(image, pidns=True, frozen=frozen,
+                                         chain=list(ancestors) or None)
         except (CheckpointError, CkptsimError, OSError) as e:
             raise CheckpointFailed(getattr(e, "errno", None) or errno.EIO, str(e)) from None
         if run.proc is not None and run.proc.stderr is not None:
@@ -454,6 +464,48 @@ class LiveBackend(IncrementalSteps, Backend):
         run.exit_status = None
         if not frozen:
             self._wait_quiet(run)
+
+    def _restart_ghost(self, run: LiveRun, image: bytes, frozen: bool):
+        """RESTART_GHOST: ``restart --ghost`` in a process of its own restores the tree and
+        exits; this process, a child subreaper meanwhile, gets the orphaned init."""
+        from backend import api, kabi, proc
+        from backend.restore.job import Restored
+        path = os.path.join(run.ctl, "ghost.img")
+        with open(path, "wb") as f:
+            f.write(image)
+        me = os.getpid()
+        before = set(proc.children(me))
+        was_subreaper = api._is_subreaper()
+        if not was_subreaper:
+            kabi.syscall(kabi.SYS_prctl, kabi.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        try:
+            ghost = subprocess.run(
+                [sys.executable, "-m", "backend.restore_cli", "--ghost", "-i", path]
+                + (["--frozen"] if frozen else []), cwd="/", env=_env(),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                timeout=START_TIMEOUT * 3)
+        finally:
+            if not was_subreaper:
+                kabi.syscall(kabi.SYS_prctl, kabi.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        new = [p for p in proc.children(me) if p not in before]
+        why = None
+        if ghost.returncode != 0:
+            lines = ghost.stderr.decode(errors="replace").strip().splitlines()
+            why = f"the ghost restarter exited with status {ghost.returncode}: " \
+                  f"{lines[-1] if lines else 'no message'}"
+        elif len(new) != 1:
+            why = f"the ghost restarter left {len(new)} processes to this one, not the init"
+        elif proc.read_status(new[0]).nspid[-1] != 1:
+            why = f"the ghost restarter's orphan {new[0]} is not a pid namespace's init"
+        if why is not None:
+            for pid in new:                     # nothing of a failed restart is left
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                os.waitpid(pid, 0)
+            raise CheckpointFailed(errno.EIO, why)
+        return Restored(root=new[0], pids={}, reaper=None, new_pidns=True, frozen=frozen)
 
     def is_frozen(self, run) -> bool:
         from backend import proc

@@ -199,6 +199,43 @@ def test_restart_reads_an_image_from_a_pipe_and_mmaps_a_file(procs, tmp_path):
     _wait_for(out, lambda ls: len(ls) >= count + 5, "the restored counter after SIGCONT")
 
 
+def test_restart_ghost_exits_once_the_tree_runs_which_comes_to_the_subreaper(procs, tmp_path):
+    out, image = str(tmp_path / "out.txt"), str(tmp_path / "image")
+    target = procs.start("-c", COUNTER, out)
+    _wait_for(out, lambda ls: len(ls) >= 3, "the counter's first lines")
+    os.kill(target.pid, signal.SIGSTOP)           # nothing written between image and kill
+    with open(image, "wb") as img:
+        assert api.checkpoint(target.pid, img.fileno()) > 0
+    procs.kill(target)
+    before = set(_children(os.getpid()))
+    was = api._is_subreaper()
+    api.kabi.syscall(api.kabi.SYS_prctl, api.kabi.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        ghost = subprocess.run([sys.executable, "-m", "backend.restore_cli", "--ghost", "-i",
+                                image], cwd=ROOT, stdin=subprocess.DEVNULL,
+                               capture_output=True, timeout=60)
+    finally:
+        api.kabi.syscall(api.kabi.SYS_prctl, api.kabi.PR_SET_CHILD_SUBREAPER, int(was), 0, 0, 0)
+    new = [p for p in _children(os.getpid()) if p not in before]
+    for pid in new:
+        procs.add_restored(pid, pid)
+    # the restarter exited by itself (status 0, nothing printed) once the tree was restored,
+    # and its orphan, the namespace's reaper with the counter under it, is now our child
+    assert (ghost.returncode, ghost.stdout, ghost.stderr) == (0, b"", b"")
+    assert len(new) == 1, new
+    (root,) = _children(new[0])
+    procs.add_restored(root, new[0])
+    count = len(_lines(out))
+    os.kill(root, signal.SIGCONT)
+    lines = _wait_for(out, lambda ls: len(ls) >= count + 5, "the restored counter")
+    assert [int(x) for x in lines] == list(range(len(lines))), "a gap or a repeat"
+
+
+def _children(pid: int) -> list[int]:
+    from backend import proc
+    return proc.children(pid)
+
+
 # -- self-checkpoint ----------------------------------------------------------------------
 def test_self_checkpoint_returns_the_crid_then_0_after_restart(procs, tmp_path):
     out, image = str(tmp_path / "out.txt"), str(tmp_path / "image")
@@ -255,8 +292,8 @@ def test_bad_fds_and_flags_are_clear_errors(tmp_path):
              RestartError, errno.EINVAL, "no other flag"),
             (lambda: api.restart(7, ro, core.RESTART_TASKSELF), RestartError, errno.EINVAL,
              "in place of the caller"),
-            (lambda: api.restart(0, ro, core.RESTART_GHOST), RestartError, errno.EOPNOTSUPP,
-             "RESTART_GHOST"),
+            (lambda: api.restart(0, ro, core.RESTART_KEEP_LSM), RestartError, errno.EOPNOTSUPP,
+             "RESTART_KEEP_LSM"),
             (lambda: api.restart(7, ro), RestartError, errno.EINVAL, "pass 0"),
             (lambda: api.restart(0, ro), RestartError, errno.EINVAL, "holds no image"),
             (lambda: api.restart(0, ro, 0, ro), RestartError, errno.EBADF, "logfd"),

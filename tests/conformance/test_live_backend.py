@@ -141,6 +141,7 @@ def test_unsupported_reasons(backend):
     assert "ckpt_unpriv_allowed" in b.unsupported(scn("api_unpriv_level2_user"))
     assert "self-checkpoint" in b.unsupported(scn("api_self_checkpoint"))
     assert b.unsupported(scn("tree_nested_pidns")) is None          # CLONE_NEWPID runs
+    assert b.unsupported(scn("api_restart_ghost")) is None          # restart --ghost
     assert b.unsupported(scn("pipe_partly_full")) is None
 
 
