@@ -24,6 +24,13 @@ read() returns end-of-file, and since its start time is not the one it saved bef
 the call knows it was restarted and returns 0. A helper that dies without a word (same start
 time, no result) is an error, never a false "restarted".
 
+A pid namespace's init gets every orphan of its namespace back as its child, so its helper
+is its own child: the helper checkpoints the tree leaving itself out (dump's
+``leave_out_self``; it keeps only the fds it uses), and the caller reaps it once it has
+answered (a restarted caller has no helper to reap). The helper names the caller by its pid
+and finds it in /proc: a caller whose /proc is another pid namespace's (``unshare --pid``
+without ``--mount-proc``) is refused with EINVAL rather than checkpointing someone else.
+
 Errors: CheckpointError / RestartError with an errno and a one-line message naming the fd,
 flag or object; a failed checkpoint leaves the caller (or target) running as it was.
 """
@@ -221,37 +228,67 @@ def _check_traceable() -> None:
                                            "allows tracing only with CAP_SYS_PTRACE")
 
 
+def _check_own_proc() -> None:
+    """The checkpointer names processes by their pids in its own pid namespace (ptrace) and
+    finds them in /proc: both must agree, or it would checkpoint someone else."""
+    try:
+        seen = int(os.readlink("/proc/self"))
+    except (OSError, ValueError):
+        seen = None
+    if seen != os.getpid():
+        where = f"this process is {seen} there" if seen else "this process is not there"
+        raise CheckpointError(errno.EINVAL, f"self-checkpoint: /proc shows another pid "
+                                            f"namespace's pids ({where}, {os.getpid()} to "
+                                            "itself): mount a /proc of its own (unshare "
+                                            "--mount-proc)")
+
+
 def _self_checkpoint(fd: int, flags: int, logfd: int) -> int:
+    """The helper is a grandchild out of the tree; for a pid namespace's init, whose orphans
+    all come back to it, a child left out of the image (dump's leave_out_self) that the
+    caller reaps once it has answered."""
     from .dump import checkpoint as dump_checkpoint   # before the fork: the helper imports nothing
     _check_traceable()
+    _check_own_proc()
     started = _start_time()
     me = os.getpid()
+    ns_init = me == 1
     result_r, result_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
-    subreaper = _is_subreaper()
+    subreaper = not ns_init and _is_subreaper()
+    helper = 0
     try:
         if subreaper:       # else the orphaned helper would come back to us as our child
             kabi.syscall(kabi.SYS_prctl, kabi.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-        middle = os.fork()
-        if middle == 0:
-            try:
-                if os.fork() == 0:
-                    _helper(dump_checkpoint, me, fd, flags, logfd, result_r, result_w, go_r, go_w)
-            finally:
-                os._exit(0)
+        if ns_init:
+            helper = os.fork()
+            if helper == 0:
+                _helper(dump_checkpoint, me, fd, flags, logfd, result_r, result_w, go_r, go_w,
+                        in_tree=True)
+        else:
+            middle = os.fork()
+            if middle == 0:
+                try:
+                    if os.fork() == 0:
+                        _helper(dump_checkpoint, me, fd, flags, logfd, result_r, result_w, go_r,
+                                go_w)
+                finally:
+                    os._exit(0)
+            os.waitpid(middle, 0)
         os.close(result_w)
         result_w = -1
         os.close(go_r)
         go_r = -1
-        os.waitpid(middle, 0)
     except BaseException:
         for end in (result_r, result_w, go_r, go_w):
             if end >= 0:
                 os.close(end)
+        _end_helper(helper)
         raise
     finally:
         if subreaper:
             kabi.syscall(kabi.SYS_prctl, kabi.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    answer = ""
     try:
         hello = _read_until_eof(result_r, stop_at_newline=True)
         if not hello.startswith(b"helper "):
@@ -267,6 +304,8 @@ def _self_checkpoint(fd: int, flags: int, logfd: int) -> int:
         if go_w >= 0:
             os.close(go_w)
         _allow_tracer(kabi.PR_SET_PTRACER_NONE)
+        if answer or _start_time() == started:   # not in a restarted process: no helper there
+            _end_helper(helper)
     if answer.startswith("crid "):
         return int(answer.split()[1])
     if answer.startswith("error "):
@@ -275,6 +314,25 @@ def _self_checkpoint(fd: int, flags: int, logfd: int) -> int:
     if _start_time() != started:
         return 0                     # a restarted process: the helper's pipe has no writer
     raise CheckpointError(errno.EIO, "self-checkpoint: the helper process ended without a result")
+
+
+def _end_helper(helper: int, timeout: float = 10.0) -> None:
+    """Reap a helper that is our child: it exits once it has answered (or seen no go); one
+    that does not within ``timeout`` is killed."""
+    if not helper:
+        return
+    import signal
+    import time
+    deadline = time.monotonic() + timeout
+    try:
+        while not os.waitpid(helper, os.WNOHANG)[0]:
+            if time.monotonic() > deadline:
+                os.kill(helper, signal.SIGKILL)
+                os.waitpid(helper, 0)
+                return
+            time.sleep(0.002)
+    except ChildProcessError:
+        pass
 
 
 def _is_subreaper() -> bool:
@@ -301,16 +359,26 @@ def _read_until_eof(fd: int, stop_at_newline: bool = False) -> bytes:
 
 
 def _helper(dump_checkpoint, target: int, fd: int, flags: int, logfd: int,
-            result_r: int, result_w: int, go_r: int, go_w: int) -> None:
-    """The grandchild: checkpoint ``target`` once it says go, report, exit (never returns)."""
+            result_r: int, result_w: int, go_r: int, go_w: int, in_tree: bool = False) -> None:
+    """Checkpoint ``target`` once it says go, report, exit (never returns). ``in_tree``: the
+    helper is the target's child, left out of the image; it keeps only the fds it uses (the
+    others would be references to the tree's files from outside it)."""
     try:
         os.close(result_r)
         os.close(go_w)
+        if in_tree:
+            keep = sorted({fd, result_w, go_r} | ({logfd} if logfd != -1 else set()))
+            low = 0
+            for n in keep:
+                os.closerange(low, n)
+                low = n + 1
+            os.closerange(low, 1 << 20)
         _write_all(result_w, f"helper {os.getpid()}\n".encode())
         if os.read(go_r, 1) != b"g":
             os._exit(0)              # the caller gave up before go
         try:
-            crid = dump_checkpoint(target, _FdSink(fd), flags, _log_for(logfd))
+            crid = dump_checkpoint(target, _FdSink(fd), flags, _log_for(logfd),
+                                   leave_out_self=in_tree)
             answer = f"crid {crid}"
         except CheckpointError as e:
             answer = f"error {e.errno} {e.message}"

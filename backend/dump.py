@@ -68,8 +68,8 @@ def _header(ctx, flags: int, crid: int, parent=None) -> bytes:
     return image_id
 
 
-def _tree_order(root: int) -> list[int]:
-    return proc.subtree(root)
+def _tree_order(root: int, left_out: int = 0) -> list[int]:
+    return [p for p in proc.subtree(root) if p != left_out]
 
 
 def _write_tree(ctx, processes: list[LiveProcess]) -> list:
@@ -160,7 +160,8 @@ def _write_tasks(ctx, tasks) -> None:
 
 def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | None = None,
                *, kill: bool = False, freezer: bool | int = False, on_stopped=None,
-               parent=None, tracking=None, running_copy: bool = False) -> int:
+               parent=None, tracking=None, running_copy: bool = False,
+               leave_out_self: bool = False) -> int:
     """Checkpoint the live tree at ``pid`` into ``sink`` (a binary file-like); the crid.
 
     ``on_stopped(seized, processes)``, if given, runs once the image is complete and before
@@ -175,6 +176,9 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
     ``running_copy`` (with ``tracking``, pre-copy rounds): the tree is released once it is
     gathered and the session re-armed; its pages are copied while it runs (pages written
     meanwhile are the next image's), so this image is only good as a chain's parent.
+    ``leave_out_self``: this checkpointer, a childless process of the tree other than its
+    root, is left out of it (the helper of a self-checkpointing pid namespace init, which
+    can only be that init's child: backend/api.py).
 
     Raises CheckpointError (with an errno and a message naming what failed); the tree is
     then running as before and ``sink`` holds an image ending in an ERROR record."""
@@ -192,7 +196,11 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
         raise CheckpointError(errno.ESRCH, f"no process {pid}")
     if proc.read_stat(pid).state in ("Z", "X"):
         raise CheckpointError(errno.ESRCH, f"process {pid} is a zombie: nothing to checkpoint")
-    if os.getpid() in proc.subtree(pid):
+    me = os.getpid() if leave_out_self else 0
+    if me and (me == pid or proc.children(me) or freezer):
+        raise CheckpointError(errno.EINVAL, "only a childless checkpointer other than the root "
+                                            "is left out of the tree, without the freezer")
+    if os.getpid() in _tree_order(pid, me):
         raise CheckpointError(errno.EINVAL, f"the tree of {pid} contains this checkpointer "
                                             f"({os.getpid()}): it cannot stop itself")
     if parent is not None and tracking is None:
@@ -211,12 +219,12 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
     processes: list[LiveProcess] = []
     stop_began = time.monotonic()
     try:
-        refuse_vfork_sharing(_tree_order(pid))
-        with _stopped(pid, freezer) as seized:
-            for p in _tree_order(pid):  # re-read: the tree is stopped now
+        refuse_vfork_sharing(_tree_order(pid, me))
+        with _stopped(pid, freezer, me) as seized:
+            for p in _tree_order(pid, me):  # re-read: the tree is stopped now
                 if p not in seized.threads:
                     seized.add(p)
-            gatherer.mm_owner = address_space_owners(_tree_order(pid))
+            gatherer.mm_owner = address_space_owners(_tree_order(pid, me))
             if gatherer.mm_owner and tracking is not None:
                 later, first = next(iter(gatherer.mm_owner.items()))
                 raise Unsupported(f"processes {first} and {later} share one address space: "
@@ -229,7 +237,7 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
             if not flags & core.CHECKPOINT_SUBTREE:  # a container: nothing shared with outside
                 leaks.check(list(seized.threads),
                             lambda line: log.error(errno.EBUSY, ctx.writer.offset, line))
-            for p in _tree_order(pid):
+            for p in _tree_order(pid, me):
                 tids = seized.threads.get(p) or []
                 if not tids:
                     processes.append(gatherer.zombie(p))
@@ -280,23 +288,23 @@ def _write_body(ctx, processes) -> None:
     ctx.writer.finish()
 
 
-def _stopped(pid: int, freezer: bool | int):
+def _stopped(pid: int, freezer: bool | int, left_out: int = 0):
     """The tree stopped: with ptrace alone, or (``freezer``: True for v1 when mounted else
     v2, or 1 or 2) through the cgroup freezer first (backend/freezer.py)."""
     if freezer:
         from .freezer import frozen_seized
         return frozen_seized(pid, version=None if freezer is True else int(freezer))
-    return _seized_tree(pid)
+    return _seized_tree(pid, left_out)
 
 
 @contextlib.contextmanager
-def _seized_tree(pid: int):
+def _seized_tree(pid: int, left_out: int = 0):
     """ptrace.seized for the tree at ``pid``: a descendant that exits (and is reaped) between
     the listing and its turn is skipped, and the tree is re-read until no new process shows
     up (a parent stopped forks no more)."""
     with ptrace.seized(pid) as s:
         for _ in range(100):
-            new = [p for p in _tree_order(pid) if p not in s.threads]
+            new = [p for p in _tree_order(pid, left_out) if p not in s.threads]
             if not new:
                 break
             for p in new:

@@ -32,8 +32,9 @@ program owns the break: glibc's malloc is kept off it) in backend/interp_tasks.p
 
 Not done (the task reports "unsupported op NAME: reason" and exits 125): ``fork`` with clone
 flags other than a plain fork, a thread or a new pid namespace's init (CLONE_NEWPID; see
-interp_tasks.clone_refusal), the model's
-``checkpoint`` op (self-checkpoint), cgroup operations, and any op with no ``op_`` method.
+interp_tasks.clone_refusal), cgroup operations, and any op with no ``op_`` method. The model's
+``checkpoint`` op is backend.api.checkpoint (a self-checkpoint for pid 0: its helper needs a
+/proc of the caller's pid namespace, see backend/api.py).
 """
 from __future__ import annotations
 
@@ -341,14 +342,26 @@ class Interp(SignalOps, TaskOps):
     def op_set_keepcaps(self, out, keep):
         return libc_call("prctl", 8, keep, 0, 0, 0)  # PR_SET_KEEPCAPS
 
-    def op_checkpoint(self, out, *args):
-        raise Unsupported("unsupported op checkpoint: a self-checkpoint is the model's op; a live "
-                          "process has no checkpoint(2)")
+    def op_checkpoint(self, out, pid, path, flags):
+        """The model's checkpoint op: backend.api.checkpoint into ``path``, opened (and closed
+        after) as the model does; pid 0 is a self-checkpoint, which returns 0 in a process
+        restarted from its image. A failure is -errno."""
+        from ckptsim.cr.context import CheckpointError
+        from .api import checkpoint
+        fd = libc_call("open", path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        if fd < 0:
+            return fd
+        try:
+            return checkpoint(pid, fd, flags, -1)
+        except CheckpointError as e:
+            return -(e.errno or 5)
+        finally:
+            os.close(fd)
 
 
 RLIMIT_SIGPENDING = 11
 OWN_UID_ENV = "CKPTSIM_INTERP_UID"
-UNSUPPORTED_ALWAYS = {"checkpoint": "a self-checkpoint is the model's op; a live process has no checkpoint(2)"}
+UNSUPPORTED_ALWAYS: dict[str, str] = {}
 
 
 def unsupported_op(op) -> str | None:

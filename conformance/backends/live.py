@@ -131,9 +131,6 @@ class LiveBackend(IncrementalSteps, Backend):
             why = track.unavailable_reason()
             if why is not None:
                 return f"incremental checkpoints need a tracking session: {why}"
-        if scenario.self_image is not None:
-            return ("a self-checkpoint (the model's checkpoint op): a live process has no "
-                    "checkpoint(2) syscall")
         if scenario.unpriv_level is not None:
             return ("needs kernel.ckpt_unpriv_allowed (the seed's sysctl): there is no such "
                     "sysctl on Linux")
@@ -182,9 +179,12 @@ class LiveBackend(IncrementalSteps, Backend):
             from backend.interp import OWN_UID_ENV, needs_own_uid
             if needs_own_uid(scenario.ops):
                 env[OWN_UID_ENV] = str(_fresh_uid())
+            # a self-checkpointing program's helper works inside the namespace: it needs a
+            # /proc of its pid namespace (as the seed's restart --pidns remounts /proc)
+            own_proc = ["--mount-proc"] if scenario.self_image is not None else []
             run.proc = subprocess.Popen(
-                ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-m", "backend.interp",
-                 prog, run.ctl], cwd="/", env=env, stdin=subprocess.DEVNULL,
+                ["unshare", "--pid", "--fork", "--kill-child", *own_proc, sys.executable, "-m",
+                 "backend.interp", prog, run.ctl], cwd="/", env=env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             run.root = self._find_root(run)
             self._wait_quiet(run)
@@ -341,11 +341,22 @@ class LiveBackend(IncrementalSteps, Backend):
                                               f"{tracking.arm_error}")
         return buf.getvalue()
 
+    def self_image(self, run: LiveRun, path: str) -> bytes:
+        """The image the program's own checkpoint op wrote to ``path`` (rewritten)."""
+        try:
+            with open(rewrite(path, run.tmp), "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise CheckpointFailed(e.errno or errno.EIO,
+                                   f"the self-checkpoint's image {path}: {e.strerror}") from None
+
     def check_image(self, run, image: bytes, ancestors=()) -> list[str]:
         from ckptsim.cr.context import CheckpointError
         from ckptsim.cr.replay import replay
         from ckptsim.errors import ImageError
         from ckptsim.image import decode_all
+        from ckptsim.kinds import load_all
+        load_all()          # a self-checkpoint's image was written elsewhere: no kind known yet
         try:
             decode_all(image)
             report = replay(image, roundtrip=True, chain=list(ancestors) or None)

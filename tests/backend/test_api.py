@@ -270,6 +270,52 @@ def test_failed_self_checkpoint_raises_in_the_caller_which_runs_on(procs, tmp_pa
     assert any(x.startswith("crid -1 ") for x in lines)
 
 
+def _start_ns_init(procs, *argv: str, own_proc: bool = True) -> subprocess.Popen:
+    """``python argv`` as pid 1 of a new pid namespace (with a /proc of its own)."""
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child",
+                             *(["--mount-proc"] if own_proc else []), sys.executable, *argv],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    procs.started.append(proc)
+    return proc
+
+
+def test_self_checkpoint_of_a_pid_namespace_init_leaves_its_helper_out(procs, tmp_path):
+    from backend import proc as live_proc
+    from ckptsim.image import decode_all
+    from ckptsim.kinds import load_all
+    out, image = str(tmp_path / "out.txt"), str(tmp_path / "image")
+    outer = _start_ns_init(procs, "-c", SELF_CHECKPOINT, out, image, ROOT,
+                           str(core.CHECKPOINT_SUBTREE))
+    lines = _wait_for(out, lambda ls: any(x.startswith("tick 3") for x in ls), "a few ticks")
+    secret = lines[0].split()[1]
+    (first,) = [x for x in lines if x.startswith("crid ")]
+    assert int(first.split()[1]) > 0 and first.endswith(f"pid 1 secret {secret}"), lines[:4]
+    (init,) = live_proc.children(outer.pid)
+    # the helper was the init's child: it is reaped, no zombie or process is left
+    assert live_proc.children(init) == []
+    load_all()
+    (tree,) = [r for r in decode_all(open(image, "rb").read()) if r.layout.name == "TREE"]
+    assert tree["nr_tasks"] == 1                      # the image holds the init alone
+    procs.kill(outer)
+    with open(image, "rb") as img:
+        restored = api.restart_from_fd(img.fileno())
+    procs.add_restored(restored.root, restored.child)
+    after = _wait_for(out, lambda ls: len([x for x in ls if x.startswith("crid ")]) == 2,
+                      "the restarted init's return")
+    assert [x for x in after if x.startswith("crid ")][1] == f"crid 0 pid 1 secret {secret}"
+
+
+def test_self_checkpoint_refuses_a_proc_of_another_pid_namespace(procs, tmp_path):
+    out, image = str(tmp_path / "out.txt"), str(tmp_path / "image")
+    _start_ns_init(procs, "-c", SELF_CHECKPOINT, out, image, ROOT,
+                   str(core.CHECKPOINT_SUBTREE), own_proc=False)
+    lines = _wait_for(out, lambda ls: any(x.startswith("tick 1") for x in ls), "a few ticks")
+    (error,) = [x for x in lines if x.startswith("error ")]
+    assert "/proc shows another pid namespace" in error and "--mount-proc" in error, error
+    assert any(x.startswith("crid -1 pid 1 ") for x in lines)
+
+
 # -- bad input ----------------------------------------------------------------------------
 def test_bad_fds_and_flags_are_clear_errors(tmp_path):
     path = str(tmp_path / "f")
