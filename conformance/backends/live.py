@@ -22,7 +22,9 @@ then on ``run.root`` is the restored init and ``run.restored`` what the restart 
 ``kill``/``resume`` wait for that child instead of `unshare`. With RESTART_GHOST the restart
 is made by a restarter process (``restart --ghost``, backend.api's RESTART_GHOST) that exits
 once the tree is restored; this process is a child subreaper meanwhile, so the orphaned
-restored init comes back to it as its child and is waited for the same way.
+restored init comes back to it as its child and is waited for the same way. With
+RESTART_TASKSELF a new child of this process, pid 1 of a new pid namespace, is restored in
+place by this process (backend.restore.self_restart.restart_new_pidns_init).
 """
 from __future__ import annotations
 
@@ -140,9 +142,12 @@ class LiveBackend(IncrementalSteps, Backend):
             return ("the live checkpoint stops the tree itself (ptrace): an unfrozen tree is "
                     "not refused with EBUSY")
         from ckptsim.image import core
-        if scenario.restart_flags & ~(core.RESTART_FROZEN | core.RESTART_GHOST):
+        if scenario.restart_flags & ~(core.RESTART_FROZEN | core.RESTART_GHOST
+                                      | core.RESTART_TASKSELF):
             return (f"restart flags {scenario.restart_flags:#x}: the live restart supports "
-                    "RESTART_FROZEN and RESTART_GHOST only")
+                    "RESTART_FROZEN, RESTART_GHOST and RESTART_TASKSELF")
+        if scenario.restart_flags & core.RESTART_TASKSELF and scenario.restart_flags != core.RESTART_TASKSELF:
+            return "RESTART_TASKSELF with other restart flags: the process itself becomes the task"
         if scenario.needs:
             return f"needs {', '.join(sorted(scenario.needs))}: the live backend has none of them"
         if shutil.which("unshare") is None:
@@ -461,6 +466,8 @@ class LiveBackend(IncrementalSteps, Backend):
         try:
             if run.scenario.restart_flags & core.RESTART_GHOST:
                 restored = self._restart_ghost(run, image, frozen)
+            elif run.scenario.restart_flags & core.RESTART_TASKSELF:
+                restored = self._restart_taskself(image)
             else:
                 restored = restart_image(image, pidns=True, frozen=frozen,
                                          chain=list(ancestors) or None)
@@ -517,6 +524,14 @@ class LiveBackend(IncrementalSteps, Backend):
                 os.waitpid(pid, 0)
             raise CheckpointFailed(errno.EIO, why)
         return Restored(root=new[0], pids={}, reaper=None, new_pidns=True, frozen=frozen)
+
+    def _restart_taskself(self, image: bytes):
+        """RESTART_TASKSELF: a new process, pid 1 of a new pid namespace (as the scenario's
+        init was), becomes the image's one task in place; it is this process's child."""
+        from backend.restore.job import Restored
+        from backend.restore.self_restart import restart_new_pidns_init
+        child = restart_new_pidns_init(bytearray(image))
+        return Restored(root=child, pids={}, reaper=None, new_pidns=True, frozen=False)
 
     def is_frozen(self, run) -> bool:
         from backend import proc

@@ -142,6 +142,7 @@ def test_unsupported_reasons(backend):
     assert b.unsupported(scn("api_self_checkpoint")) is None        # the checkpoint op
     assert b.unsupported(scn("tree_nested_pidns")) is None          # CLONE_NEWPID runs
     assert b.unsupported(scn("api_restart_ghost")) is None          # restart --ghost
+    assert b.unsupported(scn("api_restart_taskself")) is None       # a new init in place
     assert b.unsupported(scn("pipe_partly_full")) is None
 
 

@@ -110,3 +110,70 @@ def test_self_refuses_options_that_make_no_sense():
                           "-i", "/dev/null"], cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--self" in out.stderr
+
+
+def _signal_masks(pid: int) -> tuple[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+    return fields["SigCgt"], fields["SigIgn"]
+
+
+def test_the_callers_own_signal_actions_do_not_survive(procs, c_target, tmp_path):
+    # the tool is Python: it catches SIGINT and ignores SIGPIPE and SIGXFSZ; the image's
+    # program has none of that, and must not get them
+    image, out = _image(procs, c_target("restore_prog_counter"), tmp_path)
+    before = _wait_lines(out, 1)
+    tool = subprocess.Popen([sys.executable, "-m", "backend.restore_cli", "--self", "-i", image],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    procs.append(tool)
+    _wait_lines(out, len(before) + 2, timeout=30.0, tool=tool)
+    fresh = subprocess.Popen([c_target("restore_prog_counter"), "1", "1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             stdin=subprocess.DEVNULL)
+    procs.append(fresh)
+    time.sleep(0.2)
+    assert _signal_masks(tool.pid) == _signal_masks(fresh.pid)
+
+
+def test_a_pid_namespace_init_is_refused_with_the_reason(procs, c_target, tmp_path):
+    image, _ = _image(procs, c_target("restore_prog_counter"), tmp_path)
+    out = subprocess.run(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc",
+                          sys.executable, "-m", "backend.restore_cli", "--self", "-i", image],
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and "pid namespace's init" in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1
+
+
+def test_a_new_pid_namespace_init_is_restored_in_place_by_its_parent(procs, c_target, tmp_path):
+    from backend import proc
+    from backend.restore.self_restart import restart_new_pidns_init
+    image, out = _image(procs, c_target("restore_prog_counter"), tmp_path)
+    before = _wait_lines(out, 1)
+    child = restart_new_pidns_init(open(image, "rb").read())
+    try:
+        after = _wait_lines(out, len(before) + 3, timeout=30.0)
+        numbers = [int(x.split()[1]) for x in after]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), numbers
+        st = proc.read_status(child)
+        assert st.nspid[-1] == 1 and st.ppid == os.getpid() and st.name == "restore_prog_co"
+        assert proc.children(child) == []         # no worker or zombie left under it
+        fresh = subprocess.Popen([c_target("restore_prog_counter"), "1", "1"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 stdin=subprocess.DEVNULL)
+        procs.append(fresh)
+        time.sleep(0.2)
+        assert _signal_masks(child) == _signal_masks(fresh.pid)
+        # later children of this process are in its own pid namespace again
+        probe = subprocess.run(["sh", "-c", "cat /proc/self/status"], capture_output=True,
+                               text=True, timeout=10)
+        depth = len(proc.read_status(os.getpid()).nspid)
+        assert [x for x in probe.stdout.splitlines()
+                if x.startswith("NSpid:")][0].count("\t") == depth
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(child, 0)
