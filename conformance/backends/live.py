@@ -19,12 +19,8 @@ collect the program's own checks (they run the program to its end without a rest
 ``restart`` is backend.restore.job.restart_image in a new pid namespace: the container init
 (pid 1 in the image) is restored as pid 1 of a new namespace, a child of this process; from
 then on ``run.root`` is the restored init and ``run.restored`` what the restart made, and
-``kill``/``resume`` wait for that child instead of `unshare`. With RESTART_GHOST the restart
-is made by a restarter process (``restart --ghost``, backend.api's RESTART_GHOST) that exits
-once the tree is restored; this process is a child subreaper meanwhile, so the orphaned
-restored init comes back to it as its child and is waited for the same way. With
-RESTART_TASKSELF a new child of this process, pid 1 of a new pid namespace, is restored in
-place by this process (backend.restore.self_restart.restart_new_pidns_init).
+``kill``/``resume`` wait for that child instead of `unshare`. RESTART_GHOST and
+RESTART_TASKSELF restarts end the same way (conformance/backends/live_restart_flags.py).
 """
 from __future__ import annotations
 
@@ -42,6 +38,7 @@ import time
 from ..backend import Backend, CheckpointFailed
 from ..scenario import Scenario
 from .live_incremental import IncrementalSteps
+from .live_restart_flags import RestartFlags
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 START_TIMEOUT = 20.0
@@ -121,7 +118,7 @@ def _fresh_uid() -> int:
     return OWN_UID_BASE + ((os.getpid() << 10) + next(_uids_given)) % OWN_UID_SPAN
 
 
-class LiveBackend(IncrementalSteps, Backend):
+class LiveBackend(IncrementalSteps, RestartFlags, Backend):
     name = "live"
     can_restart = True
 
@@ -465,7 +462,7 @@ class LiveBackend(IncrementalSteps, Backend):
         frozen = bool(run.scenario.restart_flags & core.RESTART_FROZEN)
         try:
             if run.scenario.restart_flags & core.RESTART_GHOST:
-                restored = self._restart_ghost(run, image, frozen)
+                restored = self._restart_ghost(run, image, frozen, _env())
             elif run.scenario.restart_flags & core.RESTART_TASKSELF:
                 restored = self._restart_taskself(image)
             else:
@@ -482,56 +479,6 @@ class LiveBackend(IncrementalSteps, Backend):
         run.exit_status = None
         if not frozen:
             self._wait_quiet(run)
-
-    def _restart_ghost(self, run: LiveRun, image: bytes, frozen: bool):
-        """RESTART_GHOST: ``restart --ghost`` in a process of its own restores the tree and
-        exits; this process, a child subreaper meanwhile, gets the orphaned init."""
-        from backend import api, kabi, proc
-        from backend.restore.job import Restored
-        path = os.path.join(run.ctl, "ghost.img")
-        with open(path, "wb") as f:
-            f.write(image)
-        me = os.getpid()
-        before = set(proc.children(me))
-        was_subreaper = api._is_subreaper()
-        if not was_subreaper:
-            kabi.syscall(kabi.SYS_prctl, kabi.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-        try:
-            ghost = subprocess.run(
-                [sys.executable, "-m", "backend.restore_cli", "--ghost", "-i", path]
-                + (["--frozen"] if frozen else []), cwd="/", env=_env(),
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                timeout=START_TIMEOUT * 3)
-        finally:
-            if not was_subreaper:
-                kabi.syscall(kabi.SYS_prctl, kabi.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-        new = [p for p in proc.children(me) if p not in before]
-        why = None
-        if ghost.returncode != 0:
-            lines = ghost.stderr.decode(errors="replace").strip().splitlines()
-            why = f"the ghost restarter exited with status {ghost.returncode}: " \
-                  f"{lines[-1] if lines else 'no message'}"
-        elif len(new) != 1:
-            why = f"the ghost restarter left {len(new)} processes to this one, not the init"
-        elif proc.read_status(new[0]).nspid[-1] != 1:
-            why = f"the ghost restarter's orphan {new[0]} is not a pid namespace's init"
-        if why is not None:
-            for pid in new:                     # nothing of a failed restart is left
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                os.waitpid(pid, 0)
-            raise CheckpointFailed(errno.EIO, why)
-        return Restored(root=new[0], pids={}, reaper=None, new_pidns=True, frozen=frozen)
-
-    def _restart_taskself(self, image: bytes):
-        """RESTART_TASKSELF: a new process, pid 1 of a new pid namespace (as the scenario's
-        init was), becomes the image's one task in place; it is this process's child."""
-        from backend.restore.job import Restored
-        from backend.restore.self_restart import restart_new_pidns_init
-        child = restart_new_pidns_init(bytearray(image))
-        return Restored(root=child, pids={}, reaper=None, new_pidns=True, frozen=False)
 
     def is_frozen(self, run) -> bool:
         from backend import proc
