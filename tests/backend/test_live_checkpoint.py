@@ -261,3 +261,15 @@ def test_a_process_under_seccomp_is_refused_and_survives(c_target, start_target,
     check_untraced(t.pid)
     t.write(b"still here\n")
     assert t.readline(5.0) == "still here"
+
+
+def test_leave_out_self_only_for_a_childless_checkpointer_inside_the_tree(c_target,
+                                                                          start_target):
+    """leave_out_self (a self-checkpointing pid namespace init's helper, backend/api.py) is
+    refused for the root itself, for a checkpointer with children and with the freezer."""
+    with pytest.raises(CheckpointError, match="only a childless checkpointer") as e:
+        checkpoint(os.getpid(), io.BytesIO(), leave_out_self=True)
+    assert e.value.errno == errno.EINVAL
+    t = start_target(c_target("unshared_thread"), "none")        # a child of this process
+    with pytest.raises(CheckpointError, match="only a childless checkpointer"):
+        checkpoint(t.pid, io.BytesIO(), leave_out_self=True)
