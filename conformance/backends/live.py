@@ -163,7 +163,9 @@ class LiveBackend(IncrementalSteps, RestartFlags, Backend):
         try:
             for d in ("data", "tmp", "ctl"):
                 os.mkdir(os.path.join(tmp, d))
-                os.chmod(os.path.join(tmp, d), 0o777)
+                # tasks of any uid write there; sticky: nobody renames what another made
+                # (the interpreter builds and loads a library under ctl)
+                os.chmod(os.path.join(tmp, d), 0o1777 if d == "ctl" else 0o777)
             report = os.path.join(run.ctl, "report")
             open(report, "wb").close()
             os.chmod(report, 0o666)
