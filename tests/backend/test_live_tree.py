@@ -337,12 +337,16 @@ os.close(r), os.close(w)
 if mode == "setns":                 # a child of ours, in the nested namespace but not its init
     ns = os.open("/proc/%d/ns/pid" % init, os.O_RDONLY)
     assert libc.syscall(SYS_setns, ns, CLONE_NEWPID) == 0, ctypes.get_errno()
+    settled_r, settled_w = os.pipe()
     if os.fork() == 0:
-        os.close(own), os.close(ns)
+        os.close(own), os.close(ns), os.close(settled_r)
         libc.syscall(SYS_prctl, PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.close(settled_w)          # its fds are closed: READY may go out
         signal.pause()
     libc.syscall(SYS_setns, own, CLONE_NEWPID)
-    os.close(ns)
+    os.close(ns), os.close(settled_w)
+    os.read(settled_r, 1)           # EOF once the child closed its end
+    os.close(settled_r)
 os.close(own)
 plain = os.fork()
 if plain == 0:
