@@ -324,15 +324,16 @@ class WriteTracker:
         return DirtyTrackingError(err, f"dirty tracking of process {self.pid}: {what}")
 
     def _check_seccomp(self) -> None:
-        # a seccomp filter may kill the target on the injected userfaultfd()
+        # seccomp (strict mode, or a filter) may kill the target on the injected userfaultfd()
         try:
             seccomp = read_status(self.pid).seccomp
         except OSError as e:
             raise self._error(e.errno or errno.ESRCH, "cannot read its status") from None
-        if seccomp == 2 and not self.allow_seccomp:
-            raise self._error(errno.EPERM, "it runs under a seccomp filter that may kill it "
-                              "on an injected userfaultfd(); seize it with "
-                              "PTRACE_O_SUSPEND_SECCOMP and pass allow_seccomp=True")
+        if seccomp and not self.allow_seccomp:
+            how = "in seccomp strict mode" if seccomp == 1 else "under a seccomp filter"
+            raise self._error(errno.EPERM, f"it runs {how}, which may kill it on an injected "
+                              "userfaultfd(); seize it with PTRACE_O_SUSPEND_SECCOMP and pass "
+                              "allow_seccomp=True")
 
     def _take_userfaultfd(self) -> int:
         base = os.O_CLOEXEC | os.O_NONBLOCK

@@ -33,7 +33,7 @@ from ckptsim.kinds.tasktree import STATE_NUMBERS, TASK, TASK_OBJS, TREE, TREE_NE
 from . import features, leaks, proc, ptrace
 from .memory import MemoryDumpError
 from .snapshot import (Gatherer, LiveProcess, Unsupported, address_space_owners,
-                       refuse_vfork_sharing)
+                       refuse_seccomp, refuse_shared_tables, refuse_vfork_sharing)
 from .snapshot_mm import prefetch_chunk_buffers
 from .sockets import live_kernel
 
@@ -224,6 +224,8 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
             for p in _tree_order(pid, me):  # re-read: the tree is stopped now
                 if p not in seized.threads:
                     seized.add(p)
+            refuse_seccomp(seized.threads)   # before tracking.seized injects anything
+            refuse_shared_tables(_tree_order(pid, me))
             gatherer.mm_owner = address_space_owners(_tree_order(pid, me))
             if gatherer.mm_owner and tracking is not None:
                 later, first = next(iter(gatherer.mm_owner.items()))

@@ -237,16 +237,22 @@ def _refuse_unshared_threads(pid: int, leader: int, tids: list[int]) -> None:
 def address_space_owners(pids: list[int]) -> dict[int, int]:
     """{pid: the first process of ``pids`` (in their order) with the same address space} for
     each process that shares its mm with an earlier one (clone(CLONE_VM) without
-    CLONE_THREAD, a vfork child before its exec). kcmp orders mms, so sorting finds equal ones
-    in O(n log n) calls; a kernel that gives no order (kcmp answers 3) is compared pair by
-    pair. Zombies have no mm (kcmp finds every two equal): left out, as is a process gone
-    meanwhile or one this caller may not compare (the seize notices)."""
+    CLONE_THREAD, a vfork child before its exec)."""
+    return sharing_owners(pids, kabi.KCMP_VM)
+
+
+def sharing_owners(pids: list[int], kind: int) -> dict[int, int]:
+    """address_space_owners for any kcmp ``kind`` (KCMP_VM, KCMP_FILES, KCMP_FS,
+    KCMP_SIGHAND). kcmp orders the objects, so sorting finds equal ones in O(n log n) calls;
+    a kernel that gives no order (kcmp answers 3) is compared pair by pair. Zombies have none
+    of them (kcmp finds every two equal): left out, as is a process gone meanwhile or one
+    this caller may not compare (the seize notices)."""
     unordered = []
     position = {p: i for i, p in enumerate(pids)}
 
     def kcmp_vm(a: int, b: int) -> int | None:
         try:
-            return kabi.syscall(kabi.SYS_kcmp, a, b, kabi.KCMP_VM, 0, 0, what="kcmp")
+            return kabi.syscall(kabi.SYS_kcmp, a, b, kind, 0, 0, what="kcmp")
         except OSError:
             return None
 
@@ -285,25 +291,30 @@ _VFORK_WCHAN = ("kernel_clone", "wait_for_vfork_done", "do_fork")
 
 
 def _in_vfork(pid: int) -> bool:
-    """Whether ``pid`` (the parent of a child sharing its mm) waits in vfork for that child:
-    state D in kernel_clone's wait_for_vfork_done, where no ptrace stop reaches it until the
-    child execs or exits. wchan may read 0 for a moment and a parent on its way into the
-    wait still runs: looked at again for up to 50 ms; one that stays in D all along counts
-    as waiting (the seize could not stop it either)."""
-    state = ""
+    """Whether a thread of ``pid`` (the parent of a child sharing its mm) waits in vfork for
+    that child: state D in kernel_clone's wait_for_vfork_done, where no ptrace stop reaches
+    it until the child execs or exits (any thread may have called vfork or posix_spawn).
+    wchan may read 0 for a moment and a thread on its way into the wait still runs: looked
+    at again for up to 50 ms; a thread that stays in D all along counts as waiting (the
+    seize could not stop it either)."""
+    waiting = False
     for _ in range(50):
         try:
-            state = proc.read_stat(pid).state
-            if state == "D":
-                with open(f"/proc/{pid}/wchan") as f:
+            states = {tid: proc.read_stat(tid).state for tid in proc.list_threads(pid)}
+        except proc.ProcessGone:
+            return False
+        for tid in (t for t, st in states.items() if st == "D"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/wchan") as f:
                     if f.read().strip() in _VFORK_WCHAN:
                         return True
-        except (OSError, proc.ProcessGone):
-            return False
-        if state not in ("R", "D"):
+            except OSError:
+                pass
+        waiting = "D" in states.values()
+        if not waiting and "R" not in states.values():
             return False
         time.sleep(0.001)
-    return state == "D"
+    return waiting
 
 
 def refuse_vfork_sharing(pids: list[int]) -> None:
@@ -319,6 +330,26 @@ def refuse_vfork_sharing(pids: list[int]) -> None:
                 raise Unsupported(f"process {parent} waits in vfork for process {child}, which "
                                   "shares its address space and has not exec'd yet: a vfork "
                                   "parent cannot be stopped; not supported")
+
+
+_PER_PROCESS = ((kabi.KCMP_FILES, "one fd table"), (kabi.KCMP_FS, "one cwd/root/umask"),
+                (kabi.KCMP_SIGHAND, "one signal handler table"))
+
+
+def refuse_shared_tables(pids: list[int]) -> None:
+    """Processes (not threads) sharing an fd table, fs or handler table (clone with
+    CLONE_FILES, CLONE_FS or CLONE_SIGHAND): the image holds one of each per process, so
+    they would come back with copies of their own, silently. Refused, naming both."""
+    for kind, what in _PER_PROCESS:
+        for later, first in sharing_owners(pids, kind).items():
+            raise Unsupported(f"processes {first} and {later} share {what} (clone without "
+                              "CLONE_THREAD): an image holds one per process; not supported")
+
+
+def refuse_seccomp(seized_threads: dict) -> None:
+    """_refuse_seccomp for every seized process, before anything is injected into any."""
+    for pid, tids in seized_threads.items():
+        _refuse_seccomp(pid, tids)
 
 
 class Gatherer:
@@ -354,7 +385,6 @@ class Gatherer:
         p = LiveProcess(pid)
         p.stat = proc.read_stat(pid)
         status = proc.read_status(pid)
-        _refuse_seccomp(pid, tids)          # before any syscall is injected into it
         leader = tids[0] if pid not in tids else pid
         securebits = ptrace.inject_syscall(leader, kabi.SYS_prctl, kabi.PR_GET_SECUREBITS, 0, 0, 0, 0)
         p.cred = _cred(status, securebits)

@@ -273,3 +273,44 @@ def test_leave_out_self_only_for_a_childless_checkpointer_inside_the_tree(c_targ
     t = start_target(c_target("unshared_thread"), "none")        # a child of this process
     with pytest.raises(CheckpointError, match="only a childless checkpointer"):
         checkpoint(t.pid, io.BytesIO(), leave_out_self=True)
+
+
+@pytest.mark.parametrize("mode,what", [("files", "one fd table"), ("fs", "one cwd/root/umask"),
+                                       ("sighand", "one signal handler table")])
+def test_processes_sharing_a_per_process_table_are_refused(mode, what, c_target, start_target,
+                                                           check_untraced):
+    """clone(CLONE_FILES / CLONE_FS / CLONE_VM|CLONE_SIGHAND) without CLONE_THREAD: the image
+    holds one table per process, so the checkpoint refuses by name, and both run on."""
+    t = start_target(c_target("shared_tables"), mode)
+    child = int(t.info["child"])
+    try:
+        with pytest.raises(CheckpointError) as e:
+            checkpoint(t.pid, io.BytesIO())
+        assert e.value.errno == errno.ENOSYS
+        assert f"processes {t.pid} and {child} share {what}" in e.value.message, e.value.message
+        check_untraced(t.pid)
+        check_untraced(child)
+    finally:
+        try:
+            os.kill(child, 9)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_vfork_by_another_thread_is_refused_at_once(c_target, start_target, check_untraced):
+    """A second thread's vfork (a subprocess started from a worker thread): the waiting thread
+    is not the main one, and is found all the same, before anything is seized."""
+    t = start_target(c_target("shared_tables"), "vfork-thread")
+    child = int(t.info["child"])
+    try:
+        began = time.monotonic()
+        with pytest.raises(CheckpointError) as e:
+            checkpoint(t.pid, io.BytesIO())
+        assert "waits in vfork" in e.value.message and str(child) in e.value.message
+        assert time.monotonic() - began < 2.0
+        check_untraced(t.pid)
+    finally:
+        try:
+            os.kill(child, 9)                # the child first: the thread then leaves vfork
+        except ProcessLookupError:
+            pass
