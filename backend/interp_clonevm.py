@@ -109,9 +109,13 @@ _LIB: ctypes.CDLL | None = None
 def _private_dir(control_dir: str) -> str:
     """A directory only this uid can write, for the library it will load: CONTROL_DIR is
     writable by everybody (tasks of other uids report there), so the library goes into a
-    subdirectory made 0700 here (or a fresh temp dir when CONTROL_DIR is not writable),
-    checked to be a real directory of ours that nobody else may write."""
-    if not os.access(control_dir, os.W_OK):
+    subdirectory made 0700 here, checked to be a real directory of ours that nobody else may
+    write; CONTROL_DIR must then be sticky (the live backend makes it so), else a fresh temp
+    dir is used."""
+    st = os.stat(control_dir)
+    if not os.access(control_dir, os.W_OK) or (st.st_mode & 0o002 and not st.st_mode & 0o1000):
+        # not writable, or writable by all without the sticky bit (anyone could rename our
+        # directory away and put theirs in its place): a fresh private temp dir
         return tempfile.mkdtemp(prefix="ckptsim-clonevm-")
     d = os.path.join(os.path.abspath(control_dir), f"clonevm-lib-{os.getuid()}")
     try:

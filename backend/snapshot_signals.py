@@ -64,15 +64,17 @@ def _read_by_code(tid: int) -> bytes | None:
         run_code(tid, code, (data, data + ACTIONS))
         out = read_memory(tid, data, ACTIONS + 64 * 8)
         raw, results = out[:ACTIONS], struct.unpack("<64q", out[ACTIONS:])
+        trap = struct.unpack_from("<Q", raw, (signal.SIGTRAP - 1) * kabi.KERNEL_SIGACTION_SIZE)[0]
+        if trap == kabi.SIG_IGN and not results[signal.SIGTRAP - 1]:
+            # the int3's forced SIGTRAP made it SIG_DFL: put back what the loop read (first,
+            # so that it is undone whatever happens next)
+            undo.insert(0, (kabi.SYS_rt_sigaction, signal.SIGTRAP,
+                            data + (signal.SIGTRAP - 1) * kabi.KERNEL_SIGACTION_SIZE, 0, 8))
         failed = [(sig, r) for sig, r in enumerate(results, 1) if r]
         if failed:
             sig, r = failed[0]
             raise ptrace.PtraceError(-r, f"tid {tid}: rt_sigaction({sig}) read failed: "
                                          f"{errno.errorcode.get(-r, r)}")
-        trap = struct.unpack_from("<Q", raw, (signal.SIGTRAP - 1) * kabi.KERNEL_SIGACTION_SIZE)[0]
-        if trap == kabi.SIG_IGN:   # the int3's forced SIGTRAP made it SIG_DFL: put it back
-            undo.insert(0, (kabi.SYS_rt_sigaction, signal.SIGTRAP,
-                            data + (signal.SIGTRAP - 1) * kabi.KERNEL_SIGACTION_SIZE, 0, 8))
         return raw
     finally:
         if undo:

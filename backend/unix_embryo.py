@@ -39,6 +39,7 @@ MAX_PASSES = 4096                     # 32 buffers per embryo and pass: ~130k bu
 
 # bpf/unix_embryo.c's records
 MAGIC_EMB, MAGIC_SKB, MAGIC_END = 0x424D4555, 0x424B5355, 0x444E4555
+MAGIC_BAD = 0x44414255          # an END-shaped record: the buffer before it was not read whole
 EMB = struct.Struct("<IIQQQIIQ")      # magic, qlen, listener_ino, peer_ino, id, state, type, oob
 SKB = struct.Struct("<IIIIIIII")      # magic, index, len, data_len, consumed, flags, copied, pad
 END = struct.Struct("<IIQQ")          # magic, walked, id, next
@@ -165,6 +166,9 @@ def parse(out: bytes, embryos: dict[int, Embryo]) -> dict[int, int]:
             elif flags & SKB_FLAG_TOO_BIG:
                 current.refuse(f"a buffer of {length} bytes, more than the reader copies")
             current.buffers.append(data[consumed:])
+        elif magic == MAGIC_BAD and current is not None:
+            off += END.size
+            current.refuse("a queued buffer that could not be read whole")
         elif magic == MAGIC_END and current is not None:
             _, _, eid, nxt = END.unpack_from(out, off)
             off += END.size

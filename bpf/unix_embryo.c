@@ -14,6 +14,7 @@
 #define MAGIC_EMB 0x424d4555u   /* "UEMB" */
 #define MAGIC_SKB 0x424b5355u   /* "USKB" */
 #define MAGIC_END 0x444e4555u   /* "UEND" */
+#define MAGIC_BAD 0x44414255u   /* "UBAD": the buffer just sent could not be read whole */
 #define CHUNK 4096
 #define MAX_CHUNKS 5            /* a linear buffer up to 20 KiB (seqpacket: < 16 KiB) */
 #define MAX_SKBS 32             /* per embryo and pass */
@@ -137,7 +138,7 @@ BPF_ITER(unix)
         if (r.copied > budget && i > 0)
             break;                               /* for the next pass */
         bpf_seq_write(seq, &r, sizeof(r));
-        u32 off = 0, j;
+        u32 off = 0, j, bad = 0;
         for (j = 0; j < MAX_CHUNKS; j++) {
             if (off >= r.copied)
                 break;
@@ -147,10 +148,18 @@ BPF_ITER(unix)
             /* a bound the verifier sees on the register the calls use (clang drops a plain
              * mask it can prove useless, and clamps a copy) */
             asm volatile("%0 &= 0x1fff" : "+r"(n));
+            /* a failed read zeroes c->data: the announced bytes still go out (the stream
+             * stays in step) and a BAD record after them makes the reader refuse */
             if (bpf_probe_read_kernel(c->data, n, (const void *)(data + off)))
-                break;                           /* copied falls short: the reader refuses */
+                bad = 1;
             bpf_seq_write(seq, c->data, n);
             off += n;
+        }
+        if (bad) {
+            struct end_rec b = {};
+            b.magic = MAGIC_BAD;
+            b.walked = index;
+            bpf_seq_write(seq, &b, sizeof(b));
         }
         budget = r.copied > budget ? 0 : budget - r.copied;
         RD(skb, skb);

@@ -114,8 +114,29 @@ _uids_given = iter(range(1 << 20))
 
 
 def _fresh_uid() -> int:
-    """A uid no other process has: this process's pid and a count, above the ranges in use."""
-    return OWN_UID_BASE + ((os.getpid() << 10) + next(_uids_given)) % OWN_UID_SPAN
+    """A uid no process has now (real, effective, saved or filesystem): this process's pid
+    and a count, above the ranges in use, skipping any that /proc shows in use."""
+    in_use = _uids_in_use()
+    while True:
+        uid = OWN_UID_BASE + ((os.getpid() << 10) + next(_uids_given)) % OWN_UID_SPAN
+        if uid not in in_use:
+            return uid
+
+
+def _uids_in_use() -> set[int]:
+    uids: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                for line in f:
+                    if line.startswith("Uid:"):
+                        uids.update(int(u) for u in line.split()[1:])
+                        break
+        except OSError:
+            continue
+    return uids
 
 
 class LiveBackend(IncrementalSteps, RestartFlags, Backend):

@@ -32,20 +32,18 @@ class RestartFlags:
     def _restart_ghost(self, run: LiveRun, image: bytes, frozen: bool, env: dict):
         from backend import api, kabi, proc
         from backend.restore.job import Restored
-        path = os.path.join(run.ctl, "ghost.img")
-        with open(path, "wb") as f:
-            f.write(image)
         me = os.getpid()
         before = set(proc.children(me))
         was_subreaper = api._is_subreaper()
         if not was_subreaper:
             kabi.syscall(kabi.SYS_prctl, kabi.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         try:
+            # the image through a pipe (the tool reads stdin): no file that others could
+            # read or swap in the shared control dir
             ghost = subprocess.run(
-                [sys.executable, "-m", "backend.restore_cli", "--ghost", "-i", path]
-                + (["--frozen"] if frozen else []), cwd="/", env=env,
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                timeout=GHOST_TIMEOUT)
+                [sys.executable, "-m", "backend.restore_cli", "--ghost"]
+                + (["--frozen"] if frozen else []), cwd="/", env=env, input=bytes(image),
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=GHOST_TIMEOUT)
             status, err = ghost.returncode, ghost.stderr
         except subprocess.TimeoutExpired:       # run() killed and reaped it
             status, err = None, b""

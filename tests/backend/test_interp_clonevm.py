@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import time
@@ -256,15 +257,23 @@ def test_a_process_catching_signals_is_refused(run):
 def test_the_library_is_built_in_a_private_directory(tmp_path):
     """CONTROL_DIR is writable by everybody: the library root loads goes into a 0700
     subdirectory of ours, and a planted one that is not ours is refused."""
-    os.chmod(tmp_path, 0o777)
+    os.chmod(tmp_path, 0o1777)                       # sticky, as the live backend's
     so = cvm.compile_library(str(tmp_path))
     st = os.stat(os.path.dirname(so))
     assert os.path.dirname(os.path.dirname(so)) == str(tmp_path)
     assert st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
     other = tmp_path / "other"
     other.mkdir()
+    os.chmod(other, 0o1777)
     planted = other / f"clonevm-lib-{os.getuid()}"
     planted.mkdir(mode=0o777)
     os.chmod(planted, 0o777)
     with pytest.raises(Unsupported, match="not a private directory"):
         cvm.compile_library(str(other))
+    loose = tmp_path / "loose"                       # writable by all, not sticky
+    loose.mkdir()
+    os.chmod(loose, 0o777)
+    elsewhere = cvm.compile_library(str(loose))
+    assert not elsewhere.startswith(str(loose)) and os.path.basename(
+        os.path.dirname(elsewhere)).startswith("ckptsim-clonevm-")
+    shutil.rmtree(os.path.dirname(elsewhere))

@@ -60,6 +60,17 @@ def test_parse_joins_passes_and_says_where_the_next_starts():
     assert got[2].buffers == [b""] and got[2].type == SOCK_SEQPACKET and got[2].client_ino == 12
 
 
+def test_parse_refuses_a_buffer_read_short():
+    """A failed kernel read mid-buffer: the bytes still come (zeroes) and a BAD record
+    follows; the embryo is refused, and the records after it still parse."""
+    got: dict[int, Embryo] = {}
+    bad = END.pack(unix_embryo.MAGIC_BAD, 0, 0, 0)
+    parse(emb(1, 2) + skb(b"\0\0\0") + bad + skb(b"ok") + end(1, 2)
+          + emb(2, 1) + skb(b"fine") + end(2, 1), got)
+    assert "could not be read whole" in got[1].refusal
+    assert got[2].refusal is None and got[2].buffers == [b"fine"]
+
+
 @pytest.mark.parametrize("record, why", [
     (skb(b"", flags=unix_embryo.SKB_FLAG_NONLINEAR, length=9000, data_len=8192), "page"),
     (skb(b"", flags=unix_embryo.SKB_FLAG_FILES, length=3), "SCM_RIGHTS"),
