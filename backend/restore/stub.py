@@ -79,6 +79,7 @@ class Stub:
         self.injected = 0
         self.last_event: int | None = None
         self.dropped_signals: list[int] = []
+        self._mem_fd: int | None = None
 
     # -- stops ---------------------------------------------------------------------------------
     @classmethod
@@ -98,20 +99,28 @@ class Stub:
         self.int3_stops = True
 
     # -- memory --------------------------------------------------------------------------------
+    def _mem(self) -> int:
+        """/proc/TID/mem, opened once: it stays bound to the address space it was opened on,
+        which a stub keeps from its adoption (after its exec) to its detach (a few ms per
+        restart went to opening it for every write)."""
+        if self._mem_fd is None:
+            self._mem_fd = os.open(f"/proc/{self.tid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        return self._mem_fd
+
+    def close_mem(self) -> None:
+        if self._mem_fd is not None:
+            os.close(self._mem_fd)
+            self._mem_fd = None
+
+    def __del__(self):
+        self.close_mem()
+
     def write(self, addr: int, data) -> None:
-        fd = os.open(f"/proc/{self.tid}/mem", os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            if os.pwrite(fd, data, addr) != len(data):
-                raise StubError(errno.EIO, f"stub {self.tid}: short write at {addr:#x}")
-        finally:
-            os.close(fd)
+        if os.pwrite(self._mem(), data, addr) != len(data):
+            raise StubError(errno.EIO, f"stub {self.tid}: short write at {addr:#x}")
 
     def read(self, addr: int, size: int) -> bytes:
-        fd = os.open(f"/proc/{self.tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return os.pread(fd, size, addr)
-        finally:
-            os.close(fd)
+        return os.pread(self._mem(), size, addr)
 
     @property
     def scratch(self) -> int:
@@ -265,6 +274,7 @@ class Stub:
         set_regs(self.tid, regs)
 
     def detach(self, sig: int = 0) -> None:
+        self.close_mem()
         _ptrace(kabi.PTRACE_DETACH, self.tid, 0, sig)
 
 
