@@ -99,18 +99,25 @@ class Stub:
         self.int3_stops = True
 
     # -- memory --------------------------------------------------------------------------------
+    _with_mem: list["Stub"] = []        # stubs holding their mem fd, oldest first
+    MAX_MEM_FDS = 64                    # a tree of thousands must not run out of fds
+
     def _mem(self) -> int:
         """/proc/TID/mem, opened once: it stays bound to the address space it was opened on,
         which a stub keeps from its adoption (after its exec) to its detach (a few ms per
-        restart went to opening it for every write)."""
+        restart went to opening it for every write). At most MAX_MEM_FDS stay open."""
         if self._mem_fd is None:
+            if len(Stub._with_mem) >= self.MAX_MEM_FDS:
+                Stub._with_mem[0].close_mem()
             self._mem_fd = os.open(f"/proc/{self.tid}/mem", os.O_RDWR | os.O_CLOEXEC)
+            Stub._with_mem.append(self)
         return self._mem_fd
 
     def close_mem(self) -> None:
         if self._mem_fd is not None:
             os.close(self._mem_fd)
             self._mem_fd = None
+            Stub._with_mem.remove(self)
 
     def __del__(self):
         self.close_mem()

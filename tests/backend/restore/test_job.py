@@ -352,3 +352,25 @@ def test_page_chunks_outside_their_vma_are_refused():
             segments.fd_for(Seg)
     finally:
         segments.close()
+
+
+def test_stubs_keep_at_most_max_mem_fds_open(monkeypatch):
+    """Each stub keeps /proc/TID/mem open between writes, but a tree of thousands must not
+    run out of fds: past MAX_MEM_FDS the oldest is closed (and reopened when written again)."""
+    from backend.restore.stub import Stub
+    monkeypatch.setattr(Stub, "MAX_MEM_FDS", 3)
+    monkeypatch.setattr(Stub, "_with_mem", [])
+    stubs = []
+    for _ in range(5):
+        s = Stub.__new__(Stub)
+        s.tid, s._mem_fd = os.getpid(), None
+        stubs.append(s)
+    for s in stubs:
+        s._mem()
+    assert [s._mem_fd is not None for s in stubs] == [False, False, True, True, True]
+    assert Stub._with_mem == stubs[2:]
+    stubs[0]._mem()                                   # reopened, the oldest open one closed
+    assert stubs[2]._mem_fd is None and Stub._with_mem == [stubs[3], stubs[4], stubs[0]]
+    for s in stubs:
+        s.close_mem()
+    assert Stub._with_mem == []
