@@ -29,6 +29,7 @@ from ..image.codec import ImageReader
 from ..image.types import PAGE_SHIFT, ObjType
 from ..model.mm_pages import keys_in
 from .context import RestartError
+from .page_runs import PageRuns
 
 MAX_CHAIN = 4096
 NO_ID = bytes(16)
@@ -55,14 +56,14 @@ class MmScan:
     base: int = 0                                   # objref in the parent image; 0: none
     drops: list = field(default_factory=list)       # [(start, end)] addresses
     private: list = field(default_factory=list)     # [(start, end)] of ANON/FILE VMAs
-    pages: dict = field(default_factory=dict)       # page index -> memoryview
+    pages: PageRuns = field(default_factory=PageRuns)   # page index -> memoryview
     shared: list = field(default_factory=list)      # [(start, end, pgoff, shmem objref)]
 
 
 @dataclass
 class ShmemScan:
     base: int = 0
-    pages: dict = field(default_factory=dict)       # page offset index -> memoryview
+    pages: PageRuns = field(default_factory=PageRuns)   # page offset index -> memoryview
 
 
 class ImageScan:
@@ -128,8 +129,7 @@ class ImageScan:
                 addrs = array("Q")
                 addrs.frombytes(buf.var[:n * 8])
                 blob = buf.var[n * 8:]
-                for i, addr in enumerate(addrs):
-                    owner.pages[addr >> PAGE_SHIFT] = blob[i << PAGE_SHIFT:(i + 1) << PAGE_SHIFT]
+                owner.pages.add_chunk(addrs, blob)
                 self.nr_pages += n
                 self.page_bytes += len(blob)
             elif lay is core.PGARR:
@@ -303,7 +303,8 @@ def _scan(data, name: str) -> ImageScan:
 
 class ChainPages:
     """The contents of the objects of the last image of ``scans`` (oldest first), resolved
-    through the chain: ``mm_pages(objref)`` / ``shmem_pages(objref)`` -> {page index: view}."""
+    through the chain: ``mm_pages(objref)`` / ``shmem_pages(objref)`` -> PageRuns (page index
+    -> view, as runs of the images' page data)."""
 
     def __init__(self, scans: list[ImageScan]):
         self.scans = scans
@@ -318,11 +319,10 @@ class ChainPages:
             if mm is None:
                 raise RestartError(errno.EINVAL, f"{scan.describe()} has no mm with objref {ref} "
                                                  "(named as a base by its child)")
-            out: dict = {}
+            out = mm.pages
             if mm.base:
                 base = self.mm_pages(mm.base, level - 1) if level else self._no_parent(scan)
-                out = inherited(base, mm.private, mm.drops)
-            out.update(mm.pages)
+                out = inherited(base, mm.private, mm.drops).overlay(mm.pages)
             self._cache[key] = out
         return self._cache[key]
 
@@ -335,10 +335,10 @@ class ChainPages:
             if seg is None:
                 raise RestartError(errno.EINVAL, f"{scan.describe()} has no shared segment with "
                                                  f"objref {ref} (named as a base by its child)")
-            out = {}
+            out = seg.pages
             if seg.base:
-                out = dict(self.shmem_pages(seg.base, level - 1) if level else self._no_parent(scan))
-            out.update(seg.pages)
+                base = self.shmem_pages(seg.base, level - 1) if level else self._no_parent(scan)
+                out = base.overlay(seg.pages)
             self._cache[key] = out
         return self._cache[key]
 
@@ -347,19 +347,16 @@ class ChainPages:
         raise RestartError(errno.EINVAL, f"{scan.describe()} names a base but is a full image")
 
 
-def inherited(base: dict, ranges, drops) -> dict:
+def inherited(base: PageRuns, ranges, drops) -> PageRuns:
     """The base's pages inside ``ranges`` (address pairs), minus those inside ``drops``."""
-    out = {}
-    for start, end in ranges:
-        for i in keys_in(base, start >> PAGE_SHIFT, end >> PAGE_SHIFT):
-            out[i] = base[i]
-    for start, end in drops:
-        for i in keys_in(out, start >> PAGE_SHIFT, end >> PAGE_SHIFT):
-            del out[i]
-    return out
+    return base.restrict(ranges, drops)
 
 
-def pages_in(pages: dict, start: int, end: int):
+def pages_in(pages: PageRuns, start: int, end: int):
     """(array('Q') of addresses, blob) of the pages of ``pages`` in [start, end), in order."""
-    indexes = keys_in(pages, start >> PAGE_SHIFT, end >> PAGE_SHIFT)
-    return array("Q", [i << PAGE_SHIFT for i in indexes]), b"".join(pages[i] for i in indexes)
+    return pages.pages_in(start >> PAGE_SHIFT, end >> PAGE_SHIFT)
+
+
+def chunks_in(pages: PageRuns, start: int, end: int) -> list:
+    """The same as chunks (addresses, a view of the image) per run: no copy."""
+    return pages.chunks_in(start >> PAGE_SHIFT, end >> PAGE_SHIFT)

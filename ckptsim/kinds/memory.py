@@ -41,7 +41,7 @@ from ..image.types import PAGE_SIZE, ObjType
 from ..model.mm import MM
 from ..model.mm_pages import (MAP_ANONYMOUS, MAP_GROWSDOWN, MAP_PRIVATE, MAP_SHARED, PROT_ALL,
                               VM_GROWSDOWN, VM_MAYSHARE, VM_SHARED, ZERO_PAGE, Shmem)
-from ..cr.incremental import inherited, pages_in
+from ..cr.incremental import chunks_in, inherited
 from .registry import Kind, register
 
 VMA_VDSO, VMA_ANON, VMA_FILE, VMA_SHM_ANON, VMA_SHM_ANON_SKIP, VMA_SHM_FILE = 1, 2, 3, 4, 5, 6
@@ -266,7 +266,8 @@ def _restore_vma(ctx, mm: MM, rec, base_pages=None, own=None) -> None:
         sink = ctx.page_sink
         chunks = ctx.read_pages()
         if own is not None:           # the parent's pages first, then this image's own
-            chunks = _with_base(pages_in(base_pages or {}, start, end), chunks, own)
+            base = chunks_in(base_pages, start, end) if base_pages is not None else []
+            chunks = _with_base(base, chunks, own)
         for addrs, data in chunks:
             if sink is not None:      # a live restore writes pages itself, straight from the image
                 sink.private_pages(vma, addrs, data)
@@ -277,10 +278,10 @@ def _restore_vma(ctx, mm: MM, rec, base_pages=None, own=None) -> None:
                 ctx.fail(errno.EINVAL, f"pages of VMA {start:#x}: {e}")
 
 
-def _with_base(base, chunks, own: array):
-    """Page chunks: the base's (one chunk), then this image's, whose addresses go to ``own``."""
-    if len(base[0]):
-        yield base
+def _with_base(base: list, chunks, own: array):
+    """Page chunks: the base's (one per run), then this image's, whose addresses go to
+    ``own``."""
+    yield from base
     for addrs, data in chunks:
         own.extend(addrs)
         yield addrs, data
@@ -366,12 +367,11 @@ def load_shmem(ctx) -> Shmem:
     if getattr(ctx, "base_pages", None) is not None:   # an incremental image: the parent's pages first
         base_rec, base = _read_base(ctx, SHMEM_BASE, "shmem")
         own = array("Q")
-        chunks_own = _with_base((array("Q"), b""), chunks, own)
-        if base:
-            offsets, blob = pages_in(base, 0, 1 << 64)
+        chunks_own = _with_base([], chunks, own)
+        for offsets, blob in chunks_in(base, 0, 1 << 64) if base else ():
             if sink is not None:
                 sink.shmem_pages(seg, offsets, blob)
-            elif len(offsets):
+            else:
                 seg.install_pages(offsets, blob)
         chunks = chunks_own
     for offsets, data in chunks:
