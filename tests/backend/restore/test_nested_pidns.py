@@ -41,16 +41,16 @@ if n == 0:
     os.kill(z, signal.SIGTERM)
     os.waitid(os.P_PID, z, os.WEXITED | os.WNOWAIT)     # dead, and still a zombie
     if os.fork() == 0:
-        os.close(w)
         def thread():
             for i in range(1, 10**9):
                 log("t", i, libc.syscall(SYS_gettid))
                 time.sleep(0.01)
         threading.Thread(target=thread, daemon=True).start()
+        os.write(w, b"x")       # READY only once this thread exists
+        os.close(w)
         for i in range(1, 10**9):
             log("c", i, os.getpid(), os.getppid())
             time.sleep(0.01)
-    os.write(w, b"x")
     os.close(w)
     for i in range(1, 10**9):
         if os.path.exists("reap"):
