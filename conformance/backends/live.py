@@ -367,13 +367,24 @@ class LiveBackend(IncrementalSteps, RestartFlags, Backend):
         return buf.getvalue()
 
     def self_image(self, run: LiveRun, path: str) -> bytes:
-        """The image the program's own checkpoint op wrote to ``path`` (rewritten)."""
+        """The image the program's own checkpoint op wrote to ``path`` (rewritten). The data
+        dir is writable by all: only a regular file of root or the program's uid that nobody
+        else may write is taken (no link followed), as images are written (0600)."""
+        import stat
         try:
-            with open(rewrite(path, run.tmp), "rb") as f:
-                return f.read()
+            fd = os.open(rewrite(path, run.tmp), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:
             raise CheckpointFailed(e.errno or errno.EIO,
                                    f"the self-checkpoint's image {path}: {e.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            owners = {0, os.geteuid()} | ({os.stat(f"/proc/{run.root}").st_uid}
+                                         if os.path.exists(f"/proc/{run.root}") else set())
+            if not stat.S_ISREG(st.st_mode) or st.st_uid not in owners \
+                    or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise CheckpointFailed(errno.EPERM, f"the self-checkpoint's image {path} is not "
+                                                    "a regular 0600-style file of the program's")
+            return f.read()
 
     def check_image(self, run, image: bytes, ancestors=()) -> list[str]:
         from ckptsim.cr.context import CheckpointError
