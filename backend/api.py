@@ -86,11 +86,16 @@ class _FdSink:
         _write_all(self.fd, data)
         return len(data)
 
+    def fileno(self) -> int:
+        return self.fd
+
 
 def _log_for(logfd: int) -> Log | None:
     if logfd == -1:
         return None
-    return Log(lambda line: _write_all(logfd, line.encode()))
+    log = Log(lambda line: _write_all(logfd, line.encode()))
+    log.fd = logfd                      # the leak check's own fds (backend/leaks.py)
+    return log
 
 
 def read_image_fd(fd: int):
@@ -378,7 +383,7 @@ def _helper(dump_checkpoint, target: int, fd: int, flags: int, logfd: int,
             os._exit(0)              # the caller gave up before go
         try:
             crid = dump_checkpoint(target, _FdSink(fd), flags, _log_for(logfd),
-                                   leave_out_self=in_tree)
+                                   leave_out_self=in_tree, own_fds=(result_w, go_r))
             answer = f"crid {crid}"
         except CheckpointError as e:
             answer = f"error {e.errno} {e.message}"

@@ -161,7 +161,7 @@ def _write_tasks(ctx, tasks) -> None:
 def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | None = None,
                *, kill: bool = False, freezer: bool | int = False, on_stopped=None,
                parent=None, tracking=None, running_copy: bool = False,
-               leave_out_self: bool = False) -> int:
+               leave_out_self: bool = False, own_fds=()) -> int:
     """Checkpoint the live tree at ``pid`` into ``sink`` (a binary file-like); the crid.
 
     ``on_stopped(seized, processes)``, if given, runs once the image is complete and before
@@ -178,7 +178,9 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
     meanwhile are the next image's), so this image is only good as a chain's parent.
     ``leave_out_self``: this checkpointer, a childless process of the tree other than its
     root, is left out of it (the helper of a self-checkpointing pid namespace init, which
-    can only be that init's child: backend/api.py).
+    can only be that init's child: backend/api.py). ``own_fds``: more of this checkpointer's
+    fds that a container checkpoint's leak check does not count (a self-checkpoint's pipes
+    to its caller), besides the image's and the log's.
 
     Raises CheckpointError (with an errno and a message naming what failed); the tree is
     then running as before and ``sink`` holds an image ending in an ERROR record."""
@@ -238,7 +240,8 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
                 gatherer.known_handlers = tracking.known_handlers
             if not flags & core.CHECKPOINT_SUBTREE:  # a container: nothing shared with outside
                 leaks.check(list(seized.threads),
-                            lambda line: log.error(errno.EBUSY, ctx.writer.offset, line))
+                            lambda line: log.error(errno.EBUSY, ctx.writer.offset, line),
+                            own_fds=_own_fds(sink, log) + list(own_fds))
             for p in _tree_order(pid, me):
                 tids = seized.threads.get(p) or []
                 if not tids:
@@ -281,6 +284,16 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
         gatherer.close()            # the fds that peeks at files in flight brought here
     log.debug(ctx.writer.offset, f"checkpoint {crid}: {sum(len(p.threads) for p in processes)} tasks")
     return crid
+
+
+def _own_fds(sink, log) -> list[int]:
+    """The fds this checkpointer writes the image and the log to (see leaks.find_leaks)."""
+    fds = [getattr(log, "fd", None)]
+    try:
+        fds.append(sink.fileno())
+    except (AttributeError, OSError, ValueError):   # BytesIO, a closed file...
+        pass
+    return [fd for fd in fds if isinstance(fd, int) and fd >= 0]
 
 
 def _write_body(ctx, processes) -> None:
