@@ -32,6 +32,7 @@ from ckptsim.model.mm_pages import VM_GROWSDOWN, VM_MAYSHARE, VM_SHARED
 from backend.memory_pages import _runs_of as runs_of   # one run finder for both sides
 from .pagewriter import PageWriter, in_order
 from .stub import PAGE, Stub, StubError
+from .transport import MAX_FDS_PER_SEND
 
 _MOVABLE_SPECIALS = ("[vvar]", "[vvar_vclock]", "[vdso]")
 VM_MAYWRITE = 0x20
@@ -161,13 +162,13 @@ def restore_mm(stub: Stub, mm, sink: PageSink, segments: SharedSegments, transpo
             raise StubError(errno.EINVAL, "the vdso layout of this kernel differs from the "
                                           f"image's ({name}: image {_size(want)}, here "
                                           f"{_size(have)}): saved code calls into it")
-    # 3a. the files and segments to map, handed over first (each a recvmsg in the stub) so
-    # that steps 1-3 then run as batches of syscalls (stub.syscalls: one stop per batch)
+    # 3a. the files and segments to map, handed over first (one recvmsg in the stub for them
+    # all) so that steps 1-3 then run as batches of syscalls (stub.syscalls: one stop a batch)
     # 4. the pages: the writer plans its calls meanwhile, and writes once the VMAs exist
     written = writer.submit(stub.pid, [chunk for vma in mm.vmas
                                        if vma.name not in SPECIAL_MAPPINGS
                                        for chunk in sink.private.get(id(vma), ())])
-    fds: dict[int, int] = {}              # id(file or segment) -> fd number in the stub
+    fds = _send_mapped_files(stub, transport, mm, segments, open_file)
     to_protect, maps = [], []
     for vma in mm.vmas:
         if vma.name in SPECIAL_MAPPINGS:
@@ -182,16 +183,8 @@ def restore_mm(stub: Stub, mm, sink: PageSink, segments: SharedSegments, transpo
         if vma.vm_flags & VM_GROWSDOWN:
             flags |= kabi.MAP_GROWSDOWN
         fd, offset = -1, 0
-        if vma.shmem is not None:
-            fd = _stub_fd(stub, transport, fds, id(vma.shmem), lambda: segments.fd_for(vma.shmem),
-                          "a shared anonymous segment")
-            offset = vma.pgoff * PAGE
-        elif vma.file is not None:
-            writable = shared and vma.vm_flags & VM_MAYWRITE
-            mode = os.O_RDWR if writable else os.O_RDONLY
-            fd = _stub_fd(stub, transport, fds, (id(vma.file), mode),
-                          lambda: open_file(vma.file, mode), f"mapped file {vma.file.path}")
-            offset = vma.pgoff * PAGE
+        if vma.shmem is not None or vma.file is not None:
+            fd, offset = fds[_file_key(vma)], vma.pgoff * PAGE
         else:
             flags |= kabi.MAP_ANONYMOUS
         maps.append((vma, (kabi.SYS_mmap, (vma.start, vma.end - vma.start, prot, flags, fd,
@@ -248,6 +241,35 @@ def protect_written(stub: Stub, to_protect) -> None:
     own protection back."""
     stub.syscalls([(kabi.SYS_mprotect, (vma.start, vma.end - vma.start, vma.prot),
                     f"mprotect of {_describe(vma)}") for vma in to_protect])
+
+
+def _file_key(vma):
+    """What a file-backed or shared-segment VMA maps: one fd in the stub per key."""
+    if vma.shmem is not None:
+        return id(vma.shmem)
+    writable = bool(vma.vm_flags & (VM_SHARED | VM_MAYSHARE)) and vma.vm_flags & VM_MAYWRITE
+    return (id(vma.file), os.O_RDWR if writable else os.O_RDONLY)
+
+
+def _send_mapped_files(stub, transport, mm, segments, open_file) -> dict:
+    """The files and segments the VMAs map, handed to the stub in one message (one injected
+    recvmsg for them all): {_file_key: fd number in the stub}."""
+    openers = {}
+    for vma in mm.vmas:
+        if vma.name in SPECIAL_MAPPINGS or (vma.shmem is None and vma.file is None):
+            continue
+        key = _file_key(vma)
+        if key not in openers:
+            openers[key] = ((lambda v=vma: segments.fd_for(v.shmem)) if vma.shmem is not None
+                            else (lambda v=vma, mode=key[1]: open_file(v.file, mode)))
+    keys = list(openers)
+    out = {}
+    for i in range(0, len(keys), MAX_FDS_PER_SEND):
+        part = keys[i:i + MAX_FDS_PER_SEND]
+        got = transport.send_many(stub, [openers[k]() for k in part],
+                                  f"{len(part)} mapped files and segments")
+        out.update(zip(part, got))
+    return out
 
 
 def _stub_fd(stub, transport, cache, key, opener, what) -> int:

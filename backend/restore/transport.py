@@ -22,6 +22,7 @@ from backend import kabi
 from .stub import Stub, StubError
 
 _CMSG_SPACE_INT = kabi.CMSG_HDR_SIZE + 8     # CMSG_SPACE(sizeof(int))
+MAX_FDS_PER_SEND = 64                         # SCM_RIGHTS takes up to 253; the scratch less
 
 
 class Transport:
@@ -67,6 +68,33 @@ class Transport:
         if n != 1 or level != kabi.SOL_SOCKET or ctype != kabi.SCM_RIGHTS:
             raise StubError(errno.EPROTO, f"pid {stub.pid}: {what} did not arrive")
         return struct.unpack_from("<i", cmsg, kabi.CMSG_HDR_SIZE)[0]
+
+    def send_many(self, stub: Stub, fds: list[int], what: str) -> list[int]:
+        """send() for several fds in one message and one injected recvmsg: their numbers in
+        ``stub``, in order (at most MAX_FDS_PER_SEND)."""
+        if len(fds) <= 1:
+            return [self.send(stub, fd, what) for fd in fds]
+        if len(fds) > MAX_FDS_PER_SEND:
+            raise StubError(errno.E2BIG, f"pid {stub.pid}: {len(fds)} files in one message")
+        socket.send_fds(self.local, [b"f"], list(fds))
+        space = kabi.CMSG_HDR_SIZE + ((4 * len(fds) + 7) & ~7)
+        base = 512
+        iov_addr, data_addr, ctl_addr = (stub.scratch + base + 64, stub.scratch + base + 96,
+                                         stub.scratch + base + 128)
+        hdr = kabi.msghdr(msg_iov=iov_addr, msg_iovlen=1, msg_control=ctl_addr,
+                          msg_controllen=space)
+        block = bytearray(128 + space)
+        block[:len(bytes(hdr))] = bytes(hdr)
+        block[64:80] = struct.pack("<QQ", data_addr, 1)
+        stub.put_scratch(bytes(block), base)
+        n = stub.syscall(kabi.SYS_recvmsg, self.fd, stub.scratch + base, 0,
+                         what=f"recvmsg of {what}")
+        cmsg = stub.read(ctl_addr, kabi.CMSG_HDR_SIZE + 4 * len(fds))
+        length, level, ctype = struct.unpack_from("<Qii", cmsg, 0)
+        if n != 1 or level != kabi.SOL_SOCKET or ctype != kabi.SCM_RIGHTS \
+                or length != kabi.CMSG_HDR_SIZE + 4 * len(fds):
+            raise StubError(errno.EPROTO, f"pid {stub.pid}: {what} did not arrive whole")
+        return list(struct.unpack_from(f"<{len(fds)}i", cmsg, kabi.CMSG_HDR_SIZE))
 
     def install(self, stub: Stub, fd: int, target: int, cloexec: bool, what: str) -> None:
         """Install the restorer's ``fd`` in ``stub`` as fd number ``target``."""
