@@ -406,7 +406,7 @@ class LiveBackend(IncrementalSteps, RestartFlags, Backend):
     def reports(self, run: LiveRun) -> list[dict]:
         try:
             with open(os.path.join(run.ctl, "report"), "rb") as f:
-                lines = f.read().splitlines()
+                lines = f.read().split(b"\n")[:-1]   # a line still being written: later
         except OSError:
             return []
         out = []
