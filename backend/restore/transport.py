@@ -21,7 +21,6 @@ import struct
 from backend import kabi
 from .stub import Stub, StubError
 
-_CMSG_SPACE_INT = kabi.CMSG_HDR_SIZE + 8     # CMSG_SPACE(sizeof(int))
 MAX_FDS_PER_SEND = 64                         # SCM_RIGHTS takes up to 253; the scratch less
 
 
@@ -51,49 +50,33 @@ class Transport:
     def send(self, stub: Stub, fd: int, what: str) -> int:
         """Install a copy of the restorer's ``fd`` in ``stub``; returns its number there
         (the lowest free one, close-on-exec clear)."""
-        socket.send_fds(self.local, [b"f"], [fd])
-        base = 512                                   # scratch layout: msghdr, iov, data, cmsg
-        iov_addr, data_addr, ctl_addr = (stub.scratch + base + 64, stub.scratch + base + 96,
-                                         stub.scratch + base + 128)
-        hdr = kabi.msghdr(msg_iov=iov_addr, msg_iovlen=1, msg_control=ctl_addr,
-                          msg_controllen=_CMSG_SPACE_INT)
-        block = bytearray(128 + _CMSG_SPACE_INT)             # one write for the three parts
-        block[:len(bytes(hdr))] = bytes(hdr)
-        block[64:80] = struct.pack("<QQ", data_addr, 1)
-        stub.put_scratch(bytes(block), base)
-        n = stub.syscall(kabi.SYS_recvmsg, self.fd, stub.scratch + base, 0,
-                         what=f"recvmsg of {what}")
-        cmsg = stub.read(ctl_addr, kabi.CMSG_HDR_SIZE + 4)  # one read: header and fd
-        level, ctype = struct.unpack_from("<ii", cmsg, 8)
-        if n != 1 or level != kabi.SOL_SOCKET or ctype != kabi.SCM_RIGHTS:
-            raise StubError(errno.EPROTO, f"pid {stub.pid}: {what} did not arrive")
-        return struct.unpack_from("<i", cmsg, kabi.CMSG_HDR_SIZE)[0]
+        return self.send_many(stub, [fd], what)[0]
 
     def send_many(self, stub: Stub, fds: list[int], what: str) -> list[int]:
         """send() for several fds in one message and one injected recvmsg: their numbers in
         ``stub``, in order (at most MAX_FDS_PER_SEND)."""
-        if len(fds) <= 1:
-            return [self.send(stub, fd, what) for fd in fds]
+        if not fds:
+            return []
         if len(fds) > MAX_FDS_PER_SEND:
             raise StubError(errno.E2BIG, f"pid {stub.pid}: {len(fds)} files in one message")
         socket.send_fds(self.local, [b"f"], list(fds))
-        space = kabi.CMSG_HDR_SIZE + ((4 * len(fds) + 7) & ~7)
-        base = 512
+        space = kabi.CMSG_HDR_SIZE + ((4 * len(fds) + 7) & ~7)    # CMSG_SPACE(n ints)
+        base = 512                                   # scratch layout: msghdr, iov, data, cmsg
         iov_addr, data_addr, ctl_addr = (stub.scratch + base + 64, stub.scratch + base + 96,
                                          stub.scratch + base + 128)
         hdr = kabi.msghdr(msg_iov=iov_addr, msg_iovlen=1, msg_control=ctl_addr,
                           msg_controllen=space)
-        block = bytearray(128 + space)
+        block = bytearray(128 + space)               # one write for the three parts
         block[:len(bytes(hdr))] = bytes(hdr)
         block[64:80] = struct.pack("<QQ", data_addr, 1)
         stub.put_scratch(bytes(block), base)
         n = stub.syscall(kabi.SYS_recvmsg, self.fd, stub.scratch + base, 0,
                          what=f"recvmsg of {what}")
-        cmsg = stub.read(ctl_addr, kabi.CMSG_HDR_SIZE + 4 * len(fds))
+        cmsg = stub.read(ctl_addr, kabi.CMSG_HDR_SIZE + 4 * len(fds))   # one read: all of it
         length, level, ctype = struct.unpack_from("<Qii", cmsg, 0)
         if n != 1 or level != kabi.SOL_SOCKET or ctype != kabi.SCM_RIGHTS \
                 or length != kabi.CMSG_HDR_SIZE + 4 * len(fds):
-            raise StubError(errno.EPROTO, f"pid {stub.pid}: {what} did not arrive whole")
+            raise StubError(errno.EPROTO, f"pid {stub.pid}: {what} did not arrive")
         return list(struct.unpack_from(f"<{len(fds)}i", cmsg, kabi.CMSG_HDR_SIZE))
 
     def install(self, stub: Stub, fd: int, target: int, cloexec: bool, what: str) -> None:
