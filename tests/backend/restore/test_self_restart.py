@@ -73,13 +73,19 @@ def _image(procs, exe, tmp_path) -> tuple[str, str]:
     return image, out
 
 
-def test_the_caller_becomes_the_image_and_keeps_its_pid(procs, c_target, tmp_path):
-    image, out = _image(procs, c_target("restore_prog_counter"), tmp_path)
-    before = _wait_lines(out, 1)
+def _self_restart(procs, image: str) -> subprocess.Popen:
+    """`restart --self -i IMAGE` in a tool process of ours (ended by pid at teardown)."""
     tool = subprocess.Popen([sys.executable, "-m", "backend.restore_cli", "--self", "-i", image],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     procs.append(tool)
+    return tool
+
+
+def test_the_caller_becomes_the_image_and_keeps_its_pid(procs, c_target, tmp_path):
+    image, out = _image(procs, c_target("restore_prog_counter"), tmp_path)
+    before = _wait_lines(out, 1)
+    tool = _self_restart(procs, image)
     after = _wait_lines(out, len(before) + 3, timeout=30.0, tool=tool)
     numbers = [int(x.split()[1]) for x in after]
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), numbers
@@ -123,10 +129,7 @@ def test_the_callers_own_signal_actions_do_not_survive(procs, c_target, tmp_path
     # program has none of that, and must not get them
     image, out = _image(procs, c_target("restore_prog_counter"), tmp_path)
     before = _wait_lines(out, 1)
-    tool = subprocess.Popen([sys.executable, "-m", "backend.restore_cli", "--self", "-i", image],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
-                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    procs.append(tool)
+    tool = _self_restart(procs, image)
     _wait_lines(out, len(before) + 2, timeout=30.0, tool=tool)
     fresh = subprocess.Popen([c_target("restore_prog_counter"), "1", "1"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
