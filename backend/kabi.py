@@ -498,6 +498,15 @@ UFFDIO_REGISTER = _IOWR(UFFD_API, 0x00, ctypes.sizeof(uffdio_register))
 UFFDIO_UNREGISTER = _IOR(UFFD_API, 0x01, ctypes.sizeof(uffdio_range))
 UFFDIO_WRITEPROTECT = _IOWR(UFFD_API, 0x06, ctypes.sizeof(uffdio_writeprotect))
 
+
+class uffdio_copy(ctypes.Structure):
+    _fields_ = [("dst", c_u64), ("src", c_u64), ("len", c_u64), ("mode", c_u64),
+                ("copy", ctypes.c_int64)]
+
+
+UFFDIO_COPY = _IOWR(UFFD_API, 0x03, ctypes.sizeof(uffdio_copy))
+UFFDIO_COPY_MODE_DONTWAKE = 1 << 0
+
 # --------------------------------------------------------------------------------------------
 # prctl (include/uapi/linux/prctl.h)
 # --------------------------------------------------------------------------------------------
@@ -719,6 +728,7 @@ PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+MADV_POPULATE_READ = 22                  # Linux 5.14
 TASK_SIZE_X86_64 = (1 << 47) - 4096      # the highest user address + 1 (4-level paging)
 O_CLOEXEC = 0o2000000
 F_GETFL, F_SETFL, F_SETFD, F_SETPIPE_SZ = 3, 4, 2, 1031

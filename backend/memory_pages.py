@@ -97,9 +97,11 @@ def _runs_of(addrs: array) -> list[tuple[int, int]]:
         raise ValueError(f"page address {addrs[0]:#x} is not page aligned")
     if n == 1:
         return [(addrs[0], addrs[0] + PAGE_SIZE)]
+    first = addrs[0]
+    if addrs[-1] - first == (n - 1) * PAGE_SIZE and \
+            addrs == array(addrs.typecode, range(first, first + n * PAGE_SIZE, PAGE_SIZE)):
+        return [(first, first + n * PAGE_SIZE)]       # one run: the common case, compared in C
     diffs = array("q", map(sub, addrs[1:], addrs))
-    if diffs.count(PAGE_SIZE) == n - 1:             # one run: the common case, no Python loop
-        return [(addrs[0], addrs[-1] + PAGE_SIZE)]
     runs = []
     a = addrs[0]
     for i, d in enumerate(diffs):

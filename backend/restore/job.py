@@ -65,6 +65,7 @@ class Restored:
     frozen: bool
     timings: dict[str, float] = field(default_factory=dict)
     pages: int = 0
+    page_writes: dict[str, int] = field(default_factory=dict)   # bytes of pages, by way
 
     @property
     def child(self) -> int:
@@ -347,7 +348,8 @@ class _Job:
         pids = {vpid: stub.tid for group in threads.values() for vpid, stub in group}
         return Restored(root=root_stub.pid, pids=pids,
                         reaper=seed_pid if use_reaper else None, new_pidns=pidns,
-                        frozen=frozen, timings=dict(self.timings), pages=self.sink.pages)
+                        frozen=frozen, timings=dict(self.timings), pages=self.sink.pages,
+                        page_writes=dict(self.writer.written))
 
     def restore_process(self, vpid: int, stub: Stub, stub_exe: str) -> list[tuple[int, Stub]]:
         """Step 4 for the process ``vpid`` of the image, built in ``stub`` (whose executable

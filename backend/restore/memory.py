@@ -9,8 +9,10 @@ Order, per process (the leader stub; its threads are created afterwards and shar
      silent replacement) with its backing: anonymous, a file the restorer opened (handed over
      by the transport), or a shared anonymous segment (the restorer's own shared mapping,
      reopened through /proc/self/map_files so that every task maps the same segment);
-  4. private pages are handed to the job's PageWriter (pagewriter.py: process_vm_writev in
-     bulk on a helper thread, straight from the mmap'd image) while the tracer goes on; VMAs
+  4. private pages are handed to the job's PageWriter (pagewriter.py: UFFDIO_COPY through a
+     userfaultfd made in the stub for the long runs of private anonymous VMAs, else
+     process_vm_writev, in bulk on a helper thread, straight from the mmap'd image) while the
+     tracer goes on; VMAs
      that are not writable get PROT_WRITE for this and their own protection back
      (``protect_written``) once the writer is done;
   5. the mm fields (code, data, brk, stack, arguments and environment) with PR_SET_MM_MAP,
@@ -167,7 +169,9 @@ def restore_mm(stub: Stub, mm, sink: PageSink, segments: SharedSegments, transpo
     # 4. the pages: the writer plans its calls meanwhile, and writes once the VMAs exist
     written = writer.submit(stub.pid, [chunk for vma in mm.vmas
                                        if vma.name not in SPECIAL_MAPPINGS
-                                       for chunk in sink.private.get(id(vma), ())])
+                                       for chunk in sink.private.get(id(vma), ())],
+                            [(vma.start, vma.end) for vma in mm.vmas if _private_anon(vma)
+                             and vma.name not in SPECIAL_MAPPINGS and id(vma) in sink.private])
     fds = _send_mapped_files(stub, transport, mm, segments, open_file)
     to_protect, maps = [], []
     for vma in mm.vmas:
@@ -218,7 +222,8 @@ def restore_mm(stub: Stub, mm, sink: PageSink, segments: SharedSegments, transpo
             raise StubError(errno.EFAULT, f"mmap of {_describe(vma)} landed at {at:#x}")
     # only now: a write under way holds the mm's lock that mmap and mprotect wait for; what
     # follows (fds, cwd, limits, threads) runs meanwhile
-    written.mapped()
+    uffd, stub_uffd = _take_userfaultfd(stub) if written.anon else (-1, -1)
+    written.mapped(uffd)
     # 5. the mm fields and the executable
     exe_fd = 0xFFFFFFFF
     if exe_path and exe_path != stub_exe:
@@ -228,12 +233,41 @@ def restore_mm(stub: Stub, mm, sink: PageSink, segments: SharedSegments, transpo
                                auxv=0, auxv_size=0, exe_fd=exe_fd)
     addr = stub.put_scratch(bytes(fields), 0)
     calls = [(kabi.SYS_close, (fd,), "close") for fd in fds.values()]
+    if stub_uffd >= 0:
+        calls.append((kabi.SYS_close, (stub_uffd,), "close of the userfaultfd"))
     calls.append((kabi.SYS_prctl, (kabi.PR_SET_MM, kabi.PR_SET_MM_MAP, addr,
                                    ctypes.sizeof(fields), 0), "prctl(PR_SET_MM_MAP)"))
     if exe_fd != 0xFFFFFFFF:
         calls.append((kabi.SYS_close, (exe_fd,), "close"))
     stub.syscalls(calls)
     return to_protect
+
+
+def _private_anon(vma) -> bool:
+    return vma.file is None and vma.shmem is None and not vma.vm_flags & (VM_SHARED | VM_MAYSHARE)
+
+
+def _take_userfaultfd(stub: Stub) -> tuple[int, int]:
+    """A userfaultfd of the stub's mm for the page writer (UFFD_USER_MODE_ONLY: a kernel
+    access to a page not written yet fails instead of waiting): (our fd, the stub's fd, to
+    close), or (-1, -1) where the kernel has none or refuses (the writer then uses
+    process_vm_writev for all)."""
+    from .pagewriter import USE_UFFD
+    if not USE_UFFD:
+        return -1, -1
+    fd = stub.syscall(kabi.SYS_userfaultfd, os.O_CLOEXEC | kabi.UFFD_USER_MODE_ONLY,
+                      check=False, what="userfaultfd")
+    if fd < 0:
+        return -1, -1
+    pidfd = -1
+    try:
+        pidfd = kabi.syscall(kabi.SYS_pidfd_open, stub.pid, 0, what="pidfd_open")
+        return kabi.syscall(kabi.SYS_pidfd_getfd, pidfd, fd, 0, what="pidfd_getfd"), fd
+    except OSError:
+        return -1, fd
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
 
 
 def protect_written(stub: Stub, to_protect) -> None:

@@ -14,7 +14,8 @@ from array import array
 import pytest
 
 from backend.restore import pagewriter
-from backend.restore.pagewriter import IOV_MAX, PageWriter, plan_calls, write_chunks
+from backend.restore.pagewriter import (IOV_MAX, UFFD_MIN_RUN, PageWriter, plan_calls,
+                                        split_for_uffd, write_chunks)
 from backend import kabi
 from backend.restore.memory import free_spot, stub_maps
 from backend.restore.stub import BATCH_MAX, Stub, StubError
@@ -103,6 +104,101 @@ def test_pages_are_written_only_once_their_vmas_are_said_to_be_mapped():
         writer.close()                                 # a failed restart: never written
     assert area[0] == 7 and cancelled is not None
     area.close()
+
+
+def test_split_sends_long_anonymous_runs_to_uffd_and_keeps_the_rest_for_writev():
+    long_pages = UFFD_MIN_RUN // PAGE
+    anon = [(0x100000, 0x200000)]
+    # in the anonymous range: a short run, a long run, a short run (buffer order = page order)
+    addrs = array("Q", [0x100000] + [0x110000 + k * PAGE for k in range(long_pages)]
+                  + [0x150000, 0x152000])
+    other = array("Q", [0x300000 + k * PAGE for k in range(long_pages)])   # not anonymous
+    pieces, copies = split_for_uffd([(1000, addrs), (900000, other)], anon)
+    assert copies == [(0x110000, 1000 + PAGE, UFFD_MIN_RUN)]
+    assert pieces == [(1000, [(0x100000, 0x101000)]),
+                      (1000 + PAGE + UFFD_MIN_RUN, [(0x150000, 0x151000), (0x152000, 0x153000)]),
+                      (900000, [(0x300000, 0x300000 + UFFD_MIN_RUN)])]
+
+
+def test_split_leaves_pages_written_twice_to_writev():
+    """An incremental chain's layers write some pages again (the last one wins): UFFDIO_COPY
+    could fill each once only, so that process goes by process_vm_writev whole."""
+    run = array("Q", range(0x100000, 0x100000 + UFFD_MIN_RUN, PAGE))
+    pieces, copies = split_for_uffd([(0, run), (UFFD_MIN_RUN, run)], [(0x100000, 0x200000)])
+    assert copies == []
+    assert pieces == [(0, [(0x100000, 0x100000 + UFFD_MIN_RUN)]),
+                      (UFFD_MIN_RUN, [(0x100000, 0x100000 + UFFD_MIN_RUN)])]
+
+
+def _map_in(stub: Stub, size: int) -> int:
+    return stub.syscall(kabi.SYS_mmap, 0, size, kabi.PROT_READ | kabi.PROT_WRITE,
+                        kabi.MAP_PRIVATE | kabi.MAP_ANONYMOUS, -1, 0, what="mmap")
+
+
+def _read_from(pid: int, addr: int, size: int) -> bytes:
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
+        f.seek(addr)
+        return f.read(size)
+
+
+def _vm_flags(pid: int, addr: int) -> list[str]:
+    from backend.proc_maps import read_smaps_flags
+    return [e.vm_flags for e in read_smaps_flags(pid)
+            if e.mapping.start <= addr < e.mapping.end][0]
+
+
+@pytest.mark.parametrize("uffd_on", [True, False], ids=["uffd", "writev-only"])
+def test_pages_land_by_uffd_or_writev_alike_and_no_userfaultfd_is_left(seed_stub, monkeypatch,
+                                                                      uffd_on):
+    from backend.restore.memory import _take_userfaultfd
+    monkeypatch.setattr(pagewriter, "USE_UFFD", uffd_on)
+    n = 64
+    base = _map_in(seed_stub, n * PAGE)
+    pages = [0, 1, 3] + list(range(8, 8 + 2 * UFFD_MIN_RUN // PAGE)) + [50, 63]
+    addrs = array("Q", [base + k * PAGE for k in pages])
+    data = memoryview(b"".join(bytes([k + 1]) * PAGE for k in pages))
+    writer = PageWriter()
+    try:
+        work = writer.submit(seed_stub.pid, [(addrs, data)], [(base, base + n * PAGE)])
+        uffd, stub_fd = _take_userfaultfd(seed_stub)
+        assert (uffd >= 0) == uffd_on
+        work.mapped(uffd)
+        writer.wait()
+        if stub_fd >= 0:
+            seed_stub.syscall(kabi.SYS_close, stub_fd, what="close")
+    finally:
+        writer.close()
+    got = _read_from(seed_stub.pid, base, n * PAGE)
+    assert [got[k * PAGE] for k in range(n)] == [k + 1 if k in pages else 0 for k in range(n)]
+    by_uffd = 2 * UFFD_MIN_RUN if uffd_on else 0
+    assert writer.written == {"UFFDIO_COPY": by_uffd,
+                              "process_vm_writev": len(pages) * PAGE - by_uffd}
+    assert "um" not in _vm_flags(seed_stub.pid, base)        # no longer registered
+    assert not [fd for fd in os.listdir(f"/proc/{seed_stub.pid}/fd")
+                if "userfaultfd" in os.readlink(f"/proc/{seed_stub.pid}/fd/{fd}")]
+    assert not [fd for fd in os.listdir("/proc/self/fd") if "userfaultfd" in
+                _readlink(f"/proc/self/fd/{fd}")]
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except FileNotFoundError:           # (the listing's own fd)
+        return ""
+
+
+def test_a_handed_userfaultfd_is_closed_when_the_writer_gives_up(monkeypatch):
+    writer = PageWriter()
+    r, w = os.pipe()
+    os.close(w)
+    try:
+        work = writer.submit(os.getpid(), [(array("Q", [0x1000]), memoryview(bytes(PAGE)))],
+                             [(0x1000, 0x2000)])
+    finally:
+        writer.close()                  # (a failed restart: nothing written)
+    work.mapped(r)                      # too late: the writer closes it at once
+    with pytest.raises(OSError):
+        os.fstat(r)
 
 
 # -- batches of injected syscalls -----------------------------------------------------------------

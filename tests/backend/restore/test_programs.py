@@ -273,13 +273,28 @@ def assert_contiguous(values: list[int], start: int, what: str) -> None:
 # -- a) C programs ---------------------------------------------------------------------------
 
 
-def test_counter_with_static_and_heap_state(c_target, restore_runs):
+def assert_no_userfaultfd_left(pid: int) -> None:
+    """The page writer's userfaultfd is gone: no fd of it, no VMA still registered."""
+    from backend.proc_maps import read_smaps_flags
+    fds = os.listdir(f"/proc/{pid}/fd")
+    assert not [fd for fd in fds if "userfaultfd" in os.readlink(f"/proc/{pid}/fd/{fd}")]
+    assert not [e.mapping for e in read_smaps_flags(pid) if {"um", "uw"} & e.vm_flags]
+
+
+@pytest.mark.parametrize("uffd_on", [True, False], ids=["uffd", "writev-only"])
+def test_counter_with_static_and_heap_state(c_target, restore_runs, monkeypatch, uffd_on):
+    from backend.restore import pagewriter
+    monkeypatch.setattr(pagewriter, "USE_UFFD", uffd_on)
     exe = c_target("restore_prog_counter")
     prog = restore_runs.start([exe, "8", "8"])               # 8 MiB static, 8 MiB heap
     prog.wait_for(lambda ls: len(counts(ls, "n")) >= 10, "10 counts")
     image = restore_runs.checkpoint_kill(prog)
     before = counts(prog.lines(), "n")
     restored = restore_runs.restart(prog, image)
+    # the 8 MiB heap is private anonymous memory: UFFDIO_COPY's when it is on
+    assert (restored.page_writes["UFFDIO_COPY"] >= 8 << 20) == uffd_on, restored.page_writes
+    assert sum(restored.page_writes.values()) == restored.pages * 4096
+    assert_no_userfaultfd_left(restored.root)
     assert restored.reaper is not None and restored.root != restored.reaper
     assert ns_pid(restored.root) == prog.ns_pid
     assert int(status(restored.root)["PPid"]) == restored.reaper
