@@ -813,3 +813,67 @@ BTF_TRAILER = {BTF_KIND_INT: (4, 0), BTF_KIND_ARRAY: (12, 0), BTF_KIND_STRUCT: (
                BTF_KIND_UNION: (0, 12), BTF_KIND_ENUM: (0, 8), BTF_KIND_FUNC_PROTO: (0, 8),
                BTF_KIND_VAR: (4, 0), BTF_KIND_DATASEC: (0, 12), BTF_KIND_DECL_TAG: (4, 0),
                BTF_KIND_ENUM64: (0, 12)}
+
+# --------------------------------------------------------------------------------------------
+# backend/unix_embryo_prog.py: loading a cached BPF iterator with raw bpf(2), without bcc
+# (include/uapi/linux/bpf.h; SYS_bpf and BPF_PROG_LOAD are in the features.py section above)
+# --------------------------------------------------------------------------------------------
+BPF_MAP_CREATE = 0
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_LINK_CREATE = 28
+BPF_ITER_CREATE = 33
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_PROG_TYPE_TRACING = 26
+BPF_TRACE_ITER = 28                  # enum bpf_attach_type
+BPF_ANY = 0                          # map update flags
+BPF_OBJ_NAME_LEN = 16
+BPF_LOG_LEVEL_1 = 1
+BPF_INSN = _struct.Struct("<BBhi")   # struct bpf_insn: code, dst_reg:4|src_reg:4, off, imm
+BPF_LD_IMM64 = 0x18                  # BPF_LD|BPF_IMM|BPF_DW: two instruction slots
+BPF_PSEUDO_MAP_FD = 1                # ld_imm64 src_reg: imm is a map fd
+
+
+class bpf_attr_map_create(ctypes.Structure):
+    _fields_ = [("map_type", c_u32), ("key_size", c_u32), ("value_size", c_u32),
+                ("max_entries", c_u32), ("map_flags", c_u32), ("inner_map_fd", c_u32),
+                ("numa_node", c_u32), ("map_name", ctypes.c_char * BPF_OBJ_NAME_LEN)]
+
+
+class bpf_attr_map_elem(ctypes.Structure):
+    """BPF_MAP_*_ELEM and BPF_MAP_GET_NEXT_KEY (``value`` is ``next_key`` for the latter)."""
+    _fields_ = [("map_fd", c_u32), ("pad", c_u32), ("key", c_u64), ("value", c_u64),
+                ("flags", c_u64)]
+
+
+class bpf_attr_prog_load_btf(ctypes.Structure):
+    """BPF_PROG_LOAD up to the attach target fields (tracing programs need them)."""
+    _fields_ = [("prog_type", c_u32), ("insn_cnt", c_u32), ("insns", c_u64), ("license", c_u64),
+                ("log_level", c_u32), ("log_size", c_u32), ("log_buf", c_u64),
+                ("kern_version", c_u32), ("prog_flags", c_u32),
+                ("prog_name", ctypes.c_char * BPF_OBJ_NAME_LEN), ("prog_ifindex", c_u32),
+                ("expected_attach_type", c_u32), ("prog_btf_fd", c_u32),
+                ("func_info_rec_size", c_u32), ("func_info", c_u64), ("func_info_cnt", c_u32),
+                ("line_info_rec_size", c_u32), ("line_info", c_u64), ("line_info_cnt", c_u32),
+                ("attach_btf_id", c_u32), ("attach_prog_fd", c_u32), ("core_relo_cnt", c_u32)]
+
+
+class bpf_attr_link_create(ctypes.Structure):
+    _fields_ = [("prog_fd", c_u32), ("target_fd", c_u32), ("attach_type", c_u32),
+                ("flags", c_u32), ("iter_info", c_u64), ("iter_info_len", c_u32),
+                ("pad", c_u32)]
+
+
+class bpf_attr_iter_create(ctypes.Structure):
+    _fields_ = [("link_fd", c_u32), ("flags", c_u32)]
+
+
+assert ctypes.sizeof(bpf_attr_map_create) == 44 and bpf_attr_map_create.map_name.offset == 28
+assert ctypes.sizeof(bpf_attr_map_elem) == 32
+assert ctypes.sizeof(bpf_attr_prog_load_btf) == 120
+assert bpf_attr_prog_load_btf.attach_btf_id.offset == 108
+assert bpf_attr_prog_load_btf.expected_attach_type.offset == 68
+assert ctypes.sizeof(bpf_attr_link_create) == 32 and bpf_attr_link_create.iter_info.offset == 16
+assert ctypes.sizeof(bpf_attr_iter_create) == 8 and BPF_INSN.size == 8

@@ -3,24 +3,27 @@
 A connection not yet accepted has a server-side socket (an "embryo") in its listener's accept
 queue: no fd, no inode, so it cannot be peeked, and accepting it would change what the tree
 sees. bpf/unix_embryo.c, a BPF iterator over the unix sockets of our network namespace
-(iter/unix, Linux >= 5.17; loaded with bcc), finds the embryos of the listeners asked about
+(iter/unix, Linux >= 5.17), finds the embryos of the listeners asked about
 (by their ``listener`` pointer, Linux >= 6.10) and copies each queued buffer's bytes out; the
 queue is only read. Struct offsets come from the kernel's BTF (backend/unix_embryo_btf.py).
 
-    available() -> (bool, reason)            root, bcc, headers, BTF; nothing compiled
+    available() -> (bool, reason)            root, BTF, and a cached program or what compiles
+                                             one (bcc found, not imported; headers)
     read_embryos(listener_inos) -> {client inode: Embryo}
     try_read(listener_inos) -> {client inode: Embryo} | why not (str)
     segments(answer, listener, client, type, address) -> [Segment] | why not (str)
 
-Only loaded when a checkpoint meets a pending connection with data (bcc brings LLVM, ~60 MiB,
-and compiling takes ~0.4 s). What it cannot copy is refused by the caller with a reason
+Only loaded when a checkpoint meets a pending connection with data. The checkpointer never
+imports bcc (it brings LLVM, ~130 MiB): bcc compiles the program once, in a child process, and
+the bytecode is kept in the run cache and loaded with bpf(2) (backend/unix_embryo_prog.py).
+What it cannot copy is refused by the caller with a reason
 (``Embryo.refusal``): buffers with page frags (stream writes above ~3.7 KiB), files in flight
 (SCM_RIGHTS), MSG_OOB data, linear parts above 20 KiB. A queue that changed between passes
 (a writer outside the stopped tree) shows as a count that does not add up, also refused.
 """
 from __future__ import annotations
 
-import ctypes
+import importlib.util
 import json
 import os
 import struct
@@ -30,6 +33,7 @@ from ckptsim.errors import CkptsimError
 from ckptsim.model.unix import SOCK_STREAM, UNNAMED, Segment
 
 from . import bpf_tracker, runcache
+from . import unix_embryo_prog as prog
 from .unix_embryo_btf import BTF_PATH, Btf, BtfError
 
 PROGRAM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf",
@@ -86,6 +90,19 @@ class Embryo:
             self.refusal = why
 
 
+def _bcc_findable() -> bool:
+    """bcc can be found (not imported: that loads LLVM; the compile child imports it)."""
+    return importlib.util.find_spec("bcc") is not None or \
+        os.path.exists(os.path.join(bpf_tracker.DEBIAN_BCC, "__init__.py"))
+
+
+def _cached_program() -> prog.Program | None:
+    flags = _cflags_if_cached()
+    if flags is None:
+        return None
+    return prog.load_cached(flags, prog.source_sha(PROGRAM))[0]
+
+
 def _why_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "not root (loading a BPF iterator needs root)"
@@ -93,19 +110,24 @@ def _why_unavailable() -> str | None:
         return f"{PROGRAM} is missing"
     if not os.path.exists(BTF_PATH):
         return f"no kernel BTF at {BTF_PATH}"
+    if _cached_program() is not None:
+        return None                                    # compiled already: no bcc needed
     headers = bpf_tracker._headers_dir()
     if not os.path.isdir(os.path.join(headers, "include")):
         return f"no kernel headers at {headers} (scripts/setup.sh links them)"
-    try:
-        bpf_tracker._import_bcc()
-    except bpf_tracker.TrackerUnavailable as e:
-        return str(e)
+    if not _bcc_findable():
+        return "bcc is not installed (apt-get install python3-bpfcc; scripts/setup.sh does it)"
     return None
 
 
 def available() -> tuple[bool, str]:
     why = _why_unavailable()
-    return (False, why) if why else (True, "bcc, kernel BTF and headers")
+    if why:
+        return False, why
+    if _cached_program() is not None:
+        return True, "kernel BTF and a cached compiled program (loaded with bpf(2), no bcc)"
+    return True, ("bcc (found, not imported), kernel BTF and headers; compiled on first use "
+                  "in a child process")
 
 
 def cflags(btf: Btf) -> list[str]:
@@ -117,20 +139,35 @@ def cflags(btf: Btf) -> list[str]:
             from None
 
 
-def cached_cflags() -> list[str]:
-    """``cflags`` of this kernel, kept between runs (backend/runcache.py; parsing the BTF
-    takes ~0.2 s), keyed by the kernel's build and its BTF's size."""
+def _cflags_key() -> list:
     uname = os.uname()
     try:
         key = [uname.release, uname.version, os.stat(BTF_PATH).st_size, sorted(OFFSETS.items())]
     except OSError as e:
         raise EmbryoUnavailable(f"no kernel BTF: {e.strerror}") from None
-    key = json.loads(json.dumps(key))      # as runcache gives it back (lists, not tuples)
+    return json.loads(json.dumps(key))      # as runcache gives it back (lists, not tuples)
+
+
+def _cflags_if_cached() -> list[str] | None:
     doc = runcache.load(CACHE_NAME)
-    if isinstance(doc, dict) and doc.get("key") == key and isinstance(doc.get("cflags"), list):
+    if isinstance(doc, dict) and doc.get("key") == _cflags_key() \
+            and isinstance(doc.get("cflags"), list) \
+            and all(isinstance(f, str) for f in doc["cflags"]):
         return doc["cflags"]
-    flags = cflags(Btf.load())
-    runcache.save(CACHE_NAME, {"key": key, "cflags": flags})
+    return None
+
+
+def _save_cflags(flags: list[str]) -> None:
+    runcache.save(CACHE_NAME, {"key": _cflags_key(), "cflags": flags})
+
+
+def cached_cflags() -> list[str]:
+    """``cflags`` of this kernel, kept between runs (backend/runcache.py; parsing the BTF
+    takes ~0.2 s and ~20 MiB), keyed by the kernel's build and its BTF's size."""
+    flags = _cflags_if_cached()
+    if flags is None:
+        flags = cflags(Btf.load())
+        _save_cflags(flags)
     return flags
 
 
@@ -182,13 +219,32 @@ def parse(out: bytes, embryos: dict[int, Embryo]) -> dict[int, int]:
     return more
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while True:
-        chunk = os.read(fd, 1 << 16)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
+def _compiled(flags: list[str] | None) -> prog.Program:
+    """A fresh compile, in a child process (``flags`` None: the child works them out from the
+    BTF, which the checkpointer then need not parse), kept for later runs."""
+    try:
+        doc = prog.compile_in_child(flags)
+        program = prog.Program.from_doc(doc)
+    except prog.ProgError as e:
+        raise EmbryoUnavailable(str(e)) from None
+    if flags is None:
+        _save_cflags(doc["cflags"])
+    prog.save(doc)
+    return program
+
+
+def _load() -> prog.Loaded:
+    """The program loaded: from the cache, else compiled now; a cached program the kernel
+    refuses is compiled again once (the cache is not trusted further than that)."""
+    flags = _cflags_if_cached()
+    cached = None if flags is None else prog.load_cached(flags, prog.source_sha(PROGRAM))[0]
+    for program in ([cached] if cached else []) + [None]:
+        try:
+            return prog.Loaded(program or _compiled(flags))
+        except prog.ProgError as e:
+            why = e
+    raise EmbryoUnavailable(f"{PROGRAM} did not load (iter/unix needs Linux >= 5.17): "
+                            f"{why}") from None
 
 
 def read_embryos(listener_inos) -> dict[int, Embryo]:
@@ -198,53 +254,23 @@ def read_embryos(listener_inos) -> dict[int, Embryo]:
     why = _why_unavailable()
     if why:
         raise EmbryoUnavailable(f"the BPF embryo reader is unavailable: {why}")
-    bcc = bpf_tracker._import_bcc()
-    flags = cached_cflags()
-    try:
-        bpf = bcc.BPF(src_file=PROGRAM.encode(), cflags=flags)
-    except Exception as e:  # noqa: BLE001 - bcc raises plain Exception
-        raise EmbryoUnavailable(f"{PROGRAM} did not compile: {e}") from None
-    link = -1
-    try:
+    embryos: dict[int, Embryo] = {}
+    with _load() as loaded:
         try:
-            prog = bpf.load_func(b"bpf_iter__unix", bcc.BPF.TRACING)
-        except Exception as e:  # noqa: BLE001
-            raise EmbryoUnavailable(f"{PROGRAM} did not load (iter/unix needs Linux >= "
-                                    f"5.17): {e}") from None
-        lib = bcc.libbcc.lib
-        lib.bcc_iter_attach.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32]
-        lib.bcc_iter_create.argtypes = [ctypes.c_int]
-        link = lib.bcc_iter_attach(prog.fd, None, 0)
-        if link < 0:
-            err = ctypes.get_errno()
-            raise EmbryoUnavailable(f"attaching the unix iterator: {os.strerror(err)}")
-        wanted = bpf[b"listeners"]
-        for ino in listener_inos:
-            wanted[ctypes.c_uint64(ino)] = ctypes.c_uint8(1)
-        cursor = bpf[b"cursor"]
-        embryos: dict[int, Embryo] = {}
-        for _ in range(MAX_PASSES):
-            fd = lib.bcc_iter_create(link)
-            if fd < 0:
-                err = ctypes.get_errno()
-                raise EmbryoUnavailable(f"creating a unix iterator: {os.strerror(err)}")
-            try:
-                out = _read_all(fd)
-            finally:
-                os.close(fd)
-            more = parse(out, embryos)
-            if not more:
-                break
-            cursor.clear()
-            cursor[ctypes.c_uint64(0)] = ctypes.c_uint64(1)   # a later pass: these only
-            for eid, nxt in more.items():
-                cursor[ctypes.c_uint64(eid)] = ctypes.c_uint64(nxt)
-        else:
-            raise EmbryoUnavailable(f"more than {MAX_PASSES} passes of the embryo reader")
-    finally:
-        if link >= 0:
-            os.close(link)
-        bpf.cleanup()
+            for ino in listener_inos:
+                loaded.update("listeners", ino, 1)
+            for _ in range(MAX_PASSES):
+                more = parse(loaded.iterate(), embryos)
+                if not more:
+                    break
+                loaded.clear("cursor")
+                loaded.update("cursor", 0, 1)           # a later pass: these only
+                for eid, nxt in more.items():
+                    loaded.update("cursor", eid, nxt)
+            else:
+                raise EmbryoUnavailable(f"more than {MAX_PASSES} passes of the embryo reader")
+        except prog.ProgError as e:
+            raise EmbryoUnavailable(f"the embryo reader: {e}") from None
     out: dict[int, Embryo] = {}
     for emb in embryos.values():
         if len(emb.buffers) != emb.qlen:

@@ -5,6 +5,7 @@ of through the headers' structs.
 
     field_offset(btf, "sock", "sk_receive_queue") -> byte offset (anonymous members searched)
     Btf.load(path) -> Btf                            parses the type section once (~0.2 s)
+    btf.type_id("bpf_iter_unix", BTF_KIND_FUNC) -> the id a tracing program attaches to
 """
 from __future__ import annotations
 
@@ -116,6 +117,15 @@ class Btf:
                     if found:
                         yield from found
                         return
+
+    def type_id(self, name: str, kind: int) -> int:
+        """The id of the first type of this kind and name (e.g. the FUNC an iterator program
+        names as its attach_btf_id)."""
+        for type_id in range(1, len(self._types)):
+            t_kind, name_off, *_ = self._types[type_id]
+            if t_kind == kind and name_off and self._name(name_off) == name:
+                return type_id
+        raise BtfError(f"no BTF type {name} of kind {kind} in the kernel's BTF")
 
     def struct_size(self, struct_name: str) -> int:
         for i in self._by_name.get(struct_name, ()):
