@@ -127,6 +127,12 @@ def cache_key(cflags: list[str], src_sha: str) -> list:
     return [uname.release, uname.version, os.stat(BTF_PATH).st_size, src_sha, list(cflags)]
 
 
+def _digest(doc) -> str:
+    """A checksum of a program document: a cache entry damaged in a way JSON still parses
+    (an instruction changed) is not loaded."""
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
 def load_cached(cflags: list[str], src_sha: str) -> tuple[Program | None, str]:
     """The cached program for this key, or (None, why not)."""
     doc = runcache.load(CACHE_NAME)
@@ -138,8 +144,10 @@ def load_cached(cflags: list[str], src_sha: str) -> tuple[Program | None, str]:
         return None, f"no kernel BTF: {e.strerror}"
     if doc.get("key") != key:
         return None, "the cached program is for another kernel, source or cflags"
+    if doc.get("sha256") != _digest(doc.get("program")):
+        return None, "the cached program is not trusted: its checksum does not match"
     try:
-        return Program.from_doc(doc.get("program")), "cached"
+        return Program.from_doc(doc["program"]), "cached"
     except ProgError as e:
         return None, f"the cached program is not trusted: {e}"
 
@@ -150,7 +158,7 @@ def save(doc: dict) -> None:
         key = cache_key(doc["cflags"], doc["src_sha"])
     except OSError:
         return
-    runcache.save(CACHE_NAME, {"key": key, "program": doc})
+    runcache.save(CACHE_NAME, {"key": key, "program": doc, "sha256": _digest(doc)})
 
 
 # -- compiling (in a child: bcc and LLVM stay out of the checkpointer) -----------------------

@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-from backend import unix_embryo
+from backend import kabi, unix_embryo
 from backend.dump import checkpoint
 from backend.unix_embryo import EMB, END, SKB, Embryo, EmbryoUnavailable, parse
 from backend.unix_embryo_btf import Btf, BtfError
@@ -121,6 +121,10 @@ def test_btf_offsets_of_this_kernel():
         btf.field_offset("sock", "no_such_field")
     with pytest.raises(BtfError):
         btf.field_offset("no_such_struct_here", "x")
+    func = btf.type_id("bpf_iter_unix", kabi.BTF_KIND_FUNC)      # the iterator's attach target
+    assert func > 0 and btf.type_id("unix_sock", kabi.BTF_KIND_STRUCT) != func
+    with pytest.raises(BtfError):
+        btf.type_id("bpf_iter_unix", kabi.BTF_KIND_STRUCT)
 
 
 def test_offsets_are_kept_between_runs(monkeypatch, tmp_path):
@@ -282,3 +286,30 @@ def test_an_ordinary_checkpoint_loads_no_bpf(start_target):
     embryo_loaded, bcc_loaded, maxrss_kib = r.stdout.split()
     assert (embryo_loaded, bcc_loaded) == ("False", "False")
     assert int(maxrss_kib) < 64 * 1024
+
+
+def test_a_checkpoint_with_the_reader_stays_small_and_never_imports_bcc(start_target, tmp_path):
+    """bcc (LLVM) compiles the reader in a child process, once; the checkpointer loads the
+    cached bytecode with bpf(2): cold or warm, it imports no bcc and stays under 64 MiB."""
+    needs_reader()
+    name = f"ckptsim-embryo-small-{os.getpid()}-{os.urandom(4).hex()}"
+    t = start_target(sys.executable, "-c", TARGET, name)
+    code = ("import io, sys; from backend.dump import checkpoint; buf = io.BytesIO(); "
+            f"checkpoint({t.pid}, buf); "
+            "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')]; "
+            "print('backend.unix_embryo' in sys.modules, 'bcc' in sys.modules, hwm[0], "
+            "b'hello embryo' in buf.getvalue())")
+    for cache in ("cold", "warm"):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120, env={**os.environ, "PYTHONPATH": ROOT,
+                                                       "CKPTSIM_CACHE_DIR": str(tmp_path)})
+        assert r.returncode == 0, r.stderr
+        embryo_loaded, bcc_loaded, hwm_kib, saved = r.stdout.split()
+        assert (embryo_loaded, bcc_loaded, saved) == ("True", "False", "True"), cache
+        assert int(hwm_kib) < 64 * 1024, cache
+        st = os.stat(tmp_path / unix_embryo.prog.CACHE_NAME)
+        if cache == "warm":                               # loaded from the cache, not redone
+            assert (st.st_ino, st.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)
+        kept = st
+    t.write(b"go\n")                                      # the target's queues are intact
+    assert t.readline() == f"{b'hello embryo'.hex()} {b'rec-1'.hex()} {b'r2'.hex()}"
