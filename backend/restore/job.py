@@ -38,8 +38,10 @@ from .task import (caller_cred_matches, check_creds, int3_stops_safe, queue_pend
                    restore_creds, restore_handlers, restore_rlimits, restore_rseq,
                    restore_thread_basics, set_cpu)
 from .transport import Transport
-from .tree import THREAD_FLAGS, become_reaper, clone_child, map_trampoline, set_options, \
-    spawn_seed
+from .tree import THREAD_FLAGS, EarlySeed, become_reaper, clone_child, map_trampoline, \
+    seed_hint, set_options, spawn_seed
+
+EARLY_TRANSPORT_FD = 100     # an early seed's transport fd; moved up if the image uses it
 
 
 
@@ -82,7 +84,9 @@ def preload() -> None:
     from ckptsim.model import kernel  # noqa: F401
     from backend import ptrace_inject  # noqa: F401  (the seed's first syscall instruction)
     from . import elfcheck  # noqa: F401
+    from .tree import _spawn_function
     load_all()
+    _spawn_function()              # the seed's spawner page
 
 
 def restart_image(data, *, pidns: bool = True, frozen: bool = False, log=None,
@@ -90,7 +94,14 @@ def restart_image(data, *, pidns: bool = True, frozen: bool = False, log=None,
     """Restart the live image ``data`` (bytes, bytearray, memoryview or an mmap of the image
     file: pages go to process_vm_writev straight from it) as a new tree of processes."""
     t0 = time.perf_counter()
-    job = load_job(data, log, background_checksum=True, chain=chain, timeout=timeout)
+    early = _early_seed(data, pidns)
+    try:
+        job = load_job(data, log, background_checksum=True, chain=chain, timeout=timeout)
+    except BaseException:
+        if early is not None:
+            early.kill()
+        raise
+    job.early = early
     job.timings["decode"] = time.perf_counter() - t0
     try:
         return job.run(pidns, frozen, timeout)
@@ -105,6 +116,25 @@ def restart_image(data, *, pidns: bool = True, frozen: bool = False, log=None,
         raise
     finally:
         job.close()
+
+
+def _early_seed(data, pidns: bool) -> EarlySeed | None:
+    """The seed spawned from a quick look at the image, its exec running while the image is
+    decoded (with its transport, which it inherits); None where the look finds nothing or
+    the spawn fails (the job then spawns its own, and reports any error itself)."""
+    hint = seed_hint(data)
+    if hint is None:
+        return None
+    exe, root = hint
+    transport = Transport(EARLY_TRANSPORT_FD)
+    try:
+        early = EarlySeed(exe, 1 if pidns else root, pidns)
+    except StubError:
+        transport.close()
+        return None
+    transport.seed_spawned()           # (the child has its own copy of the fd table)
+    early.transport = transport
+    return early
 
 
 def load_job(data, log=None, *, background_checksum: bool, chain=None,
@@ -158,10 +188,15 @@ def load_job(data, log=None, *, background_checksum: bool, chain=None,
         except StubError as e:
             raise RestoreError(e.errno, str(e)) from None
     except BaseException:
+        if checksum is not None:
+            checksum.cancel()
         if watchdog is not None:
             watchdog.disarm()              # its thread ends
         raise
     return job
+
+
+GO_WAIT = 10.0             # the checksum starts by itself after this, without a watchdog
 
 
 class _Checksum:
@@ -172,13 +207,32 @@ class _Checksum:
     def __init__(self, reader: ImageReader, watchdog: Watchdog | None = None):
         self._error: BaseException | None = None
         self._done = threading.Event()
+        self._go = threading.Event()
+        self._cancelled = False
         self._thread = threading.Thread(target=self._run, args=(reader, watchdog), daemon=True,
                                         name="image-checksum")
         self._thread.start()
 
+    def start(self) -> None:
+        """Compute it now. (It waits for this, or for result(): before, the tree is being
+        built, one injected syscall after the other, and a woken stub queued behind this
+        pass on a busy CPU for up to ~4 ms each time; while the pages are written, the
+        tracer mostly waits.)"""
+        if self._go is not None:
+            self._go.set()
+
+    def cancel(self) -> None:
+        """Not needed any more (the job ends): the thread goes on to its watchdog role."""
+        if self._go is not None:
+            self._cancelled = True
+            self._go.set()
+
     def _run(self, reader: ImageReader, watchdog: Watchdog | None) -> None:
         try:
-            reader.verify_checksum()
+            self._go.wait(GO_WAIT if watchdog is None else
+                          max(0.0, watchdog._deadline - time.monotonic()))
+            if not self._cancelled:
+                reader.verify_checksum()
         except BaseException as e:       # handed to the restoring thread
             self._error = e
         finally:
@@ -190,12 +244,13 @@ class _Checksum:
     def done(cls) -> "_Checksum":
         """An already verified checksum."""
         c = cls.__new__(cls)
-        c._error, c._done = None, None
+        c._error, c._done, c._go = None, None, None
         return c
 
     def result(self) -> None:
         if self._done is None:
             return
+        self._go.set()
         self._done.wait()
         if self._error is not None:
             raise self._error
@@ -221,6 +276,8 @@ class _Job:
         self.to_protect: dict[int, list] = {}  # pid -> VMAs to mprotect once written
         self.mm_built: set[int] = set()        # id() of the image mms restored so far
         self.mm_groups_left: dict[int, int] = {}   # id(mm) -> its processes not finished
+        self.early: EarlySeed | None = None    # a seed spawned before the decode, if any
+        self.checksum = _Checksum.done()       # (load_job sets the image's)
 
     def _log(self, message: str) -> None:
         if self.log is not None:
@@ -248,18 +305,32 @@ class _Job:
             raise RestoreError(errno.EINVAL, f"task {root_vpid} has no executable in the image")
         max_fd = max([fd for t in self.by_vpid.values() if t.state != "zombie"
                       for fd in t.files.fds] + [2])
-        self.transport = Transport(max_fd + 1)
         if self.watchdog is None:
             self.watchdog = Watchdog(timeout)
         use_reaper = pidns and root_vpid != 1
-        seed_pid = spawn_seed(exe, 1 if pidns else root_vpid, pidns)
-        self._created(seed_pid)
-        self.transport.seed_spawned()
-        seed = Stub.adopt(seed_pid)
-        set_options(seed_pid)
+        early, self.early = self.early, None
+        if early is not None and (early.exe, early.pid_wanted, early.new_pidns) == \
+                (exe, 1 if pidns else root_vpid, pidns):
+            seed_pid, self.transport = early.pid, early.transport
+            self._created(seed_pid)
+            seed = Stub.adopt(seed_pid)
+            early.adopted()
+            set_options(seed_pid)
+        else:
+            if early is not None:                    # (the quick look disagreed)
+                early.kill()
+                early.transport.close()
+            self.transport = Transport(max_fd + 1)
+            seed_pid = spawn_seed(exe, 1 if pidns else root_vpid, pidns)
+            self._created(seed_pid)
+            self.transport.seed_spawned()
+            seed = Stub.adopt(seed_pid)
+            set_options(seed_pid)
         busy = [(v.start, v.end) for t in self.by_vpid.values() if t.state != "zombie"
                 for v in t.mm.vmas] + [(s, e) for s, e, _ in stub_maps(seed_pid)]
         map_trampoline(seed, free_spot(PAGE, busy, below=0x7e0000000000))
+        if self.transport.fd <= max_fd:      # (an early seed's) a number the image uses
+            self.transport.move(seed, max_fd + 1)
         self.timings["seed"] = time.perf_counter() - t0
         # 3. the tree
         if use_reaper:
@@ -362,6 +433,7 @@ class _Job:
                 stub, task.mm, self.sink, self.segments, self.transport, self.factory.open_path,
                 task.mm.exe_file.path if task.mm.exe_file is not None else None, stub_exe,
                 self.writer)
+            self.checksum.start()              # pages are being written: the tracer waits
         restore_fdtable(stub, task.files, self.factory, self.transport)
         restore_fs_context(stub, task.fs, self.factory, self.transport)
         restore_rlimits(stub.pid, task.signal.rlimits)
@@ -485,6 +557,10 @@ class _Job:
     # -- failure and the end ---------------------------------------------------------------
     def abort(self) -> None:
         """Kill and reap everything this restart made (and remove the socket files it bound)."""
+        if self.early is not None:               # (never taken: a refusal before the seed)
+            self.early.kill()
+            self.early.transport.close()
+            self.early = None
         try:
             self.factory.abort()
         except OSError:
@@ -503,6 +579,7 @@ class _Job:
 
     def close(self) -> None:
         self.writer.close()
+        self.checksum.cancel()
         if self.watchdog is not None:
             self.watchdog.disarm()
         if self.transport is not None:

@@ -47,6 +47,14 @@ class Transport:
         self.seed_spawned()
         self.local.close()
 
+    def move(self, seed: Stub, min_fd: int) -> None:
+        """Give the stubs' end (in the seed, before it has children) the lowest free number
+        from ``min_fd`` on: an early seed got it before the image said which fds it uses."""
+        new = seed.syscall(kabi.SYS_fcntl, self.fd, fcntl.F_DUPFD, min_fd,
+                           what="fcntl(F_DUPFD) of the transport")
+        seed.syscall(kabi.SYS_close, self.fd, what="close of the transport's old number")
+        self.fd = new
+
     def send(self, stub: Stub, fd: int, what: str) -> int:
         """Install a copy of the restorer's ``fd`` in ``stub``; returns its number there
         (the lowest free one, close-on-exec clear)."""

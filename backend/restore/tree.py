@@ -100,6 +100,7 @@ class _SpawnData(ctypes.Structure):
 
 
 _spawner = None
+_ALL_SIGNALS = signal.valid_signals()
 
 
 def _spawn_function():
@@ -126,17 +127,88 @@ def spawn_seed(exe: str, pid: int, new_pidns: bool) -> int:
     """Make the seed (clone3 with ``pid``, 0 for any) that execs ``exe`` traced by us;
     returns its pid. The caller must adopt() it. (The calling thread is suspended until the
     exec, which is what makes sharing its address space with the child safe.)"""
+    return _spawn(exe, pid, new_pidns, vfork=True)[0]
+
+
+class EarlySeed:
+    """A seed spawned without waiting for its exec, so that the exec runs while the restorer
+    decodes the image (the same spawn, without CLONE_VFORK: the child touches no stack and
+    no memory but its spawn data, which this object keeps until ``adopt``). Made from a
+    quick look at the image (``seed_hint``); the job takes it only if the decoded image
+    agrees. ``kill()`` ends it (the job's clean-up does once it was taken)."""
+
+    def __init__(self, exe: str, pid: int, new_pidns: bool):
+        self.exe, self.pid_wanted, self.new_pidns = exe, pid, new_pidns
+        self.pid, self._keep = _spawn(exe, pid, new_pidns, vfork=False)
+
+    def adopted(self) -> None:
+        """The exec (or the child's end) was seen: the spawn data may go."""
+        self._keep = None
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(self.pid, kabi.WALL)
+        except ChildProcessError:
+            pass
+        self._keep = None
+
+
+def seed_hint(data) -> tuple[str, int] | None:
+    """(the image root's executable, its pid) from the image's first records, before it is
+    decoded: up to the first MM record (the root's: tasks come in tree order, and an object
+    is defined before the record that names it). None where the image does not say (a
+    zombie root, no executable, a damaged image: the decode reports those)."""
+    from ckptsim.errors import ImageError
+    from ckptsim.image.codec import ImageReader
+    from ckptsim.image.types import ObjType
+    from ckptsim.kinds import load_all
+    load_all()                     # (the kinds' record layouts)
+    try:
+        reader = ImageReader(data, checksum=False)
+        names: dict[int, str] = {}
+        last_file = root = 0
+        while not reader.at_end():
+            rec = reader.next()
+            if rec.name == "OBJREF":
+                last_file = rec["objref"] if rec["objtype"] == ObjType.FILE else 0
+            elif rec.name == "FILE_NAME" and last_file:
+                names[last_file] = rec.var
+            elif rec.name == "TREE":
+                if not rec.var:
+                    return None
+                root = rec.var[0][0]
+            elif rec.name == "MM":
+                exe = names.get(rec["exe_objref"])
+                return (exe, root) if exe and root > 0 else None
+            elif rec.name in ("PGARR", "TAIL", "ERROR"):
+                return None
+    except (ImageError, ValueError, IndexError, KeyError):
+        return None
+    return None
+
+
+def _spawn(exe: str, pid: int, new_pidns: bool, vfork: bool) -> tuple[int, tuple]:
+    """The seed's spawn: (its pid, the data it reads until its exec)."""
     if not os.access(exe, os.X_OK):
         raise StubError(errno.ENOENT, f"the executable {exe} is missing or not executable")
     path = ctypes.create_string_buffer(os.fsencode(exe))
     argv = (ctypes.c_void_p * 2)(ctypes.addressof(path), None)
-    env = [ctypes.create_string_buffer(os.fsencode(k) + b"=" + os.fsencode(v))
-           for k, v in os.environ.items()]
-    envp = (ctypes.c_void_p * (len(env) + 1))(*[ctypes.addressof(e) for e in env], None)
-    flags = kabi.CLONE_VM | kabi.CLONE_VFORK | (kabi.CLONE_NEWPID if new_pidns else 0)
-    args, _tids = _clone_args(flags, 0, pid)
+    entries = [k + b"=" + v for k, v in os.environb.items()]
+    env = ctypes.create_string_buffer(b"\0".join(entries) + b"\0")    # one block, NUL-ended
+    at, offsets = ctypes.addressof(env), []
+    for entry in entries:
+        offsets.append(at)
+        at += len(entry) + 1
+    envp = (ctypes.c_void_p * (len(offsets) + 1))(*offsets, None)
+    flags = kabi.CLONE_VM | (kabi.CLONE_VFORK if vfork else 0) \
+        | (kabi.CLONE_NEWPID if new_pidns else 0)
+    args, tids = _clone_args(flags, 0, pid)
     spawn = _spawn_function()
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
     try:
         data = _SpawnData(path=ctypes.addressof(path), argv=ctypes.addressof(argv),
                           envp=ctypes.addressof(envp),
@@ -150,7 +222,7 @@ def spawn_seed(exe: str, pid: int, new_pidns: bool) -> int:
     if child < 0:
         raise StubError(-child, f"cannot create the first restored process: "
                                 f"{os.strerror(-child)}")
-    return child
+    return child, (path, argv, env, envp, args, tids, data)
 
 
 def map_trampoline(stub: Stub, addr: int) -> None:

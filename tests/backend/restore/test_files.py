@@ -61,7 +61,19 @@ def _accmode_and_status(flags: int) -> int:
 
 
 # -- regular files, directories, devices, unlinked files -------------------------------------
-def test_regular_files_dir_devnull_and_unlinked(c_target, start_target, restarts, tmp_path):
+@pytest.mark.parametrize("early_fd", [None, 5], ids=["transport-fd-free", "transport-fd-moved"])
+def test_regular_files_dir_devnull_and_unlinked(c_target, start_target, restarts, tmp_path,
+                                                monkeypatch, early_fd):
+    from backend.restore import job as job_module
+    from backend.restore.transport import Transport
+    moved = []
+    if early_fd is not None:
+        # the seed spawned before the decode got the transport at a number the image uses:
+        # it is moved above them before any fd is restored (the checks below see them all)
+        monkeypatch.setattr(job_module, "EARLY_TRANSPORT_FD", early_fd)
+        real_move = Transport.move
+        monkeypatch.setattr(Transport, "move",
+                            lambda self, seed, low: (moved.append(low), real_move(self, seed, low)))
     d = tmp_path
     t = start_target(c_target("restore_files"), "files", d)
     before = {fd: (os.readlink(f"/proc/{t.pid}/fd/{fd}"), flags_of(t.pid, fd),
@@ -69,6 +81,7 @@ def test_regular_files_dir_devnull_and_unlinked(c_target, start_target, restarts
     assert before[41][0] == f"{d}/gone.txt (deleted)"
     r = restarts(t)
     pid = r.root
+    assert moved == ([max(t.info.values()) + 1] if early_fd is not None else [])
     assert open_fds(pid) == {0, 1, 2} | set(t.info.values())
     for fd, (link, flags, pos) in before.items():
         assert os.readlink(f"/proc/{pid}/fd/{fd}") == link, fd

@@ -126,6 +126,61 @@ def test_a_failure_at_any_step_kills_everything_it_made(job_runs, counter, monke
         os.waitpid(-1, os.WNOHANG)               # nothing of ours is left to reap either
 
 
+def _record_early_seeds(monkeypatch) -> list:
+    seeds = []
+    real = job_module.EarlySeed
+
+    def record(*args):
+        seed = real(*args)
+        seeds.append(seed)
+        return seed
+    monkeypatch.setattr(job_module, "EarlySeed", record)
+    return seeds
+
+
+def test_the_seed_hint_is_the_roots_executable_and_pid_or_nothing(job_runs, counter):
+    from backend.restore.tree import seed_hint
+    p = job_runs.start(counter)
+    image = job_runs.image(p)
+    assert seed_hint(image) == (counter[0], p.pid)
+    assert seed_hint(image[:300]) is None                 # cut before its MM record
+    assert seed_hint(b"\0" * 4096) is None
+
+
+def test_the_seed_execs_while_the_image_is_decoded(job_runs, counter, monkeypatch):
+    image = job_runs.image(job_runs.start(counter))
+    seeds = _record_early_seeds(monkeypatch)
+    monkeypatch.setattr(job_module, "spawn_seed",
+                        lambda *a: pytest.fail("the seed was spawned again after the decode"))
+    restored = job_runs.restart(image)
+    assert [s.pid for s in seeds] == [restored.reaper]      # the new namespace's init
+    assert seeds[0].exe == counter[0] and _alive(restored.root)
+
+
+def test_an_early_seed_the_image_disagrees_with_is_ended(job_runs, counter, monkeypatch):
+    image = job_runs.image(job_runs.start(counter))
+    seeds = _record_early_seeds(monkeypatch)
+    monkeypatch.setattr(job_module, "seed_hint", lambda data: ("/bin/sleep", 1))
+    restored = job_runs.restart(image)
+    assert len(seeds) == 1 and seeds[0].pid != restored.reaper
+    assert not _exists(seeds[0].pid)                         # killed and reaped
+    assert _alive(restored.root)
+
+
+def test_a_refusal_during_the_decode_ends_the_early_seed(job_runs, counter, monkeypatch):
+    image = job_runs.image(job_runs.start(counter))
+    seeds = _record_early_seeds(monkeypatch)
+
+    def refuse(creds):
+        raise StubError(errno.EPERM, "injected: the caller may not set these credentials")
+    monkeypatch.setattr(job_module, "check_creds", refuse)
+    with pytest.raises(RestoreError, match="injected"):
+        restart_image(image)
+    assert len(seeds) == 1 and not _exists(seeds[0].pid)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)               # nothing of ours is left to reap either
+
+
 def test_a_missing_executable_is_named_and_nothing_is_made(job_runs, tmp_path, c_target):
     exe = str(tmp_path / "counter_copy")
     shutil.copy(c_target("restore_prog_counter"), exe)
