@@ -1,6 +1,6 @@
 """What write-protect dirty tracking (backend/dirty.py) costs the tracked process.
 
-    PYTHONPATH=. python3 bench/bench_dirty_tracking.py [--pages N] [--rounds R]
+    PYTHONPATH=. .venv/bin/python bench/bench_dirty_tracking.py [--pages N] [--rounds R]
 
 A C target (tests/backend/targets/dirty_target.c, compiled with gcc unless --exe is given)
 populates N pages, then, once per round, writes one byte in each of them and times that loop

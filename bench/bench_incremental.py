@@ -2,8 +2,8 @@
 of the same target, the bytes of each incremental step, pre-copy, and what tracking costs the
 target's own run time.
 
-    PYTHONPATH=. python3 bench/bench_incremental.py [--mib 1024] [--steps 5] [--rounds 10]
-    PYTHONPATH=. python3 bench/bench_incremental.py --quick        # 256 MiB, 3 steps, 4 rounds
+    PYTHONPATH=. .venv/bin/python bench/bench_incremental.py [--mib 1024] [--steps 5] [--rounds 10]
+    PYTHONPATH=. .venv/bin/python bench/bench_incremental.py --quick        # 256 MiB, 3 steps, 4 rounds
 
 The target is tests/backend/targets/incr_target.c (built here with gcc): MIB MiB of private
 anonymous memory, every page written before it starts, then it keeps writing 1% of its pages

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Live checkpoint speed: the FULL checkpoint path against the raw process_vm_readv limit.
 
-    python3 bench/bench_live_checkpoint.py            # targets of 64 MiB, 256 MiB and 1 GiB
-    python3 bench/bench_live_checkpoint.py --quick    # 64 MiB only
-    python3 bench/bench_live_checkpoint.py --dir DIR  # write the images elsewhere (/dev/shm)
+    .venv/bin/python bench/bench_live_checkpoint.py            # targets of 64 MiB, 256 MiB and 1 GiB
+    .venv/bin/python bench/bench_live_checkpoint.py --quick    # 64 MiB only
+    .venv/bin/python bench/bench_live_checkpoint.py --dir DIR  # write the images elsewhere (/dev/shm)
 
 The target is bench_live_dump.py's: a Python child that maps N bytes of private anonymous
 memory and writes every page (each page holds the same non-zero 4 KiB pattern). For each

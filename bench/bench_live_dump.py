@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Live memory dump speed: backend/memory.py against the raw process_vm_readv limit.
 
-    python3 bench/bench_live_dump.py            # targets of 64 MiB, 256 MiB and 1 GiB
-    python3 bench/bench_live_dump.py --quick    # 64 MiB only
-    python3 bench/bench_live_dump.py --dir DIR  # write the dumps elsewhere (default /dev/shm)
+    .venv/bin/python bench/bench_live_dump.py            # targets of 64 MiB, 256 MiB and 1 GiB
+    .venv/bin/python bench/bench_live_dump.py --quick    # 64 MiB only
+    .venv/bin/python bench/bench_live_dump.py --dir DIR  # write the dumps elsewhere (default /dev/shm)
 
 A target is a Python child that maps N bytes of private anonymous memory and writes every
 page with non-zero data. For each size the target is stopped with SIGSTOP (and resumed with

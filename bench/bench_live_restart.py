@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Live restart speed: restart_image against the raw process_vm_writev limit.
 
-    python3 bench/bench_live_restart.py            # targets of 64 MiB, 256 MiB and 1 GiB
-    python3 bench/bench_live_restart.py --quick    # 64 MiB only
-    python3 bench/bench_live_restart.py --profile  # also cProfile one restart per size
-    python3 bench/bench_live_restart.py --dir DIR  # images elsewhere (default /dev/shm)
+    .venv/bin/python bench/bench_live_restart.py            # targets of 64 MiB, 256 MiB and 1 GiB
+    .venv/bin/python bench/bench_live_restart.py --quick    # 64 MiB only
+    .venv/bin/python bench/bench_live_restart.py --profile  # also cProfile one restart per size
+    .venv/bin/python bench/bench_live_restart.py --dir DIR  # images elsewhere (default /dev/shm)
 
 The target is a small C program (compiled here with gcc) that maps N bytes of private
 anonymous memory, writes every 8 bytes of it (a pattern of the offset: no zero page) and

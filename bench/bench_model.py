@@ -1,8 +1,8 @@
 """Checkpoint/restart cost in the model: task trees and page data.
 
-    python3 bench/bench_model.py            # trees of 100, 1,000, 10,000 tasks; 1 GiB of pages
-    python3 bench/bench_model.py --quick    # smaller sizes, a smoke run
-    python3 bench/bench_model.py --profile  # also cProfile the page encode and decode
+    .venv/bin/python bench/bench_model.py            # trees of 100, 1,000, 10,000 tasks; 1 GiB of pages
+    .venv/bin/python bench/bench_model.py --quick    # smaller sizes, a smoke run
+    .venv/bin/python bench/bench_model.py --profile  # also cProfile the page encode and decode
 
 Trees: a container init forks N-1 children (the fork loop runs as model program operations),
 then the container is frozen, checkpointed into a BytesIO and restarted into a fresh kernel.

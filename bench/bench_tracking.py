@@ -1,8 +1,8 @@
 """What a tracking session (backend/track.py: userfaultfd-wp + the eBPF tracker) costs the
 tracked process's own run time.
 
-    PYTHONPATH=. python3 bench/bench_tracking.py [--mib 1024] [--rounds 10] [--reps 2]
-    PYTHONPATH=. python3 bench/bench_tracking.py --quick          # 256 MiB, 2 rounds, 1 rep
+    PYTHONPATH=. .venv/bin/python bench/bench_tracking.py [--mib 1024] [--rounds 10] [--reps 2]
+    PYTHONPATH=. .venv/bin/python bench/bench_tracking.py --quick          # 256 MiB, 2 rounds, 1 rep
 
 The target (C, built here with gcc) maps and populates MIB MiB of private anonymous memory,
 then runs a fixed workload: ROUNDS rounds, each 100 slices of calibrated compute (about 10 ms
