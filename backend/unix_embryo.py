@@ -149,6 +149,9 @@ def _cflags_key() -> list:
 
 
 def _cflags_if_cached() -> list[str] | None:
+    """``cflags`` of this kernel if kept from an earlier run (backend/runcache.py; parsing
+    the BTF takes ~0.2 s and ~20 MiB, so the compile child does it), keyed by the kernel's
+    build and its BTF's size."""
     doc = runcache.load(CACHE_NAME)
     if isinstance(doc, dict) and doc.get("key") == _cflags_key() \
             and isinstance(doc.get("cflags"), list) \
@@ -159,16 +162,6 @@ def _cflags_if_cached() -> list[str] | None:
 
 def _save_cflags(flags: list[str]) -> None:
     runcache.save(CACHE_NAME, {"key": _cflags_key(), "cflags": flags})
-
-
-def cached_cflags() -> list[str]:
-    """``cflags`` of this kernel, kept between runs (backend/runcache.py; parsing the BTF
-    takes ~0.2 s and ~20 MiB), keyed by the kernel's build and its BTF's size."""
-    flags = _cflags_if_cached()
-    if flags is None:
-        flags = cflags(Btf.load())
-        _save_cflags(flags)
-    return flags
 
 
 def parse(out: bytes, embryos: dict[int, Embryo]) -> dict[int, int]:
