@@ -39,11 +39,13 @@ from backend.proc_fds import (  # noqa: F401 - re-exported
 from backend.proc_maps import (  # noqa: F401 - re-exported
     _MAPS_LINE, _SMAPS_KB, SPECIAL_MAPPINGS, Mapping, SmapsEntry, parse_maps, parse_maps_line,
     parse_smaps, parse_smaps_flags, read_maps, read_smaps, read_smaps_flags,
+    read_smaps_flags_ahead,
 )
 
 __all__ = [
     "ProcessGone", "Stat", "Status", "Mapping", "SmapsEntry", "FdKind", "FdInfo", "Limit",
-    "read_stat", "read_status", "read_maps", "read_smaps", "read_smaps_flags", "list_threads", "children",
+    "read_stat", "read_status", "read_maps", "read_smaps", "read_smaps_flags",
+    "read_smaps_flags_ahead", "list_threads", "children",
     "subtree", "read_fds", "read_limits", "read_exe", "read_cwd", "read_root", "read_comm",
     "sigset_to_signals", "process_exists",
 ]

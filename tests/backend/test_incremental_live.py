@@ -192,9 +192,12 @@ def test_incremental_gathering_takes_known_vm_flags_instead_of_reading_smaps(
     read_smaps_flags = snapshot.proc.read_smaps_flags
     monkeypatch.setattr(snapshot.proc, "read_smaps_flags",
                         lambda pid: smaps_reads.append(pid) or read_smaps_flags(pid))
+    read_ahead = snapshot.proc.read_smaps_flags_ahead
+    monkeypatch.setattr(snapshot.proc, "read_smaps_flags_ahead",
+                        lambda pid: smaps_reads.append(pid) or read_ahead(pid))
 
-    def recording_mm(self, pid, stat):
-        mm = gather_mm(self, pid, stat)
+    def recording_mm(self, pid, stat, ahead=None):
+        mm = gather_mm(self, pid, stat, ahead)
         gathered.append([(v.start, v.end, v.vm_flags) for v in mm.vmas])
         return mm
     monkeypatch.setattr(snapshot.Gatherer, "_mm", recording_mm)
