@@ -10,7 +10,7 @@
  * every function but ckv_clone hidden: no PLT, no lazy binding through ld.so.
  *
  * The op codes, argument tags and comparison codes are -D macros from the Python side (one
- * definition); the syscall numbers and open flags come in the context (from backend/kabi.py
+ * definition); the syscall numbers and open flags come in the context (from backend/kabi/
  * and Python's os), never written here. struct ckv_ctx must match CkvCtx in
  * interp_clonevm.py: all 64-bit words, in this order.
  *

@@ -11,7 +11,7 @@ the pid; the child runs from the op after the fork with a copy of the registers 
 output register 0) and never calls libc (inline syscalls only, its own formatting).
 
 The child runs: set, add, jnz, store, check, check_mem, ckpt_point, emit, exit, exit_group
-and the plain-number syscalls of ``SYSCALLS`` (numbers from backend/kabi.py). Its reports
+and the plain-number syscalls of ``SYSCALLS`` (numbers from backend/kabi/). Its reports
 are the lines Interp.report writes. Before cloning, ``plan`` follows every op the child can
 reach (jnz on a register whose value is known at the fork goes one way only) and refuses
 the fork, naming the op, when one of them is anything else.
