@@ -191,6 +191,10 @@ class LiveMM:
         self.file_ids: dict = {}              # LiveFile -> FileIdentity (backend/elf_ids.py)
         self.vdso_layout = None
         self.delta = None                     # backend/incremental.MmDelta: only changes saved
+        self._stream = None                   # present_chunks' pages of every VMA, in order
+        self._next = None                     # the stream's next item (vma, chunk) or None
+        self._stream_at: dict[int, int] = {}  # id(vma) -> its index in the stream's order
+        self._last_at = -1                    # the index of the last VMA present_chunks served
 
     @property
     def map_count(self) -> int:
@@ -211,9 +215,77 @@ class LiveMM:
         asked for."""
         if not self._has_private_pages(vma):
             return  # kernel-provided or shared: no private pages to save
-        addrs = self._process_memory().pages_to_dump(vma.entry)
-        # an all-zero anonymous page reads back as zeros: the model saves none either
-        yield from self._chunks(addrs, max_pages, drop_zero=vma.file is None)
+        if self._stream is None and not self._stream_at and self.delta is None:
+            self._start_stream(max_pages)
+        at = self._stream_at.get(id(vma), -1)
+        if self._stream is None or at <= self._last_at:
+            # not in the stream's order (asked twice, or out of order): read on its own
+            self._end_stream()
+            addrs = self._process_memory().pages_to_dump(vma.entry)
+            yield from self._chunks(addrs, max_pages, drop_zero=vma.file is None)
+            return
+        self._last_at = at             # (the stream's chunks of VMAs never asked for are dropped)
+        while self._next is not None and self._stream_at[id(self._next[0])] <= at:
+            got_vma, chunk = self._next
+            if got_vma is vma:
+                yield chunk
+            self._next = next(self._stream, None)   # (the chunk's buffer is reused from here)
+
+    def _start_stream(self, max_pages: int) -> None:
+        work = [v for v in self.vmas if self._has_private_pages(v)]
+        self._stream_at = {id(v): i for i, v in enumerate(work)}
+        self._stream = self._all_chunks(work, max_pages)
+        self._next = next(self._stream, None)
+
+    def _end_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.close()                # its reader thread ends, its buffers go back
+            self._stream, self._next = None, None
+
+    def _all_chunks(self, work: list, max_pages: int):
+        """(vma, (page addresses, contents, CRC)) for the pages worth saving of the VMAs of
+        ``work``, in order: present_chunks across VMAs. A helper thread reads one chunk ahead
+        of the consumer, across VMA boundaries, and scans each VMA's pages (PAGEMAP_SCAN)
+        when it comes to it: a small VMA costs the writer no read and no scan of its own,
+        and a big one's first chunk is read while the one before is written."""
+        memory = self._process_memory()
+        parts_of: dict[int, list] = {}
+
+        def job(i: int, j: int, buf):
+            vma = work[i]
+            if j == 0:
+                addrs = memory.pages_to_dump(vma.entry)
+                parts_of[i] = [addrs[k:k + max_pages] for k in range(0, len(addrs), max_pages)]
+            parts = parts_of[i]
+            # an all-zero anonymous page reads back as zeros: the model saves none either
+            return _fill(memory, parts[j], buf, vma.file is None) if parts else None
+
+        def after(i: int, j: int):
+            if j + 1 < len(parts_of[i]):
+                return i, j + 1
+            return (i + 1, 0) if i + 1 < len(work) else None
+
+        if not work:
+            return
+        bufs = _ChunkBuffers.take(max_pages * PAGE)
+        reader = None
+        try:
+            reader = _ReadAhead(f"ckptsim-read-{self.pid}")
+            pos, n = (0, 0), 0
+            got = job(0, 0, bufs[0])
+            while pos is not None:
+                nxt = after(*pos)
+                if nxt is not None:
+                    reader.submit(job, *nxt, bufs[(n + 1) % 2])
+                if got is not None and len(got[0]):
+                    yield work[pos[0]], got
+                if nxt is not None:
+                    got = reader.result()
+                pos, n = nxt, n + 1
+        finally:
+            if reader is not None:
+                reader.close()
+            _ChunkBuffers.give_back(bufs)
 
     # -- incremental images (backend/incremental.py sets ``delta``) --------------------------
     def private_ranges(self) -> list[tuple[int, int]]:
@@ -244,15 +316,7 @@ class LiveMM:
         parts = [addrs[i:i + max_pages] for i in range(0, len(addrs), max_pages)]
 
         def fill(part: array, buf: bytearray):
-            # the image's CRC of the pages is taken here, while they are in this core's
-            # cache and off the writer's thread (ImageWriter.write_pages(data_crc=))
-            size = len(part) * PAGE
-            memory.read_pages(part, out=memoryview(buf)[:size])
-            if drop_zero:
-                part, view = drop_zero_pages(part, buf, size)
-            else:
-                view = memoryview(buf)[:size]
-            return part, view, crc32(view)
+            return _fill(memory, part, buf, drop_zero)
 
         bufs = _ChunkBuffers.take(max_pages * PAGE)
         try:
@@ -281,9 +345,24 @@ class LiveMM:
             _ChunkBuffers.give_back(bufs)
 
     def close(self) -> None:
+        self._end_stream()
         if self._memory is not None:
             self._memory.close()
             self._memory = None
+
+
+def _fill(memory: ProcessMemory, part: array, buf, drop_zero: bool):
+    """``part``'s pages read into ``buf``: (their addresses, their contents, CRC-32), the
+    all-zero ones dropped with ``drop_zero``. The image's CRC of the pages is taken here,
+    while they are in this core's cache and off the writer's thread
+    (ImageWriter.write_pages(data_crc=))."""
+    size = len(part) * PAGE
+    memory.read_pages(part, out=memoryview(buf)[:size])
+    if drop_zero:
+        part, view = drop_zero_pages(part, buf, size)
+    else:
+        view = memoryview(buf)[:size]
+    return part, view, crc32(view)
 
 
 class _PageCount:
