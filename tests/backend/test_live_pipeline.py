@@ -266,6 +266,39 @@ def test_present_chunks_stopped_early_leaves_no_reader_thread(target):
                    if t.name not in before)
 
 
+def _private_vmas(pid: int) -> list[LiveVMA]:
+    return [LiveVMA(e, None) for e in proc.read_smaps(pid)
+            if e.mapping.path == "" and "s" not in e.mapping.perms]
+
+
+def _collect(chunks) -> list[tuple[tuple, bytes]]:
+    return [(tuple(part), bytes(view)) for part, view, _ in chunks]
+
+
+def test_one_stream_across_vmas_gives_what_each_vma_alone_gives(target):
+    """present_chunks in the VMAs' order comes from one stream read ahead across VMAs; asked
+    out of order or twice, a VMA is read on its own: the same pages either way."""
+    pid, start, n, zero = target
+    vmas = _private_vmas(pid)
+    assert len(vmas) >= 3 and any(v.start <= start < v.end for v in vmas)
+    ref_mm = LiveMM(pid, proc.read_stat(pid), vmas, None)
+    mm = LiveMM(pid, proc.read_stat(pid), vmas, None)
+    try:
+        memory = ref_mm._process_memory()
+        want = [_collect(ref_mm._chunks(memory.pages_to_dump(v.entry), 512, drop_zero=True))
+                for v in vmas]
+        assert sum(len(w) for w in want) > 3          # (the block alone is 5 chunks of 512)
+        got = [_collect(mm.present_chunks(v, 512)) for v in vmas[:-1]]
+        assert mm._stream is not None                 # in order: all from the stream
+        assert got == want[:-1]
+        assert _collect(mm.present_chunks(vmas[0], 512)) == want[0]    # again: on its own
+        assert mm._stream is None
+        assert _collect(mm.present_chunks(vmas[-1], 512)) == want[-1]
+    finally:
+        mm.close()
+        ref_mm.close()
+
+
 # --- features: one probe per process ----------------------------------------------------------
 
 def _feats(missing: str = "", names=None) -> list[Feature]:
