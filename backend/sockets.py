@@ -34,7 +34,8 @@ Choices (documented limits):
   it is saved in its listener's pending list with the listener's name. Data the client wrote
   into it cannot be peeked (no fd; accepting it, even inside the target, would change what
   the tree sees): it is read in the kernel by a BPF iterator (backend/unix_embryo.py, loaded
-  only when such data exists: bcc and ~0.5-1 s). Where that reader cannot run or copy the
+  only when such data exists; compiled once by bcc in a child process, its bytecode kept in
+  the run cache and loaded with bpf(2): no LLVM in the checkpointer). Where that reader cannot run or copy the
   queue (no bcc, page-fragment buffers, files in flight, MSG_OOB) the listener is refused
   saying why, as is one whose pending client already closed (it cannot be restored).
 - Name ownership: a listening, unconnected or datagram socket owns its name; a connected
