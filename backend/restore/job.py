@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ from backend.ptrace import PtraceError, set_sigmask
 from ckptsim.errors import CkptsimError
 from ckptsim.image import core
 from ckptsim.image.codec import ImageReader
+from .checksum import ImageChecksum
 from .files import FileFactory, restore_fdtable, restore_fs_context
 from .memory import PageSink, SharedSegments, free_spot, protect_written, restore_mm, stub_maps
 from .pagewriter import PageWriter
@@ -162,7 +162,7 @@ def load_job(data, log=None, *, background_checksum: bool, chain=None,
     watchdog = None
     if background_checksum and timeout is not None:
         watchdog = Watchdog(timeout, own_thread=False)
-    checksum = _Checksum(reader, watchdog) if background_checksum else None
+    checksum = ImageChecksum(reader, watchdog) if background_checksum else None
     if checksum is None:
         reader.verify_checksum()
     kernel, sink = Kernel(0), PageSink()
@@ -181,7 +181,7 @@ def load_job(data, log=None, *, background_checksum: bool, chain=None,
                                                  "pid namespace nested below the checkpoint's: "
                                                  "not restorable live (a live checkpoint "
                                                  "never writes one)")
-        job.checksum = checksum or _Checksum.done()
+        job.checksum = checksum or ImageChecksum.done()
         job.watchdog = watchdog
         try:
             check_creds([t.cred for t in tasks if t.state != "zombie"])
@@ -194,66 +194,6 @@ def load_job(data, log=None, *, background_checksum: bool, chain=None,
             watchdog.disarm()              # its thread ends
         raise
     return job
-
-
-GO_WAIT = 10.0             # the checksum starts by itself after this, without a watchdog
-
-
-class _Checksum:
-    """The image's CRC-32, computed on a helper thread; ``result()`` raises its ImageError.
-    Then the thread serves as ``watchdog``. (Run at a lower priority, it was no faster on an
-    idle machine and was starved on a busy one: the restart then waited ~20 ms for it.)"""
-
-    def __init__(self, reader: ImageReader, watchdog: Watchdog | None = None):
-        self._error: BaseException | None = None
-        self._done = threading.Event()
-        self._go = threading.Event()
-        self._cancelled = False
-        self._thread = threading.Thread(target=self._run, args=(reader, watchdog), daemon=True,
-                                        name="image-checksum")
-        self._thread.start()
-
-    def start(self) -> None:
-        """Compute it now. (It waits for this, or for result(): before, the tree is being
-        built, one injected syscall after the other, and a woken stub queued behind this
-        pass on a busy CPU for up to ~4 ms each time; while the pages are written, the
-        tracer mostly waits.)"""
-        if self._go is not None:
-            self._go.set()
-
-    def cancel(self) -> None:
-        """Not needed any more (the job ends): the thread goes on to its watchdog role."""
-        if self._go is not None:
-            self._cancelled = True
-            self._go.set()
-
-    def _run(self, reader: ImageReader, watchdog: Watchdog | None) -> None:
-        try:
-            self._go.wait(GO_WAIT if watchdog is None else
-                          max(0.0, watchdog._deadline - time.monotonic()))
-            if not self._cancelled:
-                reader.verify_checksum()
-        except BaseException as e:       # handed to the restoring thread
-            self._error = e
-        finally:
-            self._done.set()
-        if watchdog is not None:
-            watchdog.run()
-
-    @classmethod
-    def done(cls) -> "_Checksum":
-        """An already verified checksum."""
-        c = cls.__new__(cls)
-        c._error, c._done, c._go = None, None, None
-        return c
-
-    def result(self) -> None:
-        if self._done is None:
-            return
-        self._go.set()
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
 
 
 class _Job:
@@ -277,7 +217,7 @@ class _Job:
         self.mm_built: set[int] = set()        # id() of the image mms restored so far
         self.mm_groups_left: dict[int, int] = {}   # id(mm) -> its processes not finished
         self.early: EarlySeed | None = None    # a seed spawned before the decode, if any
-        self.checksum = _Checksum.done()       # (load_job sets the image's)
+        self.checksum = ImageChecksum.done()       # (load_job sets the image's)
 
     def _log(self, message: str) -> None:
         if self.log is not None:
