@@ -218,8 +218,9 @@ def _compile(cflags: list[str] | None) -> dict:
         maps = {}
         for name in MAPS:
             t = bpf[name.encode()]
+            leaf = getattr(t, "sLeaf", t.Leaf)     # a per-cpu table's Leaf is one per CPU
             maps[name] = {"fd": t.map_fd, "type": t.ttype, "key_size": ctypes.sizeof(t.Key),
-                          "value_size": ctypes.sizeof(t.Leaf), "max_entries": t.max_entries,
+                          "value_size": ctypes.sizeof(leaf), "max_entries": t.max_entries,
                           "flags": t.flags}
     except Exception as e:  # noqa: BLE001
         raise ProgError(f"reading the compiled program: {e}") from None
