@@ -194,6 +194,19 @@ def test_reader_copies_queues_and_leaves_them(listener):
         assert [s3.recv(20000) for _ in range(4)] == [b"rec-1", b"r2", b"", b"y" * 15000]
 
 
+def test_reader_splits_big_buffers_across_passes(listener):
+    """A pass copies at most 20 KiB per embryo (one object's output must fit the iterator's
+    32 KiB seq buffer): three 15000-byte records take three passes, in order."""
+    needs_reader()
+    seq = listener(socket.SOCK_SEQPACKET)
+    c = listener.client(seq)
+    recs = [bytes([65 + i]) * 15000 for i in range(3)] + [b"tail"]
+    for rec in recs:
+        c.send(rec)
+    got = unix_embryo.read_embryos([ino(seq)])[ino(c)]
+    assert got.refusal is None and got.buffers == recs
+
+
 def test_reader_refuses_what_it_cannot_copy(listener):
     needs_reader()
     lis = listener(socket.SOCK_STREAM)
