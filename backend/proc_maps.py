@@ -7,10 +7,10 @@ every name here is importable from backend.proc too).
 from __future__ import annotations
 
 import re
-import threading
 from dataclasses import dataclass, field
 
 from backend.proc_base import _DELETED, _read_text, _unescape_octal
+from ckptsim.threads import Background
 
 SPECIAL_MAPPINGS = frozenset({"[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]",
                               "[stack]", "[heap]", "[uprobes]"})
@@ -238,8 +238,7 @@ def read_smaps_flags_ahead(pid: int):
             box["text"] = _read_text(pid, "smaps")
         except BaseException as e:      # raised by the caller's result()
             box["error"] = e
-    thread = threading.Thread(target=run, daemon=True, name=f"ckptsim-smaps-{pid}")
-    thread.start()
+    thread = Background(run, name=f"ckptsim-smaps-{pid}")
 
     def result() -> list[SmapsEntry]:
         thread.join()

@@ -24,6 +24,7 @@ from ckptsim.kinds.memory import SPECIAL_MAPPINGS
 
 from . import proc
 from .memory import ProcessMemory, drop_zero_pages
+from ckptsim.threads import Background
 
 if TYPE_CHECKING:
     from .snapshot import LiveFile
@@ -71,7 +72,7 @@ class _ChunkBuffers:
 
     _lock = threading.Lock()
     _kept: list = []          # mmap buffers
-    _filling: threading.Thread | None = None
+    _filling: Background | None = None
 
     @staticmethod
     def _new(size: int) -> mmap.mmap:
@@ -86,9 +87,7 @@ class _ChunkBuffers:
         with cls._lock:
             if cls._kept or cls._filling is not None:
                 return
-            cls._filling = threading.Thread(target=cls._fill, args=(size,), daemon=True,
-                                            name="ckptsim-buffers")
-            cls._filling.start()
+            cls._filling = Background(cls._fill, size, name="ckptsim-buffers")
 
     @classmethod
     def _fill(cls, size: int) -> None:
@@ -126,8 +125,7 @@ class _ReadAhead:
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.results: queue.SimpleQueue = queue.SimpleQueue()
         self.pending = None
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
+        self.thread = Background(self._run, name=name)
 
     def _run(self) -> None:
         while True:

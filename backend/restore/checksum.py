@@ -6,6 +6,7 @@ import threading
 import time
 
 from ckptsim.image.codec import ImageReader
+from ckptsim.threads import Background
 from .stub import Watchdog
 
 GO_WAIT = 10.0             # the checksum starts by itself after this, without a watchdog
@@ -21,9 +22,7 @@ class ImageChecksum:
         self._done = threading.Event()
         self._go = threading.Event()
         self._cancelled = False
-        self._thread = threading.Thread(target=self._run, args=(reader, watchdog), daemon=True,
-                                        name="image-checksum")
-        self._thread.start()
+        self._thread = Background(self._run, reader, watchdog, name="image-checksum")
 
     def start(self) -> None:
         """Compute it now. (It waits for this, or for result(): before, the tree is being

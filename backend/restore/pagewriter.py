@@ -31,6 +31,7 @@ import time
 from array import array
 
 from backend import kabi
+from ckptsim.threads import Background
 from backend.memory_pages import _runs_of as runs_of   # one run finder for both sides
 from .stub import StubError
 
@@ -302,7 +303,7 @@ class PageWriter:
 
     def __init__(self):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._thread: Background | None = None
         self._pending = 0
         self._done = threading.Condition()
         self._error: BaseException | None = None
@@ -320,8 +321,7 @@ class PageWriter:
         if not chunks:
             return work
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, daemon=True, name="page-writer")
-            self._thread.start()
+            self._thread = Background(self._run, name="page-writer")
         with self._done:
             self._pending += 1
         self._works.append(work)

@@ -19,6 +19,7 @@ from typing import Iterator
 
 from ..errors import ImageError
 from . import core
+from ..threads import Background
 from .schema import LAYOUTS, Field, ItemArray, Layout, Record
 from .types import MAGIC_HEAD, MAGIC_TAIL, PAGE_SIZE, ObjType
 
@@ -111,7 +112,7 @@ class _Checksummer:
         self.busy = threading.Lock()
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.results: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="ckptsim-crc32", daemon=True).start()
+        Background(self._run, name="ckptsim-crc32")
 
     def _run(self) -> None:
         jobs, results = self.jobs, self.results

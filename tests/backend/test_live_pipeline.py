@@ -251,19 +251,20 @@ def test_present_chunks_reads_ahead_in_order_and_drops_zero_pages(target, max_pa
 
 
 def test_present_chunks_stopped_early_leaves_no_reader_thread(target):
+    from ckptsim.threads import Background
     pid, start, n, zero = target
     vma = _block_vma(pid, start)
     mm = LiveMM(pid, proc.read_stat(pid), [vma], None)
-    before = {t.name for t in threading.enumerate()}
+    before = set(Background.running())
     try:
         chunks = mm.present_chunks(vma, 512)
         next(chunks)
-        assert any(t.name.startswith(f"ckptsim-read-{pid}") for t in threading.enumerate())
+        assert f"ckptsim-read-{pid}" in Background.running()
         chunks.close()
     finally:
         mm.close()
-    assert not any(t.name.startswith("ckptsim-read-") for t in threading.enumerate()
-                   if t.name not in before)
+    assert not [name for name in Background.running()
+                if name.startswith("ckptsim-read-") and name not in before]
 
 
 def _private_vmas(pid: int) -> list[LiveVMA]:
