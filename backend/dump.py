@@ -226,6 +226,7 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
             for p in _tree_order(pid, me):  # re-read: the tree is stopped now
                 if p not in seized.threads:
                     seized.add(p)
+            _let_exiting_go(seized)
             refuse_seccomp(seized.threads)   # before tracking.seized injects anything
             refuse_shared_tables(_tree_order(pid, me))
             gatherer.mm_owner = address_space_owners(_tree_order(pid, me))
@@ -284,6 +285,32 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
         gatherer.close()            # the fds that peeks at files in flight brought here
     log.debug(ctx.writer.offset, f"checkpoint {crid}: {sum(len(p.threads) for p in processes)} tasks")
     return crid
+
+
+def _let_exiting_go(seized, timeout: float = 2.0) -> None:
+    """Threads seized in their exit stop (exiting as the tree was stopped) can be neither
+    injected into nor saved as running: each goes on to its end. A process left with no
+    live thread is then a zombie (its parent is stopped: nobody reaps it), saved as one, or
+    gone (its parent ignores SIGCHLD), and left out like any process gone before the stop."""
+    for pid in list(seized.threads):
+        exiting = [t for t in seized.threads[pid] if seized.stops[t].kind == "exit"]
+        for tid in exiting:
+            seized.let_go(tid)
+        deadline = time.monotonic() + timeout
+        for tid in exiting:
+            while _thread_running(pid, tid):
+                if time.monotonic() > deadline:
+                    raise Unsupported(f"task {tid} of process {pid} was exiting when the tree "
+                                      f"was stopped and did not end within {timeout} s")
+                time.sleep(0.001)
+
+
+def _thread_running(pid: int, tid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def _own_fds(sink, log) -> list[int]:

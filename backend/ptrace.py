@@ -422,6 +422,16 @@ class Seized:
         self.zombies[pid] = sorted(zombies)
         return self.threads[pid]
 
+    def let_go(self, tid: int) -> None:
+        """Detach ``tid`` now (from its exit stop, it goes on exiting) and forget it."""
+        release(tid, self.timeout)
+        if tid in self._traced:
+            self._traced.remove(tid)
+        self.stops.pop(tid, None)
+        for tids in self.threads.values():
+            if tid in tids:
+                tids.remove(tid)
+
     def release_all(self) -> None:
         """Detach every thread this object seized, whatever happened. Ctrl-C during it is
         deferred (and re-raised) until every thread is released."""

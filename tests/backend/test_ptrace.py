@@ -364,3 +364,29 @@ def test_a_signal_met_while_stopping_is_delivered_not_lost(ptt, start_target, ch
     check_untraced(t.pid)
     ticks(t, 2)                              # the handler returned, the nanosleep restarted
     check_untraced(t.pid)
+
+
+def test_a_thread_seized_while_exiting_is_let_go_and_its_process_saved_as_a_zombie():
+    """dump._let_exiting_go: a process whose only thread is in its exit stop (it was exiting
+    as the tree was stopped) is let go on exiting; it is then a zombie of its stopped parent
+    (here: us), with no thread left to gather, and no longer traced."""
+    import subprocess
+    import sys
+    from backend.dump import _let_exiting_go
+    p = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                         stdin=subprocess.PIPE)
+    try:
+        with ptrace.seized(p.pid) as s:
+            ptrace._ptrace(kabi.PTRACE_CONT, p.pid, 0, 0)   # runs on, traced
+            p.stdin.close()                                 # ... and exits: its exit stop
+            s.stops[p.pid] = ptrace.wait_stop(p.pid, 10.0)
+            assert s.stops[p.pid].kind == "exit"
+            _let_exiting_go(s)
+            assert s.threads[p.pid] == [] and p.pid not in s.stops
+            with open(f"/proc/{p.pid}/stat") as f:
+                assert f.read().rpartition(")")[2].split()[0] == "Z"
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=10)
+    assert p.returncode == 0
