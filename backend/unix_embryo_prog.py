@@ -321,6 +321,8 @@ class Loaded:
             while chunk := os.read(fd, 1 << 16):
                 chunks.append(chunk)
             return b"".join(chunks)
+        except OSError as e:        # (the program's seq writes overflowed a page: E2BIG...)
+            raise ProgError(f"reading the unix iterator: {e.strerror}") from None
         finally:
             os.close(fd)
 

@@ -205,3 +205,25 @@ def test_a_refused_program_says_what_the_verifier_said():
     with pytest.raises(ProgError, match=r"refused the unix iterator .*verifier: .*R0"):
         prog.Loaded(p)
     assert fd_count() == fds                               # the maps it made are closed
+
+
+def test_a_failed_read_of_the_iterator_is_a_prog_error_and_closes_it(monkeypatch):
+    import errno
+    import types
+    from backend import unix_embryo_prog as prog
+    opened = []
+
+    def fake_bpf(cmd, attr, what):
+        fd = os.open("/dev/null", os.O_RDONLY)
+        opened.append(fd)
+        return fd
+
+    def failing_read(fd, n):
+        raise OSError(errno.E2BIG, os.strerror(errno.E2BIG))
+    monkeypatch.setattr(prog, "_bpf", fake_bpf)
+    monkeypatch.setattr(prog.os, "read", failing_read)
+    with pytest.raises(prog.ProgError, match="reading the unix iterator"):
+        prog.Loaded.iterate(types.SimpleNamespace(link_fd=-1))
+    monkeypatch.undo()
+    with pytest.raises(OSError):
+        os.fstat(opened[0])                        # closed
