@@ -7,6 +7,7 @@ every name here is importable from backend.proc too).
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass, field
 
 from backend.proc_base import _DELETED, _read_text, _unescape_octal
@@ -230,18 +231,26 @@ def read_smaps_flags_ahead(pid: int):
     """read_smaps_flags(pid) begun now on a helper thread (the kernel's page-table walk that
     makes smaps takes ~1.5 ms at 64 MiB, ~15 ms at 1 GiB, with the GIL released) while the
     caller reads the rest; returns a function that gives its result (or raises its error).
-    The caller must not change the mm meanwhile."""
+    If the helper has not begun by then (its CPU still waking up), the caller reads it
+    itself. The caller must not change the mm meanwhile."""
     box: dict = {}
+    claim, done = threading.Lock(), threading.Event()
 
     def run() -> None:
+        if not claim.acquire(blocking=False):
+            return                      # taken back by the caller
         try:
             box["text"] = _read_text(pid, "smaps")
         except BaseException as e:      # raised by the caller's result()
             box["error"] = e
-    thread = Background(run, name=f"ckptsim-smaps-{pid}")
+        finally:
+            done.set()
+    Background(run, name=f"ckptsim-smaps-{pid}")
 
     def result() -> list[SmapsEntry]:
-        thread.join()
+        if claim.acquire(blocking=False):
+            return read_smaps_flags(pid)
+        done.wait()
         if "error" in box:
             raise box["error"]
         return parse_smaps_flags(box["text"])

@@ -171,6 +171,9 @@ def prefetch_chunk_buffers(max_pages: int = 1024) -> None:
     _ChunkBuffers.prefetch(max_pages * PAGE)
 
 
+AHEAD_MIN_BYTES = 1 << 20     # a VMA this big is scanned and read ahead on the helper thread
+
+
 class LiveMM:
     """The address space (MM's attributes); pages are read in chunks as the image is written."""
 
@@ -273,12 +276,16 @@ class LiveMM:
             got = job(0, 0, bufs[0])
             while pos is not None:
                 nxt = after(*pos)
-                if nxt is not None:
+                # a small VMA is scanned and read here, when it comes: handing it to the
+                # helper and waiting for it cost more than that (a wake-up of its CPU)
+                ahead = nxt is not None and (nxt[1] or work[nxt[0]].end - work[nxt[0]].start
+                                             >= AHEAD_MIN_BYTES)
+                if ahead:
                     reader.submit(job, *nxt, bufs[(n + 1) % 2])
                 if got is not None and len(got[0]):
                     yield work[pos[0]], got
                 if nxt is not None:
-                    got = reader.result()
+                    got = reader.result() if ahead else job(*nxt, bufs[(n + 1) % 2])
                 pos, n = nxt, n + 1
         finally:
             if reader is not None:
