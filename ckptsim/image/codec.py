@@ -225,7 +225,10 @@ class ImageWriter:
         size = 8 + sum(len(p) for p in parts)
         if size > 0xFFFFFFFF:
             raise ValueError(f"record {type_id} of {size} bytes is too large")
-        self._emit(_HDR.pack(type_id, size), *parts, _PAD[:_pad_len(size)])
+        if size < _PARALLEL_CRC_MIN:       # one write and one CRC call for a small record
+            self._emit(b"".join((_HDR.pack(type_id, size), *parts, _PAD[:_pad_len(size)])))
+        else:
+            self._emit(_HDR.pack(type_id, size), *parts, _PAD[:_pad_len(size)])
         self.nr_records += 1
 
     def write_pages(self, addrs: array, data, data_crc: int | None = None) -> None:
