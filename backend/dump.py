@@ -226,7 +226,7 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
             for p in _tree_order(pid, me):  # re-read: the tree is stopped now
                 if p not in seized.threads:
                     seized.add(p)
-            _let_exiting_go(seized)
+            _let_exiting_go(seized, pid)
             refuse_seccomp(seized.threads)   # before tracking.seized injects anything
             refuse_shared_tables(_tree_order(pid, me))
             gatherer.mm_owner = address_space_owners(_tree_order(pid, me))
@@ -287,13 +287,21 @@ def checkpoint(pid: int, sink, flags: int = core.CHECKPOINT_SUBTREE, log: Log | 
     return crid
 
 
-def _let_exiting_go(seized, timeout: float = 2.0) -> None:
+def _let_exiting_go(seized, root: int, timeout: float = 2.0) -> None:
     """Threads seized in their exit stop (exiting as the tree was stopped) can be neither
     injected into nor saved as running: each goes on to its end. A process left with no
     live thread is then a zombie (its parent is stopped: nobody reaps it), saved as one, or
-    gone (its parent ignores SIGCHLD), and left out like any process gone before the stop."""
+    gone (its parent ignores SIGCHLD), and left out like any process gone before the stop.
+    Refused: the root exiting (nothing would be left to restart), and an exiting process
+    with children (they would be handed to a reaper outside the tree, and left out)."""
     for pid in list(seized.threads):
         exiting = [t for t in seized.threads[pid] if seized.stops[t].kind == "exit"]
+        if exiting and len(exiting) == len(seized.threads[pid]):
+            if pid == root:
+                raise Unsupported(f"the root {pid} was exiting when the tree was stopped")
+            if proc.children(pid):
+                raise Unsupported(f"process {pid} was exiting when the tree was stopped, and "
+                                  "its children would leave the tree")
         for tid in exiting:
             seized.let_go(tid)
         deadline = time.monotonic() + timeout

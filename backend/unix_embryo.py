@@ -212,32 +212,37 @@ def parse(out: bytes, embryos: dict[int, Embryo]) -> dict[int, int]:
     return more
 
 
-def _compiled(flags: list[str] | None) -> prog.Program:
+def _compiled(flags: list[str] | None) -> tuple[prog.Program, dict]:
     """A fresh compile, in a child process (``flags`` None: the child works them out from the
-    BTF, which the checkpointer then need not parse), kept for later runs."""
+    BTF, which the checkpointer then need not parse): the program and its document."""
     try:
         doc = prog.compile_in_child(flags)
-        program = prog.Program.from_doc(doc)
+        return prog.Program.from_doc(doc), doc
     except prog.ProgError as e:
         raise EmbryoUnavailable(str(e)) from None
-    if flags is None:
-        _save_cflags(doc["cflags"])
-    prog.save(doc)
-    return program
 
 
 def _load() -> prog.Loaded:
-    """The program loaded: from the cache, else compiled now; a cached program the kernel
-    refuses is compiled again once (the cache is not trusted further than that)."""
+    """The program loaded: from the cache, else compiled now and kept for later runs once the
+    kernel took it; a cached program the kernel refuses is compiled again once (the cache is
+    not trusted further than that)."""
     flags = _cflags_if_cached()
     cached = None if flags is None else prog.load_cached(flags, prog.source_sha(PROGRAM))[0]
-    for program in ([cached] if cached else []) + [None]:
+    if cached is not None:
         try:
-            return prog.Loaded(program or _compiled(flags))
-        except prog.ProgError as e:
-            why = e
-    raise EmbryoUnavailable(f"{PROGRAM} did not load (iter/unix needs Linux >= 5.17): "
-                            f"{why}") from None
+            return prog.Loaded(cached)
+        except prog.ProgError:
+            pass                           # compiled again below
+    program, doc = _compiled(flags)
+    try:
+        loaded = prog.Loaded(program)
+    except prog.ProgError as e:
+        raise EmbryoUnavailable(f"{PROGRAM} did not load (iter/unix needs Linux >= 5.17): "
+                                f"{e}") from None
+    if flags is None:
+        _save_cflags(doc["cflags"])
+    prog.save(doc)
+    return loaded
 
 
 def read_embryos(listener_inos) -> dict[int, Embryo]:

@@ -14,7 +14,8 @@ GO_WAIT = 10.0             # the checksum starts by itself after this, without a
 
 class ImageChecksum:
     """The image's CRC-32, computed on a helper thread; ``result()`` raises its ImageError.
-    Then the thread serves as ``watchdog``. (Run at a lower priority, it was no faster on an
+    Then the thread serves as ``watchdog`` (so a hang before the pages are written is ended
+    at the watchdog's deadline plus the checksum's own time). (Run at a lower priority, it was no faster on an
     idle machine and was starved on a busy one: the restart then waited ~20 ms for it.)"""
 
     def __init__(self, reader: ImageReader, watchdog: Watchdog | None = None):

@@ -100,6 +100,7 @@ def restart_image(data, *, pidns: bool = True, frozen: bool = False, log=None,
     except BaseException:
         if early is not None:
             early.kill()
+            early.transport.close()
         raise
     job.early = early
     job.timings["decode"] = time.perf_counter() - t0
@@ -126,10 +127,13 @@ def _early_seed(data, pidns: bool) -> EarlySeed | None:
     if hint is None:
         return None
     exe, root = hint
-    transport = Transport(EARLY_TRANSPORT_FD)
+    try:
+        transport = Transport(EARLY_TRANSPORT_FD)
+    except OSError:                    # (a soft RLIMIT_NOFILE at or below that number)
+        return None
     try:
         early = EarlySeed(exe, 1 if pidns else root, pidns)
-    except StubError:
+    except (StubError, OSError, ValueError):
         transport.close()
         return None
     transport.seed_spawned()           # (the child has its own copy of the fd table)
@@ -511,6 +515,7 @@ class _Job:
             except ProcessLookupError:
                 pass
         self.writer.close()              # a write under way fails at once: its target is gone
+        Stub.close_mems(set(self.created))
         for pid in reversed(self.created):
             try:
                 os.waitpid(pid, kabi.WALL)

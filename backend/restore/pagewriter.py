@@ -13,11 +13,12 @@ boundaries), at most ``CALL_BYTES`` per call so that an abort does not wait for 
 Runs of at least ``UFFD_MIN_RUN`` bytes in private anonymous VMAs go by UFFDIO_COPY instead,
 when the caller hands over a userfaultfd of the process's mm: the kernel then allocates each
 page and copies into it, where process_vm_writev first faults in a zeroed page and copies
-over it (64 MiB here: ~17 ms against ~28). The short runs are written first, by
-process_vm_writev, since a missing page of a registered range would fail that (the
-userfaultfd is made with UFFD_USER_MODE_ONLY: a kernel-mode fault there fails at once instead
-of waiting for a handler); the ranges are registered in MISSING mode only then. Closing the
-writer's fd (the process's own copy is closed by the caller) unregisters them.
+over it (64 MiB here: ~17-19 ms against ~27-28). Their VMAs are registered in MISSING mode,
+filled, and unregistered again before process_vm_writev writes the short runs: a missing
+page of a registered range would fail that (the userfaultfd is made with
+UFFD_USER_MODE_ONLY: a kernel-mode fault there fails at once instead of waiting for a
+handler), and a short run written first could fault in a whole huge page (THP) that a long
+run then finds there (EEXIST: the rest of such a run goes by process_vm_writev too).
 """
 from __future__ import annotations
 
@@ -191,9 +192,13 @@ def _register(uffd: int, ranges: list[tuple[int, int]]) -> bool:
         return False
 
 
-def _copy(pid: int, uffd: int, copies: list[tuple[int, int, int]]) -> None:
+def _copy(pid: int, uffd: int, copies: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """UFFDIO_COPY each (destination, source, bytes); returns what is left for
+    process_vm_writev: the rest of a run that met a page already there (EEXIST: a huge page
+    that a neighbouring write faulted in whole, say)."""
     arg = kabi.uffdio_copy(mode=kabi.UFFDIO_COPY_MODE_DONTWAKE)     # nothing waits on it
     ref = ctypes.byref(arg)
+    left = []
     for dst, src, size in copies:
         # UFFDIO_COPY reads its source with page faults off: a source page that is not
         # mapped in yet (the image's mmap) costs a retry of its own, ~8 us each (a 64 MiB
@@ -208,9 +213,19 @@ def _copy(pid: int, uffd: int, copies: list[tuple[int, int, int]]) -> None:
             err = ctypes.get_errno()
             if arg.copy > 0:
                 done += arg.copy
+            if err == errno.EEXIST:
+                left.append((dst + done, src + done, size - done))
+                break
             if err != errno.EAGAIN:    # EAGAIN: the mm changed under it (retried)
                 raise StubError(err, f"pid {pid}: UFFDIO_COPY of {(size - done) // PAGE} "
                                      f"pages at {dst + done:#x} failed ({os.strerror(err)})")
+    return left
+
+
+def _unregister(uffd: int, ranges: list[tuple[int, int]]) -> None:
+    import fcntl
+    for start, end in ranges:
+        fcntl.ioctl(uffd, kabi.UFFDIO_UNREGISTER, kabi.uffdio_range(start, end - start))
 
 
 def write_chunks(pid: int, chunks: list[tuple[array, memoryview]], mapped=None,
@@ -237,20 +252,22 @@ def write_chunks(pid: int, chunks: list[tuple[array, memoryview]], mapped=None,
         uffd = mapped() if mapped is not None else -1
         if uffd is None:
             return 0, 0
+        by_uffd = 0
+        if copies:
+            starts = [a for a, _ in anon]
+            used = sorted({anon[bisect.bisect_right(starts, dst) - 1] for dst, _, _ in copies})
+            if uffd >= 0 and _register(uffd, used):
+                try:
+                    left = _copy(pid, uffd, copies)
+                finally:
+                    _unregister(uffd, used)    # before any process_vm_writev of these VMAs
+                by_uffd = sum(n for _, _, n in copies) - sum(n for _, _, n in left)
+                copies = left
+            if copies:                          # no userfaultfd, or pages already there
+                calls += _plan_runs([(src, [(dst, dst + n)]) for dst, src, n in copies])
         for call in calls:
             _write(pid, call)
-        by_pvm = sum(call.size for call in calls)
-        if not copies:
-            return by_pvm, 0
-        starts = [a for a, _ in anon]
-        used = sorted({anon[bisect.bisect_right(starts, dst) - 1] for dst, _, _ in copies})
-        if uffd >= 0 and _register(uffd, used):
-            _copy(pid, uffd, copies)
-            return by_pvm, sum(n for _, _, n in copies)
-        late = _plan_runs([(src, [(dst, dst + n)]) for dst, src, n in copies])
-        for call in late:
-            _write(pid, call)
-        return by_pvm + sum(call.size for call in late), 0
+        return sum(call.size for call in calls), by_uffd
     finally:
         if uffd is not None and uffd >= 0:
             os.close(uffd)                 # (the process's copy is closed: unregistered)

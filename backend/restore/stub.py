@@ -119,6 +119,12 @@ class Stub:
             self._mem_fd = None
             Stub._with_mem.remove(self)
 
+    @classmethod
+    def close_mems(cls, tids) -> None:
+        """Close the mem fds of the stubs of ``tids`` (a failed restart: never detached)."""
+        for stub in [s for s in cls._with_mem if s.tid in tids]:
+            stub.close_mem()
+
     def __del__(self):
         self.close_mem()
 

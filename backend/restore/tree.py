@@ -67,8 +67,9 @@ def _clone_args(flags: int, exit_signal: int, pid: int) -> tuple[kabi.clone_args
 
 
 # The seed's spawner, in x86-64 machine code run in the restorer (through ctypes): like
-# posix_spawn, a clone3 with CLONE_VM | CLONE_VFORK (no copy of the restorer's address space,
-# which a fork helper and its clone took ~3-5 ms to make, and no Python in the child), whose
+# posix_spawn, a clone3 with CLONE_VM (no copy of the restorer's address space, which a fork
+# helper and its clone took ~3-5 ms to make, and no Python in the child), and CLONE_VFORK
+# unless it is an EarlySeed (whose caller runs on meanwhile), whose
 # child, with every signal blocked, resets each signal's action to SIG_DFL (an ignored one
 # would survive the exec into every restored task), calls PTRACE_TRACEME, sets the signal
 # mask to exec with, and execs. Assembled from (GNU as, Intel syntax):
@@ -85,8 +86,11 @@ def _clone_args(flags: int, exit_signal: int, pid: int) -> tuple[kabi.clone_args
 #       mov eax, 14 ; mov edi, 2 ; lea rsi, [r9 + 56] ; xor edx, edx ; mov r10d, 8 ; syscall
 #       mov eax, 59 ; mov rdi, [r9 + 32] ; mov rsi, [r9 + 40] ; mov rdx, [r9 + 48] ; syscall
 #       mov eax, 231 ; mov edi, 127 ; syscall            # the exec failed
-# The child touches no stack (none is given: it shares the suspended caller's) and no memory
-# but _SpawnData, which lives until the caller returns, after the exec.
+# The child touches no stack (none is given: it shares the caller's, which, without
+# CLONE_VFORK, goes on using it: so the child must never push, call or take a signal frame:
+# every signal is blocked until the exec's mask is set, and each action is SIG_DFL by then)
+# and no memory but _SpawnData, which lives until the exec was seen (the caller returns
+# after it, or an EarlySeed keeps it).
 SPAWN_CODE = bytes.fromhex(
     "4989d1b8b30100000f054885c07401c3bb0100000083fb09741983fb137414b80d00000089df4c89ce31d2"
     "41ba080000000f05ffc383fb4076dbb86500000031ff31f631d24531d20f05b80e000000bf020000004"
@@ -163,12 +167,17 @@ def seed_hint(data) -> tuple[str, int] | None:
     is defined before the record that names it). None where the image does not say (a
     zombie root, no executable, a damaged image: the decode reports those)."""
     from ckptsim.errors import ImageError
+    from ckptsim.image import core
     from ckptsim.image.codec import ImageReader
     from ckptsim.image.types import ObjType
     from ckptsim.kinds import load_all
     load_all()                     # (the kinds' record layouts)
     try:
         reader = ImageReader(data, checksum=False)
+        header = reader.next()
+        if header.name != "HEADER" or not header["image_flags"] & core.IMAGE_LIVE \
+                or header["arch"] != core.ARCH_X86_64:
+            return None                # refused by the decode, never exec'd
         names: dict[int, str] = {}
         last_file = root = 0
         while not reader.at_end():
@@ -193,6 +202,8 @@ def seed_hint(data) -> tuple[str, int] | None:
 
 def _spawn(exe: str, pid: int, new_pidns: bool, vfork: bool) -> tuple[int, tuple]:
     """The seed's spawn: (its pid, the data it reads until its exec)."""
+    if "\0" in exe or not exe.startswith("/"):
+        raise StubError(errno.EINVAL, f"the executable path {exe!r} is not an absolute path")
     if not os.access(exe, os.X_OK):
         raise StubError(errno.ENOENT, f"the executable {exe} is missing or not executable")
     path = ctypes.create_string_buffer(os.fsencode(exe))

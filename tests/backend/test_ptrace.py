@@ -366,13 +366,15 @@ def test_a_signal_met_while_stopping_is_delivered_not_lost(ptt, start_target, ch
     check_untraced(t.pid)
 
 
-def test_a_thread_seized_while_exiting_is_let_go_and_its_process_saved_as_a_zombie():
+@pytest.mark.parametrize("as_root", [False, True], ids=["child", "root"])
+def test_a_thread_seized_while_exiting_is_let_go_and_its_process_saved_as_a_zombie(as_root):
     """dump._let_exiting_go: a process whose only thread is in its exit stop (it was exiting
     as the tree was stopped) is let go on exiting; it is then a zombie of its stopped parent
     (here: us), with no thread left to gather, and no longer traced."""
     import subprocess
     import sys
     from backend.dump import _let_exiting_go
+    from backend.snapshot import Unsupported
     p = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
                          stdin=subprocess.PIPE)
     try:
@@ -381,7 +383,11 @@ def test_a_thread_seized_while_exiting_is_let_go_and_its_process_saved_as_a_zomb
             p.stdin.close()                                 # ... and exits: its exit stop
             s.stops[p.pid] = ptrace.wait_stop(p.pid, 10.0)
             assert s.stops[p.pid].kind == "exit"
-            _let_exiting_go(s)
+            if as_root:                                     # nothing would be left to save
+                with pytest.raises(Unsupported, match=f"the root {p.pid} was exiting"):
+                    _let_exiting_go(s, p.pid)
+                return
+            _let_exiting_go(s, os.getpid())
             assert s.threads[p.pid] == [] and p.pid not in s.stops
             with open(f"/proc/{p.pid}/stat") as f:
                 assert f.read().rpartition(")")[2].split()[0] == "Z"
@@ -390,3 +396,30 @@ def test_a_thread_seized_while_exiting_is_let_go_and_its_process_saved_as_a_zomb
             p.kill()
         p.wait(timeout=10)
     assert p.returncode == 0
+
+
+def test_an_exiting_process_with_children_is_refused():
+    """Letting it end would hand its children to a reaper outside the tree."""
+    import subprocess
+    import sys
+    from backend.dump import _let_exiting_go
+    from backend.snapshot import Unsupported
+    code = ("import subprocess, sys; c = subprocess.Popen(['sleep', '60']); "
+            "print(c.pid, flush=True); sys.stdin.read()")
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE)
+    grandchild = int(p.stdout.readline())
+    try:
+        with ptrace.seized(p.pid) as s:
+            ptrace._ptrace(kabi.PTRACE_CONT, p.pid, 0, 0)
+            p.stdin.close()
+            s.stops[p.pid] = ptrace.wait_stop(p.pid, 10.0)
+            assert s.stops[p.pid].kind == "exit"
+            with pytest.raises(Unsupported, match="its children would leave the tree"):
+                _let_exiting_go(s, os.getpid())
+    finally:
+        os.kill(grandchild, signal.SIGKILL)
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=10)
+        p.stdout.close()

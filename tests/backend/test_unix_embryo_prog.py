@@ -197,6 +197,19 @@ def test_a_cached_program_the_kernel_refuses_is_compiled_again(monkeypatch, tmp_
     assert json.loads(path.read_text())["program"]["insns"] != insn(EXIT).hex()
 
 
+def test_a_fresh_compile_the_kernel_refuses_is_not_kept(monkeypatch, tmp_path, pending):
+    needs_reader()
+    monkeypatch.setenv("CKPTSIM_CACHE_DIR", str(tmp_path))
+    lis, _ = pending
+
+    def refuse(program):
+        raise ProgError("injected: the kernel refused it")
+    monkeypatch.setattr(prog, "Loaded", refuse)
+    with pytest.raises(unix_embryo.EmbryoUnavailable, match="injected"):
+        unix_embryo.read_embryos([lis])
+    assert not (tmp_path / prog.CACHE_NAME).exists()      # the next run compiles afresh
+
+
 def test_a_refused_program_says_what_the_verifier_said():
     needs_reader()
     btf_id = Btf.load().type_id(prog.ATTACH_FUNC, kabi.BTF_KIND_FUNC)

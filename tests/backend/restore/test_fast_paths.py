@@ -187,6 +187,43 @@ def _readlink(path: str) -> str:
         return ""
 
 
+@pytest.mark.parametrize("case", ["huge-page-block", "page-already-there"])
+def test_long_runs_never_meet_pages_a_short_run_faulted_in(seed_stub, case):
+    """Where a write faults in a whole huge page (THP), a long run in the same 2 MiB block
+    would find its pages there (UFFDIO_COPY: EEXIST): the long runs are copied first, the
+    short ones written after. A run that meets a page already there anyway is written by
+    process_vm_writev from that page on."""
+    from backend.restore.memory import _take_userfaultfd
+    huge = 2 << 20
+    area = _map_in(seed_stub, 2 * huge)
+    base = (area + huge - 1) & ~(huge - 1)
+    advice = kabi.MADV_HUGEPAGE if case == "huge-page-block" else kabi.MADV_NOHUGEPAGE
+    seed_stub.syscall(kabi.SYS_madvise, base, huge, advice, what="madvise")
+    long_pages = 2 * UFFD_MIN_RUN // PAGE
+    pages = [0] + list(range(16, 16 + long_pages)) + [300]
+    addrs = array("Q", [base + k * PAGE for k in pages])
+    data = memoryview(b"".join(bytes([k % 250 + 1]) * PAGE for k in pages))
+    if case == "page-already-there":
+        with open(f"/proc/{seed_stub.pid}/mem", "r+b", buffering=0) as mem:
+            mem.seek(base + 20 * PAGE)
+            mem.write(b"\xee" * PAGE)
+    writer = PageWriter()
+    try:
+        work = writer.submit(seed_stub.pid, [(addrs, data)], [(area, area + 2 * huge)])
+        uffd, stub_fd = _take_userfaultfd(seed_stub)
+        work.mapped(uffd)
+        writer.wait()
+        seed_stub.syscall(kabi.SYS_close, stub_fd, what="close")
+    finally:
+        writer.close()
+    got = _read_from(seed_stub.pid, base, huge)
+    assert [got[k * PAGE] for k in pages] == [k % 250 + 1 for k in pages]
+    assert sum(writer.written.values()) == len(pages) * PAGE
+    # the long run: whole by UFFDIO_COPY, or pages 16-19 up to the one already there
+    assert writer.written["UFFDIO_COPY"] == \
+        (long_pages if case == "huge-page-block" else 4) * PAGE
+
+
 def test_a_handed_userfaultfd_is_closed_when_the_writer_gives_up(monkeypatch):
     writer = PageWriter()
     r, w = os.pipe()

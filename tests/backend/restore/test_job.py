@@ -118,10 +118,14 @@ def test_a_failure_at_any_step_kills_everything_it_made(job_runs, counter, monke
     def broken(*args, **kwargs):
         raise StubError(errno.EIO, f"injected failure in {step}")
     monkeypatch.setattr(job_module, step, broken)
+    fds_before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(RestoreError, match=f"injected failure in {step}"):
         restart_image(image)
     assert made, "the restart made no process before the failure"
     assert not [pid for pid in made if _exists(pid)], "processes left behind"
+    left = [os.readlink(f"/proc/self/fd/{fd}") for fd in set(os.listdir("/proc/self/fd"))
+            - fds_before if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [link for link in left if link.endswith("/mem") or "userfaultfd" in link], left
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)               # nothing of ours is left to reap either
 
