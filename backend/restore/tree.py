@@ -203,7 +203,8 @@ def seed_hint(data) -> tuple[str, int] | None:
 def _spawn(exe: str, pid: int, new_pidns: bool, vfork: bool) -> tuple[int, tuple]:
     """The seed's spawn: (its pid, the data it reads until its exec)."""
     if "\0" in exe or not exe.startswith("/"):
-        raise StubError(errno.EINVAL, f"the executable path {exe!r} is not an absolute path")
+        raise StubError(errno.EINVAL, f"the executable path {exe!r} is not usable (absolute, "
+                                      "without NUL bytes)")
     if not os.access(exe, os.X_OK):
         raise StubError(errno.ENOENT, f"the executable {exe} is missing or not executable")
     path = ctypes.create_string_buffer(os.fsencode(exe))
