@@ -192,6 +192,44 @@ class ProcessMemory:
             return []
         return self.scan_range(m.start, m.end, shared)
 
+    def pages_to_dump_many(self, vmas: list) -> list[array]:
+        """pages_to_dump of each of ``vmas`` (in address order), the private ones found by
+        one scan of the span they cover instead of one each (~40 us a call)."""
+        kinds = [self.regions_kind(v) for v in vmas]
+        private = [v for v, k in zip(vmas, kinds) if k is False]
+        runs = self.scan_range(_mapping(private[0]).start, _mapping(private[-1]).end) \
+            if private else []
+        out = []
+        k = 0
+        for vma, kind in zip(vmas, kinds):
+            if kind is None:
+                out.append(array("Q"))
+                continue
+            m = _mapping(vma)
+            if kind is True:
+                out.append(self._addresses(self.scan_range(m.start, m.end, True)))
+                continue
+            while k < len(runs) and runs[k][1] <= m.start:
+                k += 1
+            mine, j = [], k
+            while j < len(runs) and runs[j][0] < m.end:
+                mine.append((max(runs[j][0], m.start), min(runs[j][1], m.end)))
+                j += 1
+            out.append(self._addresses(mine))
+        return out
+
+    def regions_kind(self, vma) -> bool | None:
+        """How ``vma``'s pages are scanned: False private, True shared, None not at all.
+        UNSUPPORTED raises MemoryDumpError."""
+        cls = classify(vma)
+        if cls.kind == VmaKind.UNSUPPORTED:
+            raise MemoryDumpError(errno.EINVAL, f"process {self.pid}: mapping "
+                                  f"{describe(_mapping(vma))} cannot be checkpointed: "
+                                  f"{cls.reason}")
+        if cls.kind in _PRIVATE_DUMPED:
+            return False
+        return True if cls.kind in _SHARED_DUMPED else None
+
     def scan_range(self, start: int, end: int, shared: bool = False) -> list[tuple[int, int]]:
         """Present or swapped, non-zero-page pages of [start, end); when not ``shared``, only
         anonymous ones."""
@@ -283,8 +321,12 @@ class ProcessMemory:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def pages_to_dump(self, vma) -> array:
+        return self._addresses(self.regions(vma))
+
+    @staticmethod
+    def _addresses(regions) -> array:
         out = array("Q")
-        for a, b in self.regions(vma):
+        for a, b in regions:
             for lo in range(a, b, CHUNK_PAGES * PAGE_SIZE):
                 hi = min(b, lo + CHUNK_PAGES * PAGE_SIZE)
                 out.frombytes(_page_addresses(lo, (hi - lo) >> PAGE_SHIFT))

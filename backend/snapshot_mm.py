@@ -252,10 +252,25 @@ class LiveMM:
         memory = self._process_memory()
         parts_of: dict[int, list] = {}
 
+        scanned: dict[int, array] = {}     # small VMAs' pages, scanned a run of them at once
+        order = {id(v): n for n, v in enumerate(self.vmas)}
+
+        def small(i: int) -> bool:
+            return work[i].end - work[i].start < AHEAD_MIN_BYTES
+
         def job(i: int, j: int, buf):
             vma = work[i]
             if j == 0:
-                addrs = memory.pages_to_dump(vma.entry)
+                if small(i) and i not in scanned:
+                    k = i
+                    # (only VMAs next to each other: the scan walks the span between them)
+                    while k + 1 < len(work) and small(k + 1) and \
+                            order[id(work[k + 1])] == order[id(work[k])] + 1:
+                        k += 1
+                    for n, addrs in enumerate(memory.pages_to_dump_many(
+                            [v.entry for v in work[i:k + 1]])):
+                        scanned[i + n] = addrs
+                addrs = scanned.pop(i) if i in scanned else memory.pages_to_dump(vma.entry)
                 parts_of[i] = [addrs[k:k + max_pages] for k in range(0, len(addrs), max_pages)]
             parts = parts_of[i]
             # an all-zero anonymous page reads back as zeros: the model saves none either

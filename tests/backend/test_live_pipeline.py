@@ -16,6 +16,7 @@ import pytest
 
 from backend import features, proc
 from backend.features import Feature, MissingFeatures
+from backend.memory import ProcessMemory
 from backend.snapshot import LiveMM, LiveVMA
 from ckptsim.image import codec, core
 from ckptsim.image.codec import ImageReader, ImageWriter
@@ -298,6 +299,22 @@ def test_one_stream_across_vmas_gives_what_each_vma_alone_gives(target):
     finally:
         mm.close()
         ref_mm.close()
+
+
+def test_one_scan_for_many_vmas_finds_what_a_scan_each_finds(target):
+    pid, start, n, zero = target
+    vmas = [e for e in proc.read_smaps(pid) if "s" not in e.mapping.perms
+            and not e.mapping.path.startswith("[v")]          # (not the vdso and vvar)
+    memory = ProcessMemory(pid)
+    try:
+        each = [memory.pages_to_dump(v) for v in vmas]
+        calls = memory.stats.scan_calls
+        many = memory.pages_to_dump_many(vmas)
+        assert memory.stats.scan_calls - calls == 1          # one scan of their whole span
+    finally:
+        memory.close()
+    assert [list(a) for a in many] == [list(a) for a in each]
+    assert sum(len(a) for a in many) >= n - len(zero)
 
 
 # --- features: one probe per process ----------------------------------------------------------
