@@ -197,6 +197,8 @@ class ProcessMemory:
         one scan of the span they cover instead of one each (~40 us a call)."""
         kinds = [self.regions_kind(v) for v in vmas]
         private = [v for v, k in zip(vmas, kinds) if k is False]
+        if not self.scans_spans():          # the pagemap fallback reads every page between
+            return [self.pages_to_dump(v) for v in vmas]
         runs = self.scan_range(_mapping(private[0]).start, _mapping(private[-1]).end) \
             if private else []
         out = []
@@ -217,6 +219,13 @@ class ProcessMemory:
                 j += 1
             out.append(self._addresses(mine))
         return out
+
+    def scans_spans(self) -> bool:
+        """Whether a scan costs per page present (PAGEMAP_SCAN), not per page of the span
+        (the pagemap fallback): only then may one scan cover several VMAs and the gaps
+        between them."""
+        return self.use_scan is not False and \
+            pagemap_scan_available(self._open("_pagemap", "pagemap"))
 
     def regions_kind(self, vma) -> bool | None:
         """How ``vma``'s pages are scanned: False private, True shared, None not at all.

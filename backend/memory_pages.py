@@ -28,12 +28,14 @@ def _index(entries: array, value: int, start: int) -> int:
 
 def _keep_table(shared: bool) -> bytes:
     """Top-byte translation: keep present (bit 63) or swapped (bit 62) pages; in a private
-    mapping only those without bit 61 (a file page; shared anon pages have it too)."""
+    mapping only those without bit 61 (a file page; shared anon pages have it too); never a
+    guard marker (bit 58, which comes with bit 62)."""
     t = bytearray(256)
     for top in range(256):
         present_or_swapped = top & 0xC0
         file_page = top & 0x20
-        t[top] = 1 if present_or_swapped and (shared or not file_page) else 0
+        guard = top & 0x04
+        t[top] = 1 if present_or_swapped and not guard and (shared or not file_page) else 0
     return bytes(t)
 
 

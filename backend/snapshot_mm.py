@@ -263,9 +263,11 @@ class LiveMM:
             if j == 0:
                 if small(i) and i not in scanned:
                     k = i
-                    # (only VMAs next to each other: the scan walks the span between them)
-                    while k + 1 < len(work) and small(k + 1) and \
-                            order[id(work[k + 1])] == order[id(work[k])] + 1:
+                    # (only neighbours, in the VMA list and in memory: the scan walks the
+                    # span between them; and only where a scan costs per page present)
+                    while memory.scans_spans() and k + 1 < len(work) and small(k + 1) and \
+                            order[id(work[k + 1])] == order[id(work[k])] + 1 and \
+                            work[k + 1].start - work[k].end <= AHEAD_MIN_BYTES:
                         k += 1
                     for n, addrs in enumerate(memory.pages_to_dump_many(
                             [v.entry for v in work[i:k + 1]])):

@@ -16,6 +16,7 @@ MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 MADV_HUGEPAGE, MADV_NOHUGEPAGE = 14, 15
+MADV_GUARD_INSTALL = 102                 # Linux 6.13
 MADV_POPULATE_READ = 22                  # Linux 5.14
 TASK_SIZE_X86_64 = (1 << 47) - 4096      # the highest user address + 1 (4-level paging)
 
@@ -26,6 +27,7 @@ PM_PFN_MASK = (1 << 55) - 1
 PM_SOFT_DIRTY = 1 << 55
 PM_MMAP_EXCLUSIVE = 1 << 56
 PM_UFFD_WP = 1 << 57
+PM_GUARD_REGION = 1 << 58                # Linux 6.15: a guard marker, reported with PM_SWAP
 PM_FILE = 1 << 61
 PM_SWAP = 1 << 62
 PM_PRESENT = 1 << 63

@@ -23,6 +23,7 @@ run then finds there (EEXIST: the rest of such a run goes by process_vm_writev t
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import errno
 import os
@@ -259,8 +260,15 @@ def write_chunks(pid: int, chunks: list[tuple[array, memoryview]], mapped=None,
             if uffd >= 0 and _register(uffd, used):
                 try:
                     left = _copy(pid, uffd, copies)
-                finally:
-                    _unregister(uffd, used)    # before any process_vm_writev of these VMAs
+                except BaseException:
+                    with contextlib.suppress(OSError):   # (the process may be gone: ENOMEM)
+                        _unregister(uffd, used)
+                    raise
+                try:                            # before any process_vm_writev of these VMAs
+                    _unregister(uffd, used)
+                except OSError as e:
+                    raise StubError(e.errno or errno.EIO, f"pid {pid}: UFFDIO_UNREGISTER "
+                                    f"failed ({os.strerror(e.errno or errno.EIO)})") from None
                 by_uffd = sum(n for _, _, n in copies) - sum(n for _, _, n in left)
                 copies = left
             if copies:                          # no userfaultfd, or pages already there

@@ -221,7 +221,8 @@ class ImageWriter:
         self.write_raw(lay.type_id, fixed, payload)
 
     def write_raw(self, type_id: int, *parts) -> None:
-        """Write one record whose payload is the concatenation of ``parts`` (no copy)."""
+        """Write one record whose payload is the concatenation of ``parts`` (a small record
+        is joined into one write; a large one is written part by part, without a copy)."""
         size = 8 + sum(len(p) for p in parts)
         if size > 0xFFFFFFFF:
             raise ValueError(f"record {type_id} of {size} bytes is too large")

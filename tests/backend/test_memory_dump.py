@@ -312,3 +312,40 @@ def test_drop_zero_pages_keeps_exactly_the_pages_with_a_non_zero_byte():
         assert list(keep) == expect
         assert bytes(view) == b"".join(pages[a] for a in expect)
     check()
+
+
+GUARDED = r"""
+import ctypes, mmap, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+m = mmap.mmap(-1, 8 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m[:] = b"\x01" * (8 * 4096)
+base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+ok = libc.madvise(base + 2 * 4096, 2 * 4096, int(sys.argv[1])) == 0
+print(base if ok else -ctypes.get_errno(), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("use_scan", [True, False], ids=["pagemap-scan", "pagemap-fallback"])
+def test_guard_pages_are_never_saved(use_scan):
+    """MADV_GUARD_INSTALL markers (Linux 6.13): no page behind them (reading one fails);
+    pagemap reports them as swapped, with PM_GUARD_REGION."""
+    import sys
+    from backend import kabi
+    if use_scan and not memory.pagemap_scan_available():
+        pytest.skip("this kernel lacks PAGEMAP_SCAN")
+    p = subprocess.Popen([sys.executable, "-c", GUARDED, str(kabi.MADV_GUARD_INSTALL)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        base = int(p.stdout.readline())
+        if base < 0:
+            pytest.skip(f"MADV_GUARD_INSTALL: {os.strerror(-base)} (Linux >= 6.13)")
+        with memory.ProcessMemory(p.pid, use_scan=use_scan) as pm:
+            runs = pm.scan_range(base, base + 8 * PAGE_SIZE)
+        assert runs == [(base, base + 2 * PAGE_SIZE), (base + 4 * PAGE_SIZE, base + 8 * PAGE_SIZE)]
+    finally:
+        p.kill()
+        p.wait(timeout=10)
+        p.stdout.close()
+        p.stdin.close()

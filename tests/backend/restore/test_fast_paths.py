@@ -224,6 +224,32 @@ def test_long_runs_never_meet_pages_a_short_run_faulted_in(seed_stub, case):
         (long_pages if case == "huge-page-block" else 4) * PAGE
 
 
+def test_a_failed_copy_is_the_error_reported_not_the_unregister_after_it(seed_stub,
+                                                                          monkeypatch):
+    from backend.restore.memory import _take_userfaultfd
+
+    def broken_copy(pid, uffd, copies):
+        raise StubError(errno.ESRCH, f"pid {pid}: injected copy failure")
+
+    def broken_unregister(uffd, ranges):
+        raise OSError(errno.ENOMEM, "what UFFDIO_UNREGISTER says once the mm is gone")
+    monkeypatch.setattr(pagewriter, "_copy", broken_copy)
+    monkeypatch.setattr(pagewriter, "_unregister", broken_unregister)
+    base = _map_in(seed_stub, 16 * PAGE)
+    addrs = array("Q", [base + k * PAGE for k in range(8)])
+    writer = PageWriter()
+    try:
+        work = writer.submit(seed_stub.pid, [(addrs, memoryview(bytes(8 * PAGE)))],
+                             [(base, base + 16 * PAGE)])
+        uffd, stub_fd = _take_userfaultfd(seed_stub)
+        work.mapped(uffd)
+        with pytest.raises(StubError, match="injected copy failure"):
+            writer.wait()
+        seed_stub.syscall(kabi.SYS_close, stub_fd, what="close")
+    finally:
+        writer.close()
+
+
 def test_a_handed_userfaultfd_is_closed_when_the_writer_gives_up(monkeypatch):
     writer = PageWriter()
     r, w = os.pipe()
