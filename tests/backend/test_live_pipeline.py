@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import signal
 import random
 import subprocess
 import sys
@@ -285,7 +286,10 @@ def test_one_stream_across_vmas_gives_what_each_vma_alone_gives(target):
     assert len(vmas) >= 3 and any(v.start <= start < v.end for v in vmas)
     ref_mm = LiveMM(pid, proc.read_stat(pid), vmas, None)
     mm = LiveMM(pid, proc.read_stat(pid), vmas, None)
+    os.kill(pid, signal.SIGSTOP)         # (its heap would change between the reads)
     try:
+        while proc.read_stat(pid).state != "T":
+            threading.Event().wait(0.001)
         memory = ref_mm._process_memory()
         want = [_collect(ref_mm._chunks(memory.pages_to_dump(v.entry), 512, drop_zero=True))
                 for v in vmas]
@@ -297,6 +301,7 @@ def test_one_stream_across_vmas_gives_what_each_vma_alone_gives(target):
         assert mm._stream is None
         assert _collect(mm.present_chunks(vmas[-1], 512)) == want[-1]
     finally:
+        os.kill(pid, signal.SIGCONT)
         mm.close()
         ref_mm.close()
 
@@ -307,7 +312,10 @@ def test_one_scan_for_many_vmas_finds_what_a_scan_each_finds(target, use_scan):
     vmas = [e for e in proc.read_smaps(pid) if "s" not in e.mapping.perms
             and not e.mapping.path.startswith("[v")]          # (not the vdso and vvar)
     memory = ProcessMemory(pid, use_scan=use_scan)
+    os.kill(pid, signal.SIGSTOP)         # (its heap would change between the two scans)
     try:
+        while proc.read_stat(pid).state != "T":
+            threading.Event().wait(0.001)
         each = [memory.pages_to_dump(v) for v in vmas]
         calls, read = memory.stats.scan_calls, memory.stats.pagemap_bytes
         many = memory.pages_to_dump_many(vmas)
@@ -317,6 +325,7 @@ def test_one_scan_for_many_vmas_finds_what_a_scan_each_finds(target, use_scan):
             assert memory.stats.pagemap_bytes - read == sum(
                 (v.mapping.end - v.mapping.start) // 4096 * 8 for v in vmas)
     finally:
+        os.kill(pid, signal.SIGCONT)
         memory.close()
     assert [list(a) for a in many] == [list(a) for a in each]
     assert sum(len(a) for a in many) >= n - len(zero)
