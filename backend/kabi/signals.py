@@ -14,19 +14,14 @@ NSIG = 64                 # _NSIG: signals 1..64
 SIGSET_SIZE = 8           # sizeof(kernel sigset_t): the sigsetsize argument of rt_sig*()
 SIGINFO_SIZE = 128
 
-SA_NOCLDSTOP = 0x00000001
-SA_NOCLDWAIT = 0x00000002
-SA_SIGINFO = 0x00000004
-SA_RESTORER = 0x04000000
-SA_ONSTACK = 0x08000000
-SA_RESTART = 0x10000000
-SA_NODEFER = 0x40000000
-SA_RESETHAND = 0x80000000
+# the model defines these with Linux's values (the image stores sigaction flags as they are);
+# one definition, which the model cannot take from here (ckptsim never imports backend)
+from ckptsim.model.signals_defs import (  # noqa: E402,F401
+    SA_NOCLDSTOP, SA_NOCLDWAIT, SA_NODEFER, SA_ONSTACK, SA_RESETHAND, SA_RESTART, SA_RESTORER,
+    SA_SIGINFO, SIG_DFL, SIG_IGN)
+
 SA_UNSUPPORTED = 0x00000400
 SA_EXPOSE_TAGBITS = 0x00000800
-
-SIG_DFL = 0
-SIG_IGN = 1
 UNBLOCKABLE_SIGNALS = {9, 19}  # SIGKILL, SIGSTOP: never caught, blocked or ignored
 
 SIG_BLOCK = 0

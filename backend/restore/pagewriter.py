@@ -26,6 +26,7 @@ import bisect
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import queue
 import threading
@@ -177,7 +178,6 @@ def _write(pid: int, call: _Call) -> None:
 def _register(uffd: int, ranges: list[tuple[int, int]]) -> bool:
     """UFFDIO_API, then each range registered in MISSING mode; False (nothing left
     registered) where the kernel refuses."""
-    import fcntl
     done = []
     try:
         fcntl.ioctl(uffd, kabi.UFFDIO_API, kabi.uffdio_api(api=kabi.UFFD_API))
@@ -224,7 +224,6 @@ def _copy(pid: int, uffd: int, copies: list[tuple[int, int, int]]) -> list[tuple
 
 
 def _unregister(uffd: int, ranges: list[tuple[int, int]]) -> None:
-    import fcntl
     for start, end in ranges:
         fcntl.ioctl(uffd, kabi.UFFDIO_UNREGISTER, kabi.uffdio_range(start, end - start))
 
